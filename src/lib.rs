@@ -1,0 +1,2 @@
+//! nodedns: a node-local DNS cache for Kubernetes.
+pub mod node;
