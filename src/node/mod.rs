@@ -1,1 +1,456 @@
 //! Node setup: link-local interface and conntrack-bypass firewall rules (see issue 4).
+//!
+//! What node-cache does on a node, done by [`NodeManager`]:
+//! 1. [`NodeManager::setup_interface`] before the listeners bind: a `dummy` link (default
+//!    `nodelocaldns`) holding every listen IP as /32 or /128, or, where the kernel has no dummy
+//!    link type, an existing link named by the operator (e.g. `lo`).
+//! 2. [`NodeManager::setup_rules`] once the listeners answer: NOTRACK/ACCEPT rules for DNS and the
+//!    health port, through iptables (nf_tables or legacy, detected) or one nftables table.
+//! 3. [`NodeManager::run_sync_loop`]: every `sync_interval` put back whatever went missing.
+//! 4. [`NodeManager::teardown`] on exit: rules first, then the addresses / our link.
+
+mod exec;
+mod iptables;
+mod link;
+mod nft;
+mod rules;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, error, info, warn};
+
+use self::iptables::Iptables;
+use self::link::LinkError;
+use self::nft::Nft;
+use self::rules::Rule;
+
+pub use self::link::{ADDR_PROTO, LINK_ALIAS};
+pub use self::nft::{FAMILY as NFT_FAMILY, TABLE as NFT_TABLE};
+pub use self::rules::COMMENT_PREFIX;
+
+/// Which firewall tool installs the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Firewall {
+    /// iptables/ip6tables, nf_tables or legacy backend detected like the Kubernetes iptables-wrapper.
+    #[default]
+    Iptables,
+    /// One nftables table of our own, `table inet nodedns`, replaced and removed atomically.
+    Nftables,
+}
+
+impl fmt::Display for Firewall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Firewall::Iptables => "iptables",
+            Firewall::Nftables => "nftables",
+        })
+    }
+}
+
+impl FromStr for Firewall {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "iptables" => Ok(Firewall::Iptables),
+            "nftables" => Ok(Firewall::Nftables),
+            other => Err(format!(
+                "unknown firewall {other:?}: expected \"iptables\" or \"nftables\""
+            )),
+        }
+    }
+}
+
+/// What to set up on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Create/ensure the link and its addresses.
+    pub setup_interface: bool,
+    /// The link holding the listen IPs; created as a dummy link unless it already exists.
+    pub interface_name: String,
+    /// Install the conntrack-bypass firewall rules.
+    pub setup_iptables: bool,
+    pub firewall: Firewall,
+    /// How often [`NodeManager::run_sync_loop`] re-checks everything (zero disables it).
+    pub sync_interval: Duration,
+    /// Leave the rules, addresses and link in place on exit (HA pairs of DaemonSets).
+    pub skip_teardown: bool,
+    /// The DNS listen addresses; every IP goes on the link, every IP and port gets rules.
+    pub listen: Vec<SocketAddr>,
+    /// Health port (tcp) to exempt from conntrack on every listen IP, node-cache's 8080.
+    pub health_port: Option<u16>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            setup_interface: false,
+            interface_name: "nodelocaldns".to_string(),
+            setup_iptables: false,
+            firewall: Firewall::Iptables,
+            sync_interval: Duration::from_secs(60),
+            skip_teardown: false,
+            listen: Vec::new(),
+            health_port: None,
+        }
+    }
+}
+
+/// Counts setup failures; the lead implements it on the metrics type as
+/// coredns_nodecache_setup_errors_total{errortype} with errortype one of
+/// "iptables", "iptables_lock", "interface_add", "interface_check", "configmap".
+///
+/// This module reports "interface_add" (creating the link, or populating one it just created),
+/// "interface_check" (inspecting the link or restoring addresses on an existing one),
+/// "iptables_lock" (the xtables lock wait ran out) and "iptables" (any other firewall failure,
+/// nftables included).
+pub trait SetupErrorSink: Send + Sync + 'static {
+    fn setup_error(&self, errortype: &'static str);
+}
+
+#[derive(Default)]
+struct State {
+    /// setup_interface ran: sync keeps the link and addresses in place.
+    interface_wanted: bool,
+    /// This process created the link.
+    created_link: bool,
+    /// Addresses this process added.
+    added: HashSet<IpAddr>,
+    /// setup_rules ran: sync keeps the rules in place.
+    rules_wanted: bool,
+    iptables: Option<Iptables>,
+    /// `nft list table` right after our last apply, to notice changes.
+    nft_applied: Option<String>,
+    torn_down: bool,
+}
+
+/// Sets up, keeps up and tears down the node's interface and firewall rules.
+pub struct NodeManager {
+    cfg: NodeConfig,
+    errors: Arc<dyn SetupErrorSink>,
+    rules: Vec<Rule>,
+    /// IPs to hold on the link: listen IPs except unspecified and loopback ones.
+    link_ips: Vec<IpAddr>,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl NodeManager {
+    pub fn new(cfg: NodeConfig, errors: Arc<dyn SetupErrorSink>) -> Self {
+        let rules = rules::build(&cfg.listen, cfg.health_port);
+        let link_ips = rules::listen_ips(&cfg.listen)
+            .into_iter()
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+        NodeManager {
+            cfg,
+            errors,
+            rules,
+            link_ips,
+            state: tokio::sync::Mutex::new(State::default()),
+        }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// Before listeners bind: ensure the interface and addresses (no-op unless setup_interface).
+    pub async fn setup_interface(&self) -> anyhow::Result<()> {
+        if !self.cfg.setup_interface {
+            return Ok(());
+        }
+        let mut st = self.state.lock().await;
+        if st.torn_down {
+            return Err(anyhow!("node setup already torn down"));
+        }
+        st.interface_wanted = true;
+        self.ensure_interface(&mut st, false).await
+    }
+
+    /// After listeners are bound and answering: install rules (no-op unless setup_iptables).
+    pub async fn setup_rules(&self) -> anyhow::Result<()> {
+        if !self.cfg.setup_iptables {
+            return Ok(());
+        }
+        let mut st = self.state.lock().await;
+        if st.torn_down {
+            return Err(anyhow!("node setup already torn down"));
+        }
+        st.rules_wanted = true;
+        self.ensure_rules(&mut st, false).await
+    }
+
+    /// One re-check: put back missing link/addresses/rules, log what was restored, count failures.
+    pub async fn sync(&self) -> anyhow::Result<()> {
+        let mut st = self.state.lock().await;
+        if st.torn_down {
+            return Ok(());
+        }
+        let mut errs = Vec::new();
+        if st.interface_wanted {
+            if let Err(e) = self.ensure_interface(&mut st, true).await {
+                errs.push(e);
+            }
+        }
+        if st.rules_wanted {
+            if let Err(e) = self.ensure_rules(&mut st, true).await {
+                errs.push(e);
+            }
+        }
+        combine(errs)
+    }
+
+    /// Runs sync every sync_interval until `shutdown` completes (e.g.
+    /// `async move { let _ = rx.wait_for(|s| *s).await; }` on a `watch::Receiver<bool>`).
+    /// A sync in progress is abandoned when shutdown comes.
+    pub async fn run_sync_loop(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let period = self.cfg.sync_interval;
+        if period.is_zero() || !(self.cfg.setup_interface || self.cfg.setup_iptables) {
+            shutdown.await;
+            return;
+        }
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                _ = ticks.tick() => {}
+            }
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                res = self.sync() => if let Err(e) = res {
+                    error!(error = %format!("{e:#}"), "node sync failed");
+                },
+            }
+        }
+    }
+
+    /// On exit: rules first, then the addresses/interface (unless skip_teardown).
+    pub async fn teardown(&self) -> anyhow::Result<()> {
+        let mut st = self.state.lock().await;
+        st.torn_down = true;
+        if self.cfg.skip_teardown {
+            info!("skip_teardown set: leaving interface, addresses and firewall rules in place");
+            return Ok(());
+        }
+        let mut errs = Vec::new();
+        if self.cfg.setup_iptables {
+            if let Err(e) = self.remove_rules(&mut st).await {
+                errs.push(e);
+            }
+            st.rules_wanted = false;
+        }
+        if self.cfg.setup_interface {
+            let created = st.created_link;
+            match link::remove(&self.cfg.interface_name, &self.link_ips, &st.added, created).await {
+                Ok(r) => {
+                    if r.link_deleted {
+                        info!(interface = %self.cfg.interface_name, "deleted interface");
+                    }
+                    if !r.addrs_deleted.is_empty() {
+                        info!(interface = %self.cfg.interface_name, addresses = ?r.addrs_deleted, "removed addresses");
+                    }
+                    if !r.addrs_kept.is_empty() {
+                        info!(interface = %self.cfg.interface_name, addresses = ?r.addrs_kept,
+                            "left addresses nodedns did not add");
+                    }
+                }
+                Err(e) => errs.push(self.link_failure(e)),
+            }
+            st.interface_wanted = false;
+            st.added.clear();
+            st.created_link = false;
+        }
+        combine(errs)
+    }
+
+    fn link_failure(&self, e: LinkError) -> anyhow::Error {
+        self.errors.setup_error(e.errortype());
+        anyhow!(e)
+    }
+
+    async fn ensure_interface(&self, st: &mut State, resync: bool) -> anyhow::Result<()> {
+        let name = &self.cfg.interface_name;
+        if self.link_ips.is_empty() {
+            debug!(interface = %name, "no listen address needs to live on the interface");
+            return Ok(());
+        }
+        let rep = link::ensure(name, &self.link_ips)
+            .await
+            .map_err(|e| self.link_failure(e))?;
+        if rep.created {
+            st.created_link = true;
+            if resync {
+                warn!(interface = %name, "interface was missing: re-created it");
+            } else {
+                info!(interface = %name, "created dummy interface");
+            }
+        } else if !resync {
+            info!(interface = %name, owned = rep.owned, "using existing interface");
+            if rep.down {
+                warn!(interface = %name, "interface is down: its addresses may not receive traffic");
+            }
+        }
+        if rep.owned && !rep.created {
+            // A dummy link carrying our alias is ours even if a previous run created it.
+            st.created_link = true;
+        }
+        if !rep.added.is_empty() {
+            if resync && !rep.created {
+                warn!(interface = %name, addresses = ?rep.added, "addresses were missing: added them back");
+            } else {
+                info!(interface = %name, addresses = ?rep.added, "added addresses");
+            }
+        }
+        st.added.extend(rep.added);
+        Ok(())
+    }
+
+    async fn iptables(&self, st: &mut State) -> anyhow::Result<Iptables> {
+        if let Some(ipt) = &st.iptables {
+            return Ok(ipt.clone());
+        }
+        match Iptables::detect().await {
+            Ok(ipt) => {
+                st.iptables = Some(ipt.clone());
+                Ok(ipt)
+            }
+            Err(e) => {
+                self.errors.setup_error(e.errortype());
+                Err(anyhow!(e))
+            }
+        }
+    }
+
+    fn nft(&self) -> anyhow::Result<Nft> {
+        Nft::find().inspect_err(|_| self.errors.setup_error("iptables"))
+    }
+
+    async fn ensure_rules(&self, st: &mut State, resync: bool) -> anyhow::Result<()> {
+        if self.rules.is_empty() {
+            debug!("no listen address needs firewall rules");
+            return Ok(());
+        }
+        match self.cfg.firewall {
+            Firewall::Iptables => {
+                let ipt = self.iptables(st).await?;
+                let mut errs = Vec::new();
+                let mut added = 0;
+                for rule in &self.rules {
+                    match ipt.ensure(rule).await {
+                        Ok(true) => {
+                            added += 1;
+                            if resync {
+                                warn!(rule = %rule.describe(), "firewall rule was missing: added it back");
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.errors.setup_error(e.errortype());
+                            error!(rule = %rule.describe(), error = %e, "could not install firewall rule");
+                            errs.push(anyhow!(e));
+                        }
+                    }
+                }
+                if !resync {
+                    info!(backend = %ipt.mode, added, total = self.rules.len(), "iptables rules in place");
+                }
+                combine(errs)
+            }
+            Firewall::Nftables => {
+                let nft = self.nft()?;
+                let result: anyhow::Result<()> = async {
+                    if resync {
+                        let current = nft.list().await?;
+                        match (&current, &st.nft_applied) {
+                            (Some(cur), Some(applied)) if cur == applied => return Ok(()),
+                            (None, _) => warn!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
+                                "nftables table was missing: re-creating it"),
+                            _ => warn!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
+                                "nftables table was changed: replacing it"),
+                        }
+                    }
+                    nft.apply(&self.rules).await?;
+                    st.nft_applied = nft.list().await?;
+                    if !resync {
+                        info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
+                            rules = self.rules.len(), "nftables rules in place");
+                    }
+                    Ok(())
+                }
+                .await;
+                result.inspect_err(|_| self.errors.setup_error("iptables"))
+            }
+        }
+    }
+
+    async fn remove_rules(&self, st: &mut State) -> anyhow::Result<()> {
+        match self.cfg.firewall {
+            Firewall::Iptables => {
+                let ipt = self.iptables(st).await?;
+                let mut errs = Vec::new();
+                let mut deleted = 0;
+                for rule in &self.rules {
+                    match ipt.delete_all(rule).await {
+                        Ok(n) => deleted += n,
+                        Err(e) => {
+                            self.errors.setup_error(e.errortype());
+                            errs.push(anyhow!(e));
+                        }
+                    }
+                }
+                let has_v6 = self.rules.iter().any(Rule::is_v6);
+                for v6 in [false, true] {
+                    match ipt.sweep(v6).await {
+                        Ok(n) => deleted += n,
+                        // Without IPv6 listen addresses a missing ip6tables table is no failure.
+                        Err(e) if v6 && !has_v6 => debug!(error = %e, "ip6tables sweep skipped"),
+                        Err(e) => {
+                            self.errors.setup_error(e.errortype());
+                            errs.push(anyhow!(e));
+                        }
+                    }
+                }
+                info!(deleted, "removed iptables rules");
+                combine(errs)
+            }
+            Firewall::Nftables => {
+                let nft = self.nft()?;
+                st.nft_applied = None;
+                match nft.delete().await {
+                    Ok(true) => {
+                        info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE), "deleted nftables table");
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => {
+                        self.errors.setup_error("iptables");
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn combine(mut errs: Vec<anyhow::Error>) -> anyhow::Result<()> {
+    match errs.len() {
+        0 => Ok(()),
+        1 => Err(errs.remove(0)),
+        n => {
+            let all: Vec<String> = errs.iter().map(|e| format!("{e:#}")).collect();
+            Err(anyhow!("{n} node setup failures: {}", all.join("; ")))
+        }
+    }
+}

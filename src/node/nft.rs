@@ -1,0 +1,149 @@
+//! The nftables backend: the same rules as one table of our own, `table inet nodedns`.
+//!
+//! The table is written with one `nft -f -` transaction that declares, flushes by deleting, and
+//! re-creates it, so a reader never sees half a rule set; removal is one `delete table`.
+//!
+//! Note: an `accept` in our filter chains ends evaluation only of our own chain; other tables
+//! hooked at the same point still see the packet. The NOTRACK part (priority raw) is what keeps
+//! DNS out of conntrack.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use super::exec::{find_binary, output_text, run};
+use super::rules::{Chain, Rule, Table};
+
+pub const FAMILY: &str = "inet";
+pub const TABLE: &str = "nodedns";
+
+/// (chain name, hook, priority, table and chain our rules come from)
+const CHAINS: [(&str, &str, &str, Table, Chain); 4] = [
+    (
+        "raw_prerouting",
+        "prerouting",
+        "raw",
+        Table::Raw,
+        Chain::Prerouting,
+    ),
+    ("raw_output", "output", "raw", Table::Raw, Chain::Output),
+    (
+        "filter_input",
+        "input",
+        "filter",
+        Table::Filter,
+        Chain::Input,
+    ),
+    (
+        "filter_output",
+        "output",
+        "filter",
+        Table::Filter,
+        Chain::Output,
+    ),
+];
+
+pub(crate) struct Nft {
+    bin: PathBuf,
+}
+
+impl Nft {
+    pub(crate) fn find() -> anyhow::Result<Self> {
+        let bin = find_binary("nft").context(
+            "the nftables firewall backend needs the `nft` binary (not found on PATH or in \
+             /usr/sbin, /sbin)",
+        )?;
+        Ok(Nft { bin })
+    }
+
+    /// Atomically creates or replaces our table with exactly these rules.
+    pub(crate) async fn apply(&self, rules: &[Rule]) -> anyhow::Result<()> {
+        let script = render(rules);
+        let out = run(&self.bin, &["-f".into(), "-".into()], Some(&script))
+            .await
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "nft -f - failed to apply table {FAMILY} {TABLE}: {}",
+                output_text(&out)
+            );
+        }
+        Ok(())
+    }
+
+    /// The table as `nft list table` prints it, or None when it does not exist.
+    pub(crate) async fn list(&self) -> anyhow::Result<Option<String>> {
+        let args = ["list", "table", FAMILY, TABLE].map(String::from);
+        let out = run(&self.bin, &args, None)
+            .await
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        if out.status.success() {
+            return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+        }
+        let text = output_text(&out);
+        if text.contains("No such file or directory") {
+            return Ok(None);
+        }
+        bail!("nft list table {FAMILY} {TABLE} failed: {text}")
+    }
+
+    /// Atomically removes our table; Ok(false) when it was not there.
+    pub(crate) async fn delete(&self) -> anyhow::Result<bool> {
+        if self.list().await?.is_none() {
+            return Ok(false);
+        }
+        // Declaring the table first makes the delete succeed even if it vanished meanwhile.
+        let script = format!("table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n");
+        let out = run(&self.bin, &["-f".into(), "-".into()], Some(&script))
+            .await
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "nft delete table {FAMILY} {TABLE} failed: {}",
+                output_text(&out)
+            );
+        }
+        Ok(true)
+    }
+}
+
+/// The `nft -f` script that replaces our table in one transaction.
+pub(crate) fn render(rules: &[Rule]) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("table {FAMILY} {TABLE}\n"));
+    s.push_str(&format!("delete table {FAMILY} {TABLE}\n"));
+    s.push_str(&format!("table {FAMILY} {TABLE} {{\n"));
+    for (name, hook, prio, table, chain) in CHAINS {
+        s.push_str(&format!("\tchain {name} {{\n"));
+        s.push_str(&format!(
+            "\t\ttype filter hook {hook} priority {prio}; policy accept;\n"
+        ));
+        for r in rules
+            .iter()
+            .filter(|r| r.table == table && r.chain == chain)
+        {
+            s.push_str(&format!("\t\t{}\n", r.nft_statement()));
+        }
+        s.push_str("\t}\n");
+    }
+    s.push_str("}\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::rules::build;
+
+    #[test]
+    fn script_replaces_the_table_in_one_go() {
+        let listen = vec!["169.254.20.10:53".parse().unwrap()];
+        let s = render(&build(&listen, Some(8080)));
+        assert!(
+            s.starts_with("table inet nodedns\ndelete table inet nodedns\ntable inet nodedns {")
+        );
+        assert_eq!(s.matches(" notrack comment").count(), 8);
+        assert_eq!(s.matches(" accept comment").count(), 4);
+        assert!(s.contains("type filter hook prerouting priority raw; policy accept;"));
+    }
+}

@@ -1,0 +1,313 @@
+//! The conntrack-bypass rule set, described once and rendered for iptables and nftables.
+//!
+//! For every listen IP and port this is node-cache's set of twelve rules: NOTRACK in raw
+//! PREROUTING/OUTPUT and ACCEPT in filter INPUT/OUTPUT for DNS over UDP and TCP in both
+//! directions, NOTRACK in raw OUTPUT for clients on the host network, and NOTRACK for the
+//! health port in both directions.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+/// Every comment we attach starts with this, so our rules can be found again (and swept on
+/// teardown) even when the listen addresses changed between runs.
+pub const COMMENT_PREFIX: &str = "nodedns";
+
+const SKIP_CONNTRACK: &str = "nodedns: skip conntrack";
+const ALLOW_DNS: &str = "nodedns: allow DNS traffic";
+const HOST_CLIENTS: &str = "nodedns: skip conntrack for host-network clients";
+const HEALTH: &str = "nodedns: skip conntrack for health checks";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Table {
+    Raw,
+    Filter,
+}
+
+impl Table {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Table::Raw => "raw",
+            Table::Filter => "filter",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Chain {
+    Prerouting,
+    Input,
+    Output,
+}
+
+impl Chain {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Chain::Prerouting => "PREROUTING",
+            Chain::Input => "INPUT",
+            Chain::Output => "OUTPUT",
+        }
+    }
+}
+
+/// The (table, chain) pairs our rules live in; teardown sweeps exactly these.
+pub(crate) const CHAINS: [(Table, Chain); 4] = [
+    (Table::Raw, Chain::Prerouting),
+    (Table::Raw, Chain::Output),
+    (Table::Filter, Chain::Input),
+    (Table::Filter, Chain::Output),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Proto {
+    Udp,
+    Tcp,
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+        }
+    }
+}
+
+/// Whether the rule matches the destination (`-d IP --dport P`) or the source (`-s IP --sport P`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Dir {
+    Dst,
+    Src,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Verdict {
+    Notrack,
+    Accept,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Rule {
+    pub table: Table,
+    pub chain: Chain,
+    pub ip: IpAddr,
+    pub proto: Proto,
+    pub dir: Dir,
+    pub port: u16,
+    pub verdict: Verdict,
+    pub comment: &'static str,
+}
+
+impl Rule {
+    pub(crate) fn is_v6(&self) -> bool {
+        self.ip.is_ipv6()
+    }
+
+    /// The rule specification after `-t TABLE -X CHAIN`, as given to `-C`, `-I` and `-D`.
+    pub(crate) fn iptables_args(&self) -> Vec<String> {
+        let (addr_flag, port_flag) = match self.dir {
+            Dir::Dst => ("-d", "--dport"),
+            Dir::Src => ("-s", "--sport"),
+        };
+        let target = match self.verdict {
+            Verdict::Notrack => "NOTRACK",
+            Verdict::Accept => "ACCEPT",
+        };
+        [
+            "-p",
+            self.proto.name(),
+            addr_flag,
+            &self.ip.to_string(),
+            port_flag,
+            &self.port.to_string(),
+            "-m",
+            "comment",
+            "--comment",
+            self.comment,
+            "-j",
+            target,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// The rule as an nftables statement inside a chain of an `inet` table.
+    pub(crate) fn nft_statement(&self) -> String {
+        let family = if self.is_v6() { "ip6" } else { "ip" };
+        let (addr, port) = match self.dir {
+            Dir::Dst => ("daddr", "dport"),
+            Dir::Src => ("saddr", "sport"),
+        };
+        let verdict = match self.verdict {
+            Verdict::Notrack => "notrack",
+            Verdict::Accept => "accept",
+        };
+        format!(
+            "{family} {addr} {ip} {proto} {port} {num} {verdict} comment \"{comment}\"",
+            ip = self.ip,
+            proto = self.proto.name(),
+            num = self.port,
+            comment = self.comment,
+        )
+    }
+
+    /// Human-readable form for logs: the iptables command that adds it.
+    pub(crate) fn describe(&self) -> String {
+        let bin = if self.is_v6() {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        let args: Vec<String> = self
+            .iptables_args()
+            .into_iter()
+            .map(|a| {
+                if a.contains(' ') {
+                    format!("\"{a}\"")
+                } else {
+                    a
+                }
+            })
+            .collect();
+        format!(
+            "{bin} -t {} -I {} {}",
+            self.table.name(),
+            self.chain.name(),
+            args.join(" ")
+        )
+    }
+}
+
+/// The IPs nodedns answers on: every listen IP except the unspecified address (which names no
+/// IP to hold or match), deduplicated, in the order given.
+pub(crate) fn listen_ips(listen: &[SocketAddr]) -> Vec<IpAddr> {
+    let mut seen = BTreeSet::new();
+    listen
+        .iter()
+        .map(|sa| sa.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .filter(|ip| seen.insert(*ip))
+        .collect()
+}
+
+/// Builds the full rule set for the listen addresses and the optional health port.
+pub(crate) fn build(listen: &[SocketAddr], health_port: Option<u16>) -> Vec<Rule> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut push = |r: Rule| {
+        if seen.insert(r.clone()) {
+            out.push(r);
+        }
+    };
+    let endpoints = listen.iter().filter(|sa| !sa.ip().is_unspecified());
+    for sa in endpoints {
+        let (ip, port) = (sa.ip(), sa.port());
+        for proto in [Proto::Udp, Proto::Tcp] {
+            let rule = |table, chain, dir, verdict, comment| Rule {
+                table,
+                chain,
+                ip,
+                proto,
+                dir,
+                port,
+                verdict,
+                comment,
+            };
+            push(rule(
+                Table::Raw,
+                Chain::Prerouting,
+                Dir::Dst,
+                Verdict::Notrack,
+                SKIP_CONNTRACK,
+            ));
+            push(rule(
+                Table::Filter,
+                Chain::Input,
+                Dir::Dst,
+                Verdict::Accept,
+                ALLOW_DNS,
+            ));
+            push(rule(
+                Table::Raw,
+                Chain::Output,
+                Dir::Src,
+                Verdict::Notrack,
+                SKIP_CONNTRACK,
+            ));
+            push(rule(
+                Table::Filter,
+                Chain::Output,
+                Dir::Src,
+                Verdict::Accept,
+                ALLOW_DNS,
+            ));
+            push(rule(
+                Table::Raw,
+                Chain::Output,
+                Dir::Dst,
+                Verdict::Notrack,
+                HOST_CLIENTS,
+            ));
+        }
+    }
+    if let Some(h) = health_port {
+        for ip in listen_ips(listen) {
+            for dir in [Dir::Dst, Dir::Src] {
+                push(Rule {
+                    table: Table::Raw,
+                    chain: Chain::Output,
+                    ip,
+                    proto: Proto::Tcp,
+                    dir,
+                    port: h,
+                    verdict: Verdict::Notrack,
+                    comment: HEALTH,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twelve_rules_per_ip_with_health_port() {
+        let listen: Vec<SocketAddr> = vec![
+            "169.254.20.10:53".parse().unwrap(),
+            "10.96.0.10:53".parse().unwrap(),
+        ];
+        let rules = build(&listen, Some(8080));
+        assert_eq!(rules.len(), 24);
+        // Listing the same address twice (UDP and TCP listeners) adds nothing.
+        let doubled: Vec<SocketAddr> = listen.iter().chain(listen.iter()).copied().collect();
+        assert_eq!(build(&doubled, Some(8080)), rules);
+        assert_eq!(build(&listen, None).len(), 20);
+        assert!(rules.iter().all(|r| r.comment.starts_with(COMMENT_PREFIX)));
+    }
+
+    #[test]
+    fn renders_iptables_and_nft() {
+        let listen: Vec<SocketAddr> = vec!["[fd00::10]:5353".parse().unwrap()];
+        let rules = build(&listen, None);
+        let r = &rules[0];
+        assert!(r.is_v6());
+        assert_eq!(
+            r.iptables_args().join(" "),
+            "-p udp -d fd00::10 --dport 5353 -m comment --comment nodedns: skip conntrack -j NOTRACK"
+        );
+        assert_eq!(
+            r.nft_statement(),
+            "ip6 daddr fd00::10 udp dport 5353 notrack comment \"nodedns: skip conntrack\""
+        );
+    }
+
+    #[test]
+    fn unspecified_listen_ip_is_ignored() {
+        let listen: Vec<SocketAddr> = vec!["0.0.0.0:53".parse().unwrap()];
+        assert!(build(&listen, Some(8080)).is_empty());
+        assert!(listen_ips(&listen).is_empty());
+    }
+}
