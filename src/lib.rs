@@ -1,2 +1,25 @@
-//! nodedns: a node-local DNS cache for Kubernetes.
+//! nodedns: a node-local DNS cache for Kubernetes, a drop-in replacement for NodeLocal DNSCache.
+//!
+//! # Layout
+//! - [`config`]: flags and the TOML file, validated into [`config::Settings`].
+//! - [`app`]: startup and shutdown order: node setup, bind, serve, rules, drain, teardown.
+//! - [`server`]: the UDP workers (hot path) and the TCP server; [`server::Context`] answers.
+//! - [`dns`]: allocation-free query parsing and response walking on the wire.
+//! - [`cache`]: the sharded answer cache.
+//! - [`forward`]: the miss path: zone routing, UDP/TCP upstream exchanges, caching rules.
+//! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints.
+//! - [`node`]: link-local interface and conntrack-bypass firewall rules.
+//! - [`logging`]: tracing setup and rate-limited logging.
+//!
+//! See docs/ARCHITECTURE.md for the path of a query.
+
+pub mod admin;
+pub mod app;
+pub mod cache;
+pub mod config;
+pub mod dns;
+pub mod forward;
+pub mod logging;
+pub mod metrics;
 pub mod node;
+pub mod server;

@@ -1,1 +1,56 @@
-fn main(){}
+//! The nodedns binary: parse flags, load and validate the config, then run until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use nodedns::config::{self, Args, Environment};
+
+/// Exit status for a configuration error (sysexits EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let file = match config::load(&args) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("nodedns: invalid configuration: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let settings = match file.validate(&Environment::from_process()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nodedns: invalid configuration: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    if args.check_config {
+        print!("{}", toml::to_string(&file).expect("config serializes"));
+        for w in &settings.warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("nodedns: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    nodedns::logging::init(settings.log_json);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.workers.clamp(1, 4))
+        .thread_name("nodedns-rt")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodedns: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(nodedns::app::run(settings, nodedns::app::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("nodedns: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

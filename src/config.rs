@@ -1,0 +1,799 @@
+//! Configuration: command-line flags (clap) over a TOML file (serde), validated into `Settings`.
+//!
+//! The file holds every setting; a flag given on the command line wins over the file. Unknown
+//! keys are errors. Every validation error names the key and the reason, so `--check-config` and
+//! a failed start tell the operator exactly what to fix.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::dns;
+use crate::node::{Firewall, NodeConfig};
+
+/// nodedns: a node-local DNS cache for Kubernetes.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(version, about)]
+pub struct Args {
+    /// TOML file holding every setting; flags override it.
+    #[arg(long, env = "NODEDNS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve DNS on, UDP and TCP (repeatable) [default: 169.254.20.10:53].
+    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    pub listen: Vec<String>,
+    /// CoreDNS (kube-dns-upstream) address for the cluster zones (repeatable)
+    /// [default: $KUBE_DNS_UPSTREAM_SERVICE_HOST:$KUBE_DNS_UPSTREAM_SERVICE_PORT].
+    #[arg(long = "cluster-dns", value_name = "ADDR:PORT")]
+    pub cluster_dns: Vec<String>,
+    /// The cluster domain [default: cluster.local].
+    #[arg(long)]
+    pub cluster_domain: Option<String>,
+    /// Resolver for all other names (repeatable) [default: nameservers of /etc/resolv.conf].
+    #[arg(long = "upstream", value_name = "ADDR:PORT")]
+    pub upstreams: Vec<String>,
+    /// UDP worker threads [default: CPUs this process may use].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Validate the configuration, print the effective one and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Prometheus metrics address [default: 0.0.0.0:9253].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+    /// Health (/health) and readiness (/ready) address [default: 169.254.20.10:8080].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub health: Option<String>,
+    /// How long DNS keeps answering after /ready turns 503 on shutdown [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    pub lameduck: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Log a sample of queries: the fraction to log, 0 to 1 [default: 0].
+    #[arg(long, value_name = "FRACTION")]
+    pub query_log: Option<f64>,
+    /// Create the link-local interface and add the listen addresses to it.
+    #[arg(long)]
+    pub setup_interface: bool,
+    /// Interface holding the listen addresses [default: nodelocaldns].
+    #[arg(long, value_name = "NAME")]
+    pub interface_name: Option<String>,
+    /// Install the conntrack-bypass firewall rules once serving.
+    #[arg(long)]
+    pub setup_iptables: bool,
+    /// Firewall backend: iptables or nftables [default: iptables].
+    #[arg(long, value_name = "BACKEND")]
+    pub firewall: Option<String>,
+    /// How often the interface and rules are re-checked [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    pub sync_interval: Option<String>,
+    /// Leave rules and interface in place on exit.
+    #[arg(long)]
+    pub skip_teardown: bool,
+}
+
+/// The configuration file, also the effective configuration printed by `--check-config`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub listen: Vec<String>,
+    pub cluster_domain: String,
+    pub cluster_dns: Vec<String>,
+    pub upstreams: Vec<String>,
+    /// 0 means one per CPU this process may use.
+    pub workers: usize,
+    pub metrics: String,
+    pub health: String,
+    pub lameduck: String,
+    pub log_format: String,
+    pub query_log: f64,
+    pub cache: CacheSection,
+    pub forward: ForwardSection,
+    pub server: ServerSection,
+    pub node: NodeSection,
+    #[serde(rename = "zone")]
+    pub zones: Vec<ZoneSection>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            listen: vec!["169.254.20.10:53".into()],
+            cluster_domain: "cluster.local".into(),
+            cluster_dns: vec![],
+            upstreams: vec![],
+            workers: 0,
+            metrics: "0.0.0.0:9253".into(),
+            health: "169.254.20.10:8080".into(),
+            lameduck: "5s".into(),
+            log_format: "text".into(),
+            query_log: 0.0,
+            cache: CacheSection::default(),
+            forward: ForwardSection::default(),
+            server: ServerSection::default(),
+            node: NodeSection::default(),
+            zones: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+    pub min_ttl: String,
+    pub success_max_ttl: String,
+    pub denial_max_ttl: String,
+    pub cluster_success_max_ttl: String,
+    pub cluster_denial_max_ttl: String,
+    pub servfail_ttl: String,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            max_entries: 100_000,
+            max_bytes: 64 << 20,
+            min_ttl: "5s".into(),
+            success_max_ttl: "30s".into(),
+            denial_max_ttl: "30s".into(),
+            cluster_success_max_ttl: "30s".into(),
+            cluster_denial_max_ttl: "5s".into(),
+            servfail_ttl: "5s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardSection {
+    pub timeout: String,
+    pub query_timeout: String,
+    pub tcp_pool_size: usize,
+    pub tcp_idle_timeout: String,
+    pub max_inflight: usize,
+}
+
+impl Default for ForwardSection {
+    fn default() -> Self {
+        ForwardSection {
+            timeout: "1s".into(),
+            query_timeout: "3s".into(),
+            tcp_pool_size: 2,
+            tcp_idle_timeout: "8s".into(),
+            max_inflight: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub tcp_idle_timeout: String,
+    pub tcp_max_connections: usize,
+    pub edns_udp_size: u16,
+    pub grace_period: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            tcp_idle_timeout: "10s".into(),
+            tcp_max_connections: 1024,
+            edns_udp_size: 1232,
+            grace_period: "5s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    pub setup_interface: bool,
+    pub interface_name: String,
+    pub setup_iptables: bool,
+    pub firewall: String,
+    pub sync_interval: String,
+    pub skip_teardown: bool,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            setup_interface: false,
+            interface_name: "nodelocaldns".into(),
+            setup_iptables: false,
+            firewall: "iptables".into(),
+            sync_interval: "60s".into(),
+            skip_teardown: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneSection {
+    pub name: String,
+    pub upstreams: Vec<String>,
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    #[serde(default)]
+    pub success_max_ttl: Option<String>,
+    #[serde(default)]
+    pub denial_max_ttl: Option<String>,
+}
+
+fn default_transport() -> String {
+    "prefer-udp".into()
+}
+
+/// How a zone's upstreams are reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP only; a truncated answer is relayed truncated.
+    Udp,
+    /// TCP only, on persistent pipelined connections.
+    Tcp,
+    /// UDP, retried over TCP when the answer is truncated.
+    PreferUdp,
+}
+
+/// One forwarding zone after validation.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// Presentation form, e.g. "cluster.local." or ".".
+    pub name: String,
+    /// Lowercased wire form.
+    pub wire: Vec<u8>,
+    pub upstreams: Vec<SocketAddr>,
+    pub transport: Transport,
+    pub success_max_ttl: Duration,
+    pub denial_max_ttl: Duration,
+}
+
+/// Validated runtime settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: Vec<SocketAddr>,
+    pub workers: usize,
+    /// Zones ordered most specific first; the last is always the root zone ".".
+    pub zones: Vec<Zone>,
+    pub metrics: Option<SocketAddr>,
+    pub health: Option<SocketAddr>,
+    pub lameduck: Duration,
+    pub log_json: bool,
+    pub query_log: f64,
+    pub cache_max_entries: usize,
+    pub cache_max_bytes: usize,
+    pub min_ttl: Duration,
+    pub servfail_ttl: Duration,
+    pub upstream_timeout: Duration,
+    pub query_timeout: Duration,
+    pub tcp_pool_size: usize,
+    pub upstream_tcp_idle: Duration,
+    pub max_inflight: usize,
+    pub tcp_idle_timeout: Duration,
+    pub tcp_max_connections: usize,
+    pub edns_udp_size: u16,
+    pub grace_period: Duration,
+    pub node: NodeConfig,
+    /// Warnings to log once logging is up (e.g. no cluster DNS configured).
+    pub warnings: Vec<String>,
+}
+
+/// A configuration error: the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Where the defaults that depend on the machine come from; tests substitute their own.
+pub struct Environment {
+    pub resolv_conf: PathBuf,
+    pub kube_dns_upstream: Option<(String, Option<String>)>,
+}
+
+impl Environment {
+    pub fn from_process() -> Self {
+        Environment {
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            kube_dns_upstream: std::env::var("KUBE_DNS_UPSTREAM_SERVICE_HOST")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .map(|h| (h, std::env::var("KUBE_DNS_UPSTREAM_SERVICE_PORT").ok())),
+        }
+    }
+}
+
+/// Reads the file (if any) and applies the flags over it.
+pub fn load(args: &Args) -> Result<FileConfig, ConfigError> {
+    let mut cfg = match &args.config {
+        Some(path) => parse_file(path)?,
+        None => FileConfig::default(),
+    };
+    apply_flags(&mut cfg, args);
+    Ok(cfg)
+}
+
+pub fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
+    if !a.listen.is_empty() {
+        cfg.listen = a.listen.clone();
+    }
+    if !a.cluster_dns.is_empty() {
+        cfg.cluster_dns = a.cluster_dns.clone();
+    }
+    if !a.upstreams.is_empty() {
+        cfg.upstreams = a.upstreams.clone();
+    }
+    let set = |dst: &mut String, v: &Option<String>| {
+        if let Some(v) = v {
+            dst.clone_from(v);
+        }
+    };
+    set(&mut cfg.cluster_domain, &a.cluster_domain);
+    set(&mut cfg.metrics, &a.metrics);
+    set(&mut cfg.health, &a.health);
+    set(&mut cfg.lameduck, &a.lameduck);
+    set(&mut cfg.log_format, &a.log_format);
+    set(&mut cfg.node.interface_name, &a.interface_name);
+    set(&mut cfg.node.firewall, &a.firewall);
+    set(&mut cfg.node.sync_interval, &a.sync_interval);
+    if let Some(w) = a.workers {
+        cfg.workers = w;
+    }
+    if let Some(q) = a.query_log {
+        cfg.query_log = q;
+    }
+    cfg.node.setup_interface |= a.setup_interface;
+    cfg.node.setup_iptables |= a.setup_iptables;
+    cfg.node.skip_teardown |= a.skip_teardown;
+}
+
+fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v.trim())
+        .map_err(|e| invalid(key, format!("invalid duration {v:?} ({e}); write e.g. \"5s\"")))
+}
+
+/// Parses "ADDR:PORT", "ADDR" (port `default_port`) or "[V6]:PORT".
+fn addr(key: &str, v: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
+    let v = v.trim();
+    if let Ok(sa) = v.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Ok(ip) = v.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    Err(invalid(
+        key,
+        format!("invalid address {v:?}; write IP:PORT, e.g. 10.96.0.10:53 or [fd00::a]:53"),
+    ))
+}
+
+fn addrs(key: &str, vs: &[String], default_port: u16) -> Result<Vec<SocketAddr>, ConfigError> {
+    vs.iter().map(|v| addr(key, v, default_port)).collect()
+}
+
+/// Nameservers listed in a resolv.conf, port 53.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some("nameserver")).then(|| it.next()).flatten()
+        })
+        .filter_map(|ns| ns.split('%').next()?.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+fn zone_name(key: &str, name: &str) -> Result<(String, Vec<u8>), ConfigError> {
+    let wire = dns::name_from_str(name)
+        .ok_or_else(|| invalid(key, format!("invalid domain name {name:?}")))?;
+    Ok((dns::name_to_string(&wire), wire))
+}
+
+/// CPUs this process may use (cgroup quota and affinity aware).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl FileConfig {
+    /// Validates into runtime settings. `env` supplies the machine-dependent defaults.
+    pub fn validate(&self, env: &Environment) -> Result<Settings, ConfigError> {
+        let mut warnings = Vec::new();
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "at least one address is required"));
+        }
+        let listen = addrs("listen", &self.listen, 53)?;
+        let workers = if self.workers == 0 {
+            available_cpus()
+        } else {
+            self.workers
+        };
+        if workers > 1024 {
+            return Err(invalid("workers", "must be at most 1024"));
+        }
+        let c = &self.cache;
+        if c.max_entries == 0 {
+            return Err(invalid("cache.max_entries", "must be at least 1"));
+        }
+        if c.max_bytes < 64 << 10 {
+            return Err(invalid("cache.max_bytes", "must be at least 65536"));
+        }
+        let min_ttl = duration("cache.min_ttl", &c.min_ttl)?;
+        let success_max = duration("cache.success_max_ttl", &c.success_max_ttl)?;
+        let denial_max = duration("cache.denial_max_ttl", &c.denial_max_ttl)?;
+        let cl_success_max = duration("cache.cluster_success_max_ttl", &c.cluster_success_max_ttl)?;
+        let cl_denial_max = duration("cache.cluster_denial_max_ttl", &c.cluster_denial_max_ttl)?;
+        let servfail_ttl = duration("cache.servfail_ttl", &c.servfail_ttl)?;
+        if servfail_ttl > Duration::from_secs(300) {
+            return Err(invalid(
+                "cache.servfail_ttl",
+                "must be at most 5m (RFC 2308 §7.1)",
+            ));
+        }
+        let f = &self.forward;
+        let upstream_timeout = duration("forward.timeout", &f.timeout)?;
+        let query_timeout = duration("forward.query_timeout", &f.query_timeout)?;
+        if upstream_timeout.is_zero() {
+            return Err(invalid("forward.timeout", "must be above 0"));
+        }
+        if query_timeout < upstream_timeout {
+            return Err(invalid(
+                "forward.query_timeout",
+                "must be at least forward.timeout",
+            ));
+        }
+        if f.tcp_pool_size == 0 || f.tcp_pool_size > 64 {
+            return Err(invalid("forward.tcp_pool_size", "must be between 1 and 64"));
+        }
+        if f.max_inflight == 0 {
+            return Err(invalid("forward.max_inflight", "must be at least 1"));
+        }
+        let upstream_tcp_idle = duration("forward.tcp_idle_timeout", &f.tcp_idle_timeout)?;
+        let s = &self.server;
+        let tcp_idle_timeout = duration("server.tcp_idle_timeout", &s.tcp_idle_timeout)?;
+        let grace_period = duration("server.grace_period", &s.grace_period)?;
+        if s.tcp_max_connections == 0 {
+            return Err(invalid("server.tcp_max_connections", "must be at least 1"));
+        }
+        if s.edns_udp_size < dns::MIN_UDP_SIZE {
+            return Err(invalid("server.edns_udp_size", "must be at least 512"));
+        }
+        let lameduck = duration("lameduck", &self.lameduck)?;
+        let log_json = match self.log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?} is not one of \"text\", \"json\""),
+                ))
+            }
+        };
+        if !(0.0..=1.0).contains(&self.query_log) {
+            return Err(invalid("query_log", "must be a fraction between 0 and 1"));
+        }
+        let opt_addr = |key: &str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {
+            if v.is_empty() || v == "off" {
+                Ok(None)
+            } else {
+                addr(key, v, 0).map(Some)
+            }
+        };
+        let metrics = opt_addr("metrics", &self.metrics)?;
+        let health = opt_addr("health", &self.health)?;
+
+        // Upstreams for everything outside the cluster zones.
+        let upstreams = if self.upstreams.is_empty() {
+            let text = std::fs::read_to_string(&env.resolv_conf).unwrap_or_default();
+            resolv_conf_nameservers(&text)
+        } else {
+            addrs("upstreams", &self.upstreams, 53)?
+        };
+        // Never forward to ourselves.
+        let upstreams: Vec<SocketAddr> = upstreams
+            .into_iter()
+            .filter(|u| {
+                !listen
+                    .iter()
+                    .any(|l| l.ip() == u.ip() && (l.port() == u.port() || l.port() == 0))
+            })
+            .collect();
+        if upstreams.is_empty() {
+            return Err(invalid(
+                "upstreams",
+                format!(
+                    "no upstream resolvers: none given and {} lists none besides our own listen addresses",
+                    env.resolv_conf.display()
+                ),
+            ));
+        }
+        let cluster_dns = if self.cluster_dns.is_empty() {
+            match &env.kube_dns_upstream {
+                Some((host, port)) => {
+                    let port = match port {
+                        Some(p) => p.parse::<u16>().map_err(|_| {
+                            invalid(
+                                "cluster_dns",
+                                format!("KUBE_DNS_UPSTREAM_SERVICE_PORT={p:?} is not a port"),
+                            )
+                        })?,
+                        None => 53,
+                    };
+                    vec![addr("cluster_dns", host, port)?]
+                }
+                None => vec![],
+            }
+        } else {
+            addrs("cluster_dns", &self.cluster_dns, 53)?
+        };
+
+        let (cluster_name, cluster_wire) = zone_name("cluster_domain", &self.cluster_domain)?;
+        if cluster_wire.len() == 1 {
+            return Err(invalid("cluster_domain", "must not be the root"));
+        }
+        let (cluster_upstreams, cluster_transport) = if cluster_dns.is_empty() {
+            warnings.push(format!(
+                "no cluster DNS configured (--cluster-dns or KUBE_DNS_UPSTREAM_SERVICE_HOST): \
+                 {cluster_name}, in-addr.arpa and ip6.arpa are forwarded to the upstreams"
+            ));
+            (upstreams.clone(), Transport::PreferUdp)
+        } else {
+            (cluster_dns, Transport::Tcp)
+        };
+        let mut zones = Vec::new();
+        for (name, wire) in [
+            (cluster_name, cluster_wire),
+            ("in-addr.arpa.".into(), dns::name_from_str("in-addr.arpa").unwrap()),
+            ("ip6.arpa.".into(), dns::name_from_str("ip6.arpa").unwrap()),
+        ] {
+            zones.push(Zone {
+                name,
+                wire,
+                upstreams: cluster_upstreams.clone(),
+                transport: cluster_transport,
+                success_max_ttl: cl_success_max,
+                denial_max_ttl: cl_denial_max,
+            });
+        }
+        for (i, z) in self.zones.iter().enumerate() {
+            let key = format!("zone[{i}]");
+            let (name, wire) = zone_name(&format!("{key}.name"), &z.name)?;
+            if z.upstreams.is_empty() {
+                return Err(invalid(format!("{key}.upstreams"), "at least one upstream is required"));
+            }
+            let transport = match z.transport.as_str() {
+                "udp" => Transport::Udp,
+                "tcp" => Transport::Tcp,
+                "prefer-udp" => Transport::PreferUdp,
+                other => {
+                    return Err(invalid(
+                        format!("{key}.transport"),
+                        format!("{other:?} is not one of \"udp\", \"tcp\", \"prefer-udp\""),
+                    ))
+                }
+            };
+            if let Some(existing) = zones.iter_mut().find(|zn| zn.wire == wire) {
+                // A [[zone]] naming a built-in zone overrides its upstreams.
+                existing.upstreams = addrs(&format!("{key}.upstreams"), &z.upstreams, 53)?;
+                existing.transport = transport;
+                continue;
+            }
+            zones.push(Zone {
+                name,
+                wire,
+                upstreams: addrs(&format!("{key}.upstreams"), &z.upstreams, 53)?,
+                transport,
+                success_max_ttl: match &z.success_max_ttl {
+                    Some(v) => duration(&format!("{key}.success_max_ttl"), v)?,
+                    None => success_max,
+                },
+                denial_max_ttl: match &z.denial_max_ttl {
+                    Some(v) => duration(&format!("{key}.denial_max_ttl"), v)?,
+                    None => denial_max,
+                },
+            });
+        }
+        zones.push(Zone {
+            name: ".".into(),
+            wire: vec![0],
+            upstreams,
+            transport: Transport::PreferUdp,
+            success_max_ttl: success_max,
+            denial_max_ttl: denial_max,
+        });
+        // Most specific first: longest suffix match is then the first zone that contains the name.
+        zones.sort_by_key(|z| std::cmp::Reverse(z.wire.len()));
+
+        let n = &self.node;
+        let firewall = match n.firewall.as_str() {
+            "iptables" => Firewall::Iptables,
+            "nftables" => Firewall::Nftables,
+            other => {
+                return Err(invalid(
+                    "node.firewall",
+                    format!("{other:?} is not one of \"iptables\", \"nftables\""),
+                ))
+            }
+        };
+        let sync_interval = duration("node.sync_interval", &n.sync_interval)?;
+        if sync_interval < Duration::from_secs(1) {
+            return Err(invalid("node.sync_interval", "must be at least 1s"));
+        }
+        if n.interface_name.is_empty() || n.interface_name.len() > 15 {
+            return Err(invalid(
+                "node.interface_name",
+                "must be 1 to 15 characters (Linux IFNAMSIZ)",
+            ));
+        }
+        let node = NodeConfig {
+            setup_interface: n.setup_interface,
+            interface_name: n.interface_name.clone(),
+            setup_iptables: n.setup_iptables,
+            firewall,
+            sync_interval,
+            skip_teardown: n.skip_teardown,
+            listen: listen.clone(),
+            health_port: health.map(|h| h.port()),
+        };
+
+        Ok(Settings {
+            listen,
+            workers,
+            zones,
+            metrics,
+            health,
+            lameduck,
+            log_json,
+            query_log: self.query_log,
+            cache_max_entries: c.max_entries,
+            cache_max_bytes: c.max_bytes,
+            min_ttl,
+            servfail_ttl,
+            upstream_timeout,
+            query_timeout,
+            tcp_pool_size: f.tcp_pool_size,
+            upstream_tcp_idle,
+            max_inflight: f.max_inflight,
+            tcp_idle_timeout,
+            tcp_max_connections: s.tcp_max_connections,
+            edns_udp_size: s.edns_udp_size,
+            grace_period,
+            node,
+            warnings,
+        })
+    }
+}
+
+impl Settings {
+    /// The zone a lowercased wire name routes to (longest suffix match).
+    pub fn route(&self, qname: &[u8]) -> usize {
+        self.zones
+            .iter()
+            .position(|z| dns::name_in_zone(qname, &z.wire))
+            .unwrap_or(self.zones.len() - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(resolv: &str) -> (tempfile::TempDir, Environment) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("resolv.conf");
+        std::fs::write(&p, resolv).unwrap();
+        (
+            dir,
+            Environment {
+                resolv_conf: p,
+                kube_dns_upstream: None,
+            },
+        )
+    }
+
+    fn err(toml_text: &str) -> String {
+        let (_d, e) = env("nameserver 127.0.0.53\n");
+        match toml::from_str::<FileConfig>(toml_text) {
+            Err(e) => e.to_string(),
+            Ok(c) => c.validate(&e).unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_resolv_conf_without_ourselves() {
+        let (_d, e) = env("search x\nnameserver 169.254.20.10\nnameserver 127.0.0.53\n");
+        let s = FileConfig::default().validate(&e).unwrap();
+        assert_eq!(s.listen, vec!["169.254.20.10:53".parse().unwrap()]);
+        let root = s.zones.last().unwrap();
+        assert_eq!(root.name, ".");
+        assert_eq!(root.upstreams, vec!["127.0.0.53:53".parse().unwrap()]);
+        assert_eq!(s.warnings.len(), 1, "no cluster DNS warns");
+        assert_eq!(s.zones[s.route(&dns::name_from_str("a.svc.cluster.local").unwrap())].name, "cluster.local.");
+        assert_eq!(s.zones[s.route(&dns::name_from_str("example.com").unwrap())].name, ".");
+    }
+
+    #[test]
+    fn kube_dns_upstream_env_is_the_cluster_default() {
+        let (_d, mut e) = env("nameserver 127.0.0.53\n");
+        e.kube_dns_upstream = Some(("10.96.0.11".into(), Some("5353".into())));
+        let s = FileConfig::default().validate(&e).unwrap();
+        let z = &s.zones[s.route(&dns::name_from_str("1.0.96.10.in-addr.arpa").unwrap())];
+        assert_eq!(z.upstreams, vec!["10.96.0.11:5353".parse().unwrap()]);
+        assert_eq!(z.transport, Transport::Tcp);
+        assert_eq!(z.denial_max_ttl, Duration::from_secs(5));
+        assert!(s.warnings.is_empty());
+    }
+
+    #[test]
+    fn stub_zone_longest_suffix_wins() {
+        let (_d, e) = env("nameserver 127.0.0.53\n");
+        let c: FileConfig = toml::from_str(
+            "[[zone]]\nname = \"corp.example\"\nupstreams = [\"127.0.0.9\"]\ntransport = \"tcp\"\n\
+             [[zone]]\nname = \"a.corp.example.\"\nupstreams = [\"127.0.0.10:5300\"]\n",
+        )
+        .unwrap();
+        let s = c.validate(&e).unwrap();
+        let z = &s.zones[s.route(&dns::name_from_str("x.a.corp.example").unwrap())];
+        assert_eq!(z.upstreams, vec!["127.0.0.10:5300".parse().unwrap()]);
+        let z = &s.zones[s.route(&dns::name_from_str("b.corp.example").unwrap())];
+        assert_eq!(z.transport, Transport::Tcp);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_reason() {
+        assert!(err("bogus = 1").contains("unknown field `bogus`"));
+        assert!(err("[cache]\nmin_ttl = \"5x\"").starts_with("cache.min_ttl: invalid duration"));
+        assert!(err("listen = [\"nope\"]").starts_with("listen: invalid address"));
+        assert!(err("[[zone]]\nname = \"a\"\nupstreams = [\"127.0.0.1\"]\ntransport = \"quic\"")
+            .starts_with("zone[0].transport:"));
+        assert!(err("[node]\nfirewall = \"pf\"").starts_with("node.firewall:"));
+        assert!(err("[cache]\nservfail_ttl = \"1h\"").contains("RFC 2308"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut c: FileConfig = toml::from_str("listen = [\"127.0.0.1:53\"]\nworkers = 3").unwrap();
+        let a = Args::parse_from(["nodedns", "--listen", "127.0.0.2:5353", "--workers", "1"]);
+        apply_flags(&mut c, &a);
+        assert_eq!(c.listen, vec!["127.0.0.2:5353"]);
+        assert_eq!(c.workers, 1);
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let text = toml::to_string(&FileConfig::default()).unwrap();
+        let back: FileConfig = toml::from_str(&text).unwrap();
+        assert_eq!(toml::to_string(&back).unwrap(), text);
+    }
+}

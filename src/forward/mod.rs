@@ -1,0 +1,321 @@
+//! The miss path: route a query to its zone's upstreams, exchange it over the zone's transport,
+//! decide what of the answer may be cached (RFC 2308), and store it.
+//!
+//! Upstreams of a zone are tried in turn within one overall deadline (`forward.query_timeout`),
+//! each attempt bounded by `forward.timeout`: a silent, failing or SERVFAILing upstream is passed
+//! over for the next; when all fail the caller answers SERVFAIL well inside a client's timeout.
+
+mod tcp;
+mod udp;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use crate::cache::{Cache, Entry};
+use crate::config::{Settings, Transport};
+use crate::dns::{self, AnswerKind, Query, Response};
+use crate::metrics::Metrics;
+
+pub use tcp::TcpPool;
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("timed out")]
+    Timeout,
+    #[error("connection closed")]
+    Closed,
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad response: {0}")]
+    Bad(#[from] dns::BadResponse),
+}
+
+/// Every upstream of the zone failed (or the deadline passed) without an answer to relay.
+#[derive(Debug, thiserror::Error)]
+#[error("all upstreams failed for zone {zone}")]
+pub struct AllFailed {
+    pub zone: String,
+}
+
+/// How an upstream exchange went, for `nodedns_upstream_queries_total{transport,outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Timeout,
+    Error,
+}
+
+/// Per-upstream state: consecutive failures order the upstreams (healthy ones first).
+struct UpstreamState {
+    fails: AtomicU32,
+}
+
+/// Resolves cache misses.
+pub struct Forwarder {
+    settings: Arc<Settings>,
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    pools: HashMap<SocketAddr, Arc<TcpPool>>,
+    state: HashMap<SocketAddr, UpstreamState>,
+    /// Rotates the starting upstream among healthy ones to spread load.
+    rotate: AtomicUsize,
+    /// Forwarded queries in flight, bounded by `forward.max_inflight`.
+    inflight: AtomicUsize,
+}
+
+/// Holds one `inflight` slot; released on drop.
+pub struct InflightGuard<'a>(&'a Forwarder);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.inflight_dec();
+    }
+}
+
+impl Forwarder {
+    pub fn new(settings: Arc<Settings>, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Self {
+        let mut pools = HashMap::new();
+        let mut state = HashMap::new();
+        for z in &settings.zones {
+            for &u in &z.upstreams {
+                state.entry(u).or_insert(UpstreamState {
+                    fails: AtomicU32::new(0),
+                });
+                if z.transport == Transport::Tcp {
+                    pools.entry(u).or_insert_with(|| {
+                        Arc::new(TcpPool::new(
+                            u,
+                            settings.tcp_pool_size,
+                            settings.upstream_tcp_idle,
+                            metrics.clone(),
+                        ))
+                    });
+                }
+            }
+        }
+        Forwarder {
+            settings,
+            cache,
+            metrics,
+            pools,
+            state,
+            rotate: AtomicUsize::new(0),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes an in-flight slot, or None when `forward.max_inflight` queries are already out.
+    pub fn try_acquire(&self) -> Option<InflightGuard<'_>> {
+        let prev = self.inflight.fetch_add(1, Ordering::Relaxed);
+        if prev >= self.settings.max_inflight {
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        self.metrics.inflight_inc();
+        Some(InflightGuard(self))
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// The zone's upstreams, those without recent failures first, rotating the first pick.
+    fn ordered(&self, upstreams: &[SocketAddr]) -> Vec<SocketAddr> {
+        let n = upstreams.len();
+        let start = self.rotate.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let mut v: Vec<SocketAddr> = (0..n).map(|i| upstreams[(start + i) % n]).collect();
+        v.sort_by_key(|u| self.state[u].fails.load(Ordering::Relaxed).min(3));
+        v
+    }
+
+    fn record(&self, upstream: SocketAddr, ok: bool) {
+        let fails = &self.state[&upstream].fails;
+        if ok {
+            fails.store(0, Ordering::Relaxed);
+        } else {
+            fails.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves `q` through its zone's upstreams; caches what may be cached and returns the
+    /// entry to answer from (cached or not). `Err` means the client gets SERVFAIL.
+    pub async fn resolve(&self, q: &Query) -> Result<Entry, AllFailed> {
+        let zone_idx = self.settings.route(q.qname_lower());
+        let zone = &self.settings.zones[zone_idx];
+        let start = Instant::now();
+        let deadline = start + self.settings.query_timeout;
+        let mut relay: Option<Response> = None;
+        for upstream in self.ordered(&zone.upstreams) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let attempt = self.settings.upstream_timeout.min(deadline - now);
+            let t0 = Instant::now();
+            let result = self.exchange(upstream, zone.transport, q, attempt).await;
+            let elapsed = t0.elapsed();
+            match result {
+                Ok(resp) => {
+                    self.metrics
+                        .forward_response(upstream, resp.rcode, elapsed.as_secs_f64());
+                    // SERVFAIL and REFUSED mean this upstream could not help: try the next,
+                    // and relay the last such answer if none can.
+                    if matches!(resp.rcode, dns::RCODE_SERVFAIL | dns::RCODE_REFUSED) {
+                        self.record(upstream, false);
+                        relay = Some(resp);
+                        continue;
+                    }
+                    self.record(upstream, true);
+                    return Ok(self.store(q, zone_idx, resp));
+                }
+                Err(e) => {
+                    self.record(upstream, false);
+                    self.metrics.forward_failure(upstream);
+                    crate::log_limited!(
+                        warn,
+                        upstream = %upstream,
+                        zone = %zone.name,
+                        error = %e,
+                        "upstream query failed"
+                    );
+                }
+            }
+        }
+        match relay {
+            Some(resp) => Ok(self.store(q, zone_idx, resp)),
+            None => Err(AllFailed {
+                zone: zone.name.clone(),
+            }),
+        }
+    }
+
+    /// Asks every upstream `. IN NS` once; true when any answers (whatever its rcode).
+    pub async fn probe(&self) -> bool {
+        // ". IN NS" with RD, as CoreDNS's forward health check asks.
+        let pkt = [0u8, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1];
+        let Ok(q) = dns::parse_query(&pkt) else {
+            return false;
+        };
+        let timeout = self.settings.upstream_timeout;
+        let mut seen = std::collections::HashSet::new();
+        for z in &self.settings.zones {
+            for &u in &z.upstreams {
+                if seen.insert(u) && self.exchange(u, z.transport, &q, timeout).await.is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// One exchange with one upstream over the zone's transport.
+    async fn exchange(
+        &self,
+        upstream: SocketAddr,
+        transport: Transport,
+        q: &Query,
+        timeout: Duration,
+    ) -> Result<Response, UpstreamError> {
+        let size = self.settings.edns_udp_size;
+        let deadline = Instant::now() + timeout;
+        let m = &self.metrics;
+        match transport {
+            Transport::Tcp => {
+                let pool = &self.pools[&upstream];
+                let r = pool.exchange(q, size, timeout).await;
+                m.upstream_query(upstream, "tcp", outcome(&r));
+                r
+            }
+            Transport::Udp | Transport::PreferUdp => {
+                self.metrics.forward_request(upstream);
+                let r = udp::exchange(upstream, q, size, timeout).await;
+                m.upstream_query(upstream, "udp", outcome(&r));
+                let resp = r?;
+                if !(resp.truncated && transport == Transport::PreferUdp) {
+                    return Ok(resp);
+                }
+                debug!(upstream = %upstream, "truncated over UDP, retrying over TCP");
+                let left = deadline.saturating_duration_since(Instant::now());
+                let r = tcp::exchange_once(upstream, q, size, left).await;
+                m.upstream_query(upstream, "tcp_fallback", outcome(&r));
+                r
+            }
+        }
+    }
+
+    /// Applies the caching rules to `resp`, stores it when allowed and returns the entry.
+    fn store(&self, q: &Query, zone_idx: usize, resp: Response) -> Entry {
+        let zone = &self.settings.zones[zone_idx];
+        let now = Instant::now();
+        let min_ttl = self.settings.min_ttl;
+        let secs = |d: Duration| d.as_secs().min(u32::MAX as u64) as u32;
+        // Lifetime in seconds when cacheable, with the cap for each record's TTL.
+        let lifetime = if resp.truncated {
+            None
+        } else {
+            match resp.kind {
+                AnswerKind::Positive => {
+                    let cap = secs(zone.success_max_ttl);
+                    let floor = secs(min_ttl).min(cap);
+                    resp.min_ttl.map(|t| t.clamp(floor, cap))
+                }
+                AnswerKind::NxDomain | AnswerKind::NoData => {
+                    let cap = secs(zone.denial_max_ttl);
+                    let floor = secs(min_ttl).min(cap);
+                    // RFC 2308 §5: without an SOA a negative answer is not cached.
+                    resp.negative_ttl.map(|t| t.clamp(floor, cap))
+                }
+                AnswerKind::ServFail => Some(secs(self.settings.servfail_ttl)).filter(|&t| t > 0),
+                AnswerKind::Other => None,
+            }
+        };
+        let kind = resp.kind;
+        let Response {
+            mut wire,
+            ttl_offsets,
+            soa_ttl_offset,
+            ..
+        } = resp;
+        let Some(ttl) = lifetime.filter(|&t| t > 0) else {
+            // Served once, as received.
+            return Entry::new(wire, ttl_offsets, q.key_flags(), kind, zone_idx as u16, now, Duration::ZERO);
+        };
+        for &off in &ttl_offsets {
+            let off = off as usize;
+            let own = dns::u32_at(&wire, off);
+            let v = if Some(off as u16) == soa_ttl_offset {
+                ttl
+            } else {
+                own.min(ttl).max(ttl.min(secs(min_ttl)))
+            };
+            wire[off..off + 4].copy_from_slice(&v.to_be_bytes());
+        }
+        let entry = Entry::new(
+            wire,
+            ttl_offsets,
+            q.key_flags(),
+            kind,
+            zone_idx as u16,
+            now,
+            Duration::from_secs(ttl as u64),
+        );
+        let key = self.cache.key(q.question_lower(), q.key_flags());
+        self.cache.insert(key, entry.clone());
+        entry
+    }
+}
+
+fn outcome<T>(r: &Result<T, UpstreamError>) -> Outcome {
+    match r {
+        Ok(_) => Outcome::Ok,
+        Err(UpstreamError::Timeout) => Outcome::Timeout,
+        Err(_) => Outcome::Error,
+    }
+}

@@ -1,0 +1,82 @@
+//! Logging setup (`tracing`, `RUST_LOG`, text or JSON) and a per-callsite rate limit for errors
+//! that can repeat per packet, so a flood of bad input cannot flood the log.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use tracing_subscriber::EnvFilter;
+
+/// Lines a callsite may log per window.
+pub const BURST: u64 = 5;
+/// Window length in seconds.
+pub const WINDOW_SECS: u64 = 10;
+
+fn now_secs() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
+}
+
+/// At most `BURST` lines per `WINDOW_SECS` for one callsite; the next line after a quiet spell
+/// reports how many were suppressed.
+pub struct RateLimit {
+    window: AtomicU64,
+    count: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        RateLimit {
+            window: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Some(lines suppressed since the last one logged) when this line may be logged.
+    pub fn allow(&self) -> Option<u64> {
+        let now = now_secs();
+        let w = self.window.load(Ordering::Relaxed);
+        if now >= w + WINDOW_SECS
+            && self
+                .window
+                .compare_exchange(w, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        if self.count.fetch_add(1, Ordering::Relaxed) < BURST {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Logs through `tracing` at the given level, at most `BURST` lines per `WINDOW_SECS` from this
+/// callsite; each logged line carries `suppressed`, the lines dropped before it.
+#[macro_export]
+macro_rules! log_limited {
+    ($lvl:ident, $($arg:tt)+) => {{
+        static LIMIT: $crate::logging::RateLimit = $crate::logging::RateLimit::new();
+        if let Some(suppressed) = LIMIT.allow() {
+            tracing::$lvl!(suppressed, $($arg)+);
+        }
+    }};
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default filter.
+pub fn init(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}

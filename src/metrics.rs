@@ -1,0 +1,628 @@
+//! Prometheus metrics under the names CoreDNS exports, so existing dashboards and alerts work.
+//!
+//! The per-query counters live in `WorkerStats`: one block of plain atomics per UDP worker and
+//! per TCP listener, written only with relaxed adds (no lock, no allocation, no label lookup) and
+//! folded into metric families when Prometheus scrapes (`QueryCollector`). Miss-path metrics
+//! (forwarding) use ordinary labelled prometheus vectors: a miss already costs an upstream
+//! round trip.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use crate::cache::Cache;
+use crate::dns::{self, AnswerKind, Query};
+
+/// Transport a query arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Udp = 0,
+    Tcp = 1,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+        }
+    }
+}
+
+/// Query types CoreDNS labels by name; everything else is "other".
+const TYPES: [(u16, &str); 15] = [
+    (1, "A"),
+    (28, "AAAA"),
+    (5, "CNAME"),
+    (15, "MX"),
+    (2, "NS"),
+    (12, "PTR"),
+    (6, "SOA"),
+    (33, "SRV"),
+    (16, "TXT"),
+    (65, "HTTPS"),
+    (64, "SVCB"),
+    (255, "ANY"),
+    (43, "DS"),
+    (48, "DNSKEY"),
+    (0, "other"),
+];
+const NTYPES: usize = TYPES.len();
+
+#[inline]
+fn type_index(qtype: u16) -> usize {
+    TYPES[..NTYPES - 1]
+        .iter()
+        .position(|&(t, _)| t == qtype)
+        .unwrap_or(NTYPES - 1)
+}
+
+const RCODES: [&str; 16] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+    "NXRRSET", "NOTAUTH", "NOTZONE", "RCODE11", "RCODE12", "RCODE13", "RCODE14", "RCODE15",
+];
+
+pub fn rcode_name(rcode: u8) -> &'static str {
+    RCODES[(rcode & 0xF) as usize]
+}
+
+/// CoreDNS's duration buckets (0.25 ms doubling to 8 s) plus finer ones for cache hits.
+pub const DURATION_BUCKETS: [f64; 20] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032,
+    0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192,
+];
+/// CoreDNS's size buckets.
+pub const SIZE_BUCKETS: [f64; 14] = [
+    0.0, 100.0, 200.0, 300.0, 400.0, 511.0, 1023.0, 2047.0, 4095.0, 8291.0, 16000.0, 32000.0,
+    48000.0, 64000.0,
+];
+const ND: usize = DURATION_BUCKETS.len() + 1;
+const NS: usize = SIZE_BUCKETS.len() + 1;
+
+/// Per-worker query counters, indexed by zone, transport, family, type and rcode.
+pub struct WorkerStats {
+    server: String,
+    zones: usize,
+    /// [zone][proto][family][type]
+    requests: Box<[AtomicU64]>,
+    /// [zone][rcode]
+    responses: Box<[AtomicU64]>,
+    /// [zone][type][bucket] (non-cumulative), plus sums in ns per [zone][type]
+    duration: Box<[AtomicU64]>,
+    duration_sum_ns: Box<[AtomicU64]>,
+    /// [zone][proto][bucket], plus byte sums per [zone][proto]
+    req_size: Box<[AtomicU64]>,
+    req_size_sum: Box<[AtomicU64]>,
+    resp_size: Box<[AtomicU64]>,
+    resp_size_sum: Box<[AtomicU64]>,
+    /// Cache hits: [success, denial]
+    hits: [AtomicU64; 2],
+    misses: AtomicU64,
+    malformed: AtomicU64,
+}
+
+fn atomics(n: usize) -> Box<[AtomicU64]> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+#[inline]
+fn bump(a: &AtomicU64, v: u64) {
+    a.fetch_add(v, Ordering::Relaxed);
+}
+
+fn bucket(buckets: &[f64], v: f64) -> usize {
+    buckets.iter().position(|&b| v <= b).unwrap_or(buckets.len())
+}
+
+impl WorkerStats {
+    fn new(server: String, zones: usize) -> Self {
+        WorkerStats {
+            server,
+            zones,
+            requests: atomics(zones * 2 * 2 * NTYPES),
+            responses: atomics(zones * 16),
+            duration: atomics(zones * NTYPES * ND),
+            duration_sum_ns: atomics(zones * NTYPES),
+            req_size: atomics(zones * 2 * NS),
+            req_size_sum: atomics(zones * 2),
+            resp_size: atomics(zones * 2 * NS),
+            resp_size_sum: atomics(zones * 2),
+            hits: [AtomicU64::new(0), AtomicU64::new(0)],
+            misses: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one answered query. `cached` is the kind of cache entry for a hit, None for a miss.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn record(
+        &self,
+        zone: usize,
+        proto: Proto,
+        ipv6: bool,
+        q: &Query,
+        req_len: usize,
+        reply: &[u8],
+        cached: Option<AnswerKind>,
+        elapsed: Duration,
+    ) {
+        let z = zone.min(self.zones - 1);
+        let p = proto as usize;
+        let t = type_index(q.qtype);
+        bump(&self.requests[((z * 2 + p) * 2 + ipv6 as usize) * NTYPES + t], 1);
+        let rcode = reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF);
+        bump(&self.responses[z * 16 + rcode as usize], 1);
+        let secs = elapsed.as_secs_f64();
+        bump(&self.duration[(z * NTYPES + t) * ND + bucket(&DURATION_BUCKETS, secs)], 1);
+        bump(&self.duration_sum_ns[z * NTYPES + t], elapsed.as_nanos() as u64);
+        let zp = z * 2 + p;
+        bump(&self.req_size[zp * NS + bucket(&SIZE_BUCKETS, req_len as f64)], 1);
+        bump(&self.req_size_sum[zp], req_len as u64);
+        bump(&self.resp_size[zp * NS + bucket(&SIZE_BUCKETS, reply.len() as f64)], 1);
+        bump(&self.resp_size_sum[zp], reply.len() as u64);
+        match cached {
+            Some(AnswerKind::Positive) => bump(&self.hits[0], 1),
+            Some(_) => bump(&self.hits[1], 1),
+            None => bump(&self.misses, 1),
+        }
+    }
+
+    /// Counts a packet that could not be parsed as a query.
+    #[inline]
+    pub fn malformed(&self, _proto: Proto) {
+        bump(&self.malformed, 1);
+    }
+}
+
+/// Every metric nodedns exports, on its own registry.
+pub struct Metrics {
+    pub registry: Registry,
+    zone_names: Vec<String>,
+    workers: Arc<Mutex<Vec<Arc<WorkerStats>>>>,
+    cache: Arc<Mutex<Option<Arc<Cache>>>>,
+    forward_requests: IntCounterVec,
+    forward_responses: IntCounterVec,
+    forward_duration: HistogramVec,
+    healthcheck_failures: IntCounterVec,
+    upstream_queries: IntCounterVec,
+    inflight: IntGauge,
+    tcp_conns: IntGaugeVec,
+    pub setup_errors: IntCounterVec,
+    pub panics: IntCounter,
+    query_log_rate: f64,
+}
+
+impl Metrics {
+    /// `zone_names` in the order of `Settings::zones` (labels of the `zone` dimension).
+    pub fn new(zone_names: Vec<String>, query_log_rate: f64) -> Arc<Self> {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let forward_requests = counter_vec(
+            "coredns_forward_requests_total",
+            "Counter of requests made per upstream.",
+            &["to"],
+        );
+        let forward_responses = counter_vec(
+            "coredns_forward_responses_total",
+            "Counter of responses received per upstream.",
+            &["to", "rcode"],
+        );
+        let healthcheck_failures = counter_vec(
+            "coredns_forward_healthcheck_failures_total",
+            "Counter of the number of failed exchanges (timeouts and errors) per upstream.",
+            &["to"],
+        );
+        let upstream_queries = counter_vec(
+            "nodedns_upstream_queries_total",
+            "Upstream exchanges by transport (udp, tcp, tcp_fallback) and outcome (ok, timeout, error).",
+            &["to", "transport", "outcome"],
+        );
+        let setup_errors = counter_vec(
+            "coredns_nodecache_setup_errors_total",
+            "The number of errors during periodic network setup for node-cache.",
+            &["errortype"],
+        );
+        for t in ["iptables", "iptables_lock", "interface_add", "interface_check", "configmap"] {
+            setup_errors.with_label_values(&[t]);
+        }
+        let forward_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "coredns_forward_request_duration_seconds",
+                "Histogram of the time each upstream request took.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["to", "rcode"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(forward_duration.clone()))
+            .expect("unique metric");
+        let inflight = IntGauge::new(
+            "nodedns_forward_inflight",
+            "Forwarded queries waiting for an upstream.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(inflight.clone())).expect("unique");
+        let tcp_conns = IntGaugeVec::new(
+            Opts::new(
+                "nodedns_upstream_tcp_connections",
+                "Open pooled TCP connections per upstream.",
+            ),
+            &["to"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(tcp_conns.clone())).expect("unique");
+        let panics = IntCounter::new("coredns_panics_total", "A metrics that counts the number of panics.")
+            .expect("valid metric");
+        registry.register(Box::new(panics.clone())).expect("unique");
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "coredns_build_info",
+                "A metric with a constant '1' value labeled by version, revision, and goversion from which CoreDNS was built.",
+            ),
+            &["version", "revision", "goversion"],
+        )
+        .expect("valid metric");
+        build
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                option_env!("NODEDNS_REVISION").unwrap_or("unknown"),
+                option_env!("NODEDNS_RUSTC_VERSION").unwrap_or("rust"),
+            ])
+            .set(1);
+        registry.register(Box::new(build)).expect("unique");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .ok();
+        let workers = Arc::new(Mutex::new(Vec::new()));
+        let cache = Arc::new(Mutex::new(None));
+        registry
+            .register(Box::new(QueryCollector::new(
+                zone_names.clone(),
+                workers.clone(),
+                cache.clone(),
+            )))
+            .expect("unique");
+        Arc::new(Metrics {
+            registry,
+            zone_names,
+            workers,
+            cache,
+            forward_requests,
+            forward_responses,
+            forward_duration,
+            healthcheck_failures,
+            upstream_queries,
+            inflight,
+            tcp_conns,
+            setup_errors,
+            panics,
+            query_log_rate,
+        })
+    }
+
+    /// A new block of query counters for one worker or listener serving `server`.
+    pub fn new_worker_for(&self, server: String) -> Arc<WorkerStats> {
+        let w = Arc::new(WorkerStats::new(server, self.zone_names.len().max(1)));
+        self.workers.lock().push(w.clone());
+        w
+    }
+
+    /// A new block of query counters for the default server label.
+    pub fn new_worker(&self) -> Arc<WorkerStats> {
+        self.new_worker_for("dns://:53".into())
+    }
+
+    pub fn set_cache(&self, cache: Arc<Cache>) {
+        *self.cache.lock() = Some(cache);
+    }
+
+    pub fn forward_request(&self, to: SocketAddr) {
+        self.forward_requests
+            .with_label_values(&[&to.to_string()])
+            .inc();
+    }
+
+    pub fn forward_response(&self, to: SocketAddr, rcode: u8, secs: f64) {
+        let to = to.to_string();
+        let rc = rcode_name(rcode);
+        self.forward_responses.with_label_values(&[&to, rc]).inc();
+        self.forward_duration
+            .with_label_values(&[&to, rc])
+            .observe(secs);
+    }
+
+    pub fn forward_failure(&self, to: SocketAddr) {
+        self.healthcheck_failures
+            .with_label_values(&[&to.to_string()])
+            .inc();
+    }
+
+    pub fn upstream_query(&self, to: SocketAddr, transport: &str, outcome: crate::forward::Outcome) {
+        let outcome = match outcome {
+            crate::forward::Outcome::Ok => "ok",
+            crate::forward::Outcome::Timeout => "timeout",
+            crate::forward::Outcome::Error => "error",
+        };
+        self.upstream_queries
+            .with_label_values(&[&to.to_string(), transport, outcome])
+            .inc();
+    }
+
+    pub fn upstream_tcp_open(&self, to: SocketAddr, delta: i64) {
+        self.tcp_conns.with_label_values(&[&to.to_string()]).add(delta);
+    }
+
+    pub fn inflight_inc(&self) {
+        self.inflight.inc();
+    }
+
+    pub fn inflight_dec(&self) {
+        self.inflight.dec();
+    }
+
+    /// Logs a sample of answered queries (`query_log` fraction).
+    pub fn query_log(&self, q: &Query, src: SocketAddr, reply: &[u8], cached: bool, elapsed: Duration) {
+        if self.query_log_rate <= 0.0 || rand::random::<f64>() >= self.query_log_rate {
+            return;
+        }
+        tracing::info!(
+            target: "nodedns::query",
+            client = %src,
+            name = %q.qname_string(),
+            qtype = %hickory_proto::rr::RecordType::from(q.qtype),
+            rcode = rcode_name(reply.get(3).map_or(2, |b| b & 0xF)),
+            duration_us = elapsed.as_micros() as u64,
+            cached,
+            "query"
+        );
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        String::from_utf8(buf).expect("utf-8")
+    }
+}
+
+/// Folds every worker's counters into CoreDNS-named families at scrape time.
+struct QueryCollector {
+    zone_names: Vec<String>,
+    workers: Arc<Mutex<Vec<Arc<WorkerStats>>>>,
+    cache: Arc<Mutex<Option<Arc<Cache>>>>,
+    descs: Vec<Desc>,
+}
+
+const FAMILIES: [(&str, &str, MetricType); 12] = [
+    ("coredns_dns_requests_total", "Counter of DNS requests made per zone, protocol and family.", MetricType::COUNTER),
+    ("coredns_dns_responses_total", "Counter of response status codes.", MetricType::COUNTER),
+    ("coredns_dns_request_duration_seconds", "Histogram of the time (in seconds) each request took per zone.", MetricType::HISTOGRAM),
+    ("coredns_dns_request_size_bytes", "Size of the EDNS0 UDP buffer in bytes (64K for TCP) per zone and protocol.", MetricType::HISTOGRAM),
+    ("coredns_dns_response_size_bytes", "Size of the returned response in bytes.", MetricType::HISTOGRAM),
+    ("coredns_cache_hits_total", "The count of cache hits.", MetricType::COUNTER),
+    ("coredns_cache_misses_total", "The count of cache misses. Deprecated, derive misses from cache hits/requests counters.", MetricType::COUNTER),
+    ("coredns_cache_entries", "The number of elements in the cache.", MetricType::GAUGE),
+    ("coredns_cache_evictions_total", "The count of cache evictions.", MetricType::COUNTER),
+    ("nodedns_malformed_packets_total", "Packets that could not be parsed as a DNS query (answered FORMERR/NOTIMP when the header was readable, else dropped).", MetricType::COUNTER),
+    ("nodedns_cache_bytes", "Bytes held by cache entries.", MetricType::GAUGE),
+    ("nodedns_cache_inserts_total", "Answers stored in the cache.", MetricType::COUNTER),
+];
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<proto::LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+fn counter(pairs: &[(&str, &str)], v: f64) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(v);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], v: f64) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(v);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+fn histogram(pairs: &[(&str, &str)], bounds: &[f64], counts: &[u64], sum: f64) -> proto::Metric {
+    let mut h = proto::Histogram::default();
+    let mut cum = 0;
+    let mut buckets = Vec::with_capacity(bounds.len());
+    for (i, &b) in bounds.iter().enumerate() {
+        cum += counts[i];
+        let mut bk = proto::Bucket::default();
+        bk.set_upper_bound(b);
+        bk.set_cumulative_count(cum);
+        buckets.push(bk);
+    }
+    h.set_bucket(buckets);
+    h.set_sample_count(counts.iter().sum());
+    h.set_sample_sum(sum);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_histogram(h);
+    m
+}
+
+impl QueryCollector {
+    fn new(
+        zone_names: Vec<String>,
+        workers: Arc<Mutex<Vec<Arc<WorkerStats>>>>,
+        cache: Arc<Mutex<Option<Arc<Cache>>>>,
+    ) -> Self {
+        let descs = FAMILIES
+            .iter()
+            .map(|(n, h, _)| Desc::new(n.to_string(), h.to_string(), vec![], HashMap::new()).expect("valid"))
+            .collect();
+        QueryCollector {
+            zone_names,
+            workers,
+            cache,
+            descs,
+        }
+    }
+}
+
+/// Sums a counter array over workers that share a server label.
+fn sum_into(acc: &mut [u64], src: &[AtomicU64]) {
+    for (a, s) in acc.iter_mut().zip(src) {
+        *a += s.load(Ordering::Relaxed);
+    }
+}
+
+impl Collector for QueryCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let workers = self.workers.lock().clone();
+        let mut fams: Vec<MetricFamily> = FAMILIES
+            .iter()
+            .map(|(n, h, t)| {
+                let mut f = MetricFamily::default();
+                f.set_name(n.to_string());
+                f.set_help(h.to_string());
+                f.set_field_type(*t);
+                f
+            })
+            .collect();
+        // Group workers by server label.
+        let mut servers: Vec<String> = workers.iter().map(|w| w.server.clone()).collect();
+        servers.sort();
+        servers.dedup();
+        let zones = self.zone_names.len().max(1);
+        let zone_name = |z: usize| self.zone_names.get(z).map_or(".", |s| s.as_str());
+        let mut total_hits = [0u64; 2];
+        let mut total_misses = 0u64;
+        for server in &servers {
+            let ws: Vec<&Arc<WorkerStats>> = workers.iter().filter(|w| &w.server == server).collect();
+            let mut req = vec![0u64; zones * 2 * 2 * NTYPES];
+            let mut resp = vec![0u64; zones * 16];
+            let mut dur = vec![0u64; zones * NTYPES * ND];
+            let mut dur_sum = vec![0u64; zones * NTYPES];
+            let mut rqs = vec![0u64; zones * 2 * NS];
+            let mut rqs_sum = vec![0u64; zones * 2];
+            let mut rss = vec![0u64; zones * 2 * NS];
+            let mut rss_sum = vec![0u64; zones * 2];
+            let mut hits = [0u64; 2];
+            let mut misses = 0;
+            let mut malformed = 0;
+            for w in &ws {
+                sum_into(&mut req, &w.requests);
+                sum_into(&mut resp, &w.responses);
+                sum_into(&mut dur, &w.duration);
+                sum_into(&mut dur_sum, &w.duration_sum_ns);
+                sum_into(&mut rqs, &w.req_size);
+                sum_into(&mut rqs_sum, &w.req_size_sum);
+                sum_into(&mut rss, &w.resp_size);
+                sum_into(&mut rss_sum, &w.resp_size_sum);
+                sum_into(&mut hits, &w.hits);
+                misses += w.misses.load(Ordering::Relaxed);
+                malformed += w.malformed.load(Ordering::Relaxed);
+            }
+            let s = server.as_str();
+            for z in 0..zones {
+                let zn = zone_name(z);
+                for p in 0..2 {
+                    let proto = if p == 0 { "udp" } else { "tcp" };
+                    for fam in 0..2 {
+                        let family = if fam == 0 { "1" } else { "2" };
+                        for (t, (_, tn)) in TYPES.iter().enumerate() {
+                            let v = req[((z * 2 + p) * 2 + fam) * NTYPES + t];
+                            if v > 0 {
+                                fams[0].mut_metric().push(counter(
+                                    &[("server", s), ("zone", zn), ("proto", proto), ("family", family), ("type", tn)],
+                                    v as f64,
+                                ));
+                            }
+                        }
+                    }
+                    let zp = z * 2 + p;
+                    if rqs[zp * NS..(zp + 1) * NS].iter().any(|&c| c > 0) {
+                        fams[3].mut_metric().push(histogram(
+                            &[("server", s), ("zone", zn), ("proto", proto)],
+                            &SIZE_BUCKETS,
+                            &rqs[zp * NS..(zp + 1) * NS],
+                            rqs_sum[zp] as f64,
+                        ));
+                        fams[4].mut_metric().push(histogram(
+                            &[("server", s), ("zone", zn), ("proto", proto)],
+                            &SIZE_BUCKETS,
+                            &rss[zp * NS..(zp + 1) * NS],
+                            rss_sum[zp] as f64,
+                        ));
+                    }
+                }
+                for (rc, name) in RCODES.iter().enumerate() {
+                    let v = resp[z * 16 + rc];
+                    if v > 0 {
+                        fams[1].mut_metric().push(counter(
+                            &[("server", s), ("zone", zn), ("rcode", name), ("plugin", "")],
+                            v as f64,
+                        ));
+                    }
+                }
+                for (t, (_, tn)) in TYPES.iter().enumerate() {
+                    let zt = z * NTYPES + t;
+                    let counts = &dur[zt * ND..(zt + 1) * ND];
+                    if counts.iter().any(|&c| c > 0) {
+                        fams[2].mut_metric().push(histogram(
+                            &[("server", s), ("zone", zn), ("type", tn)],
+                            &DURATION_BUCKETS,
+                            counts,
+                            dur_sum[zt] as f64 / 1e9,
+                        ));
+                    }
+                }
+            }
+            fams[5].mut_metric().push(counter(&[("server", s), ("type", "success")], hits[0] as f64));
+            fams[5].mut_metric().push(counter(&[("server", s), ("type", "denial")], hits[1] as f64));
+            fams[6].mut_metric().push(counter(&[("server", s)], misses as f64));
+            fams[9].mut_metric().push(counter(&[("server", s)], malformed as f64));
+            total_hits[0] += hits[0];
+            total_hits[1] += hits[1];
+            total_misses += misses;
+        }
+        let _ = (total_hits, total_misses);
+        if let Some(cache) = self.cache.lock().clone() {
+            let (pos, neg) = cache.entry_counts();
+            fams[7].mut_metric().push(gauge(&[("server", "dns://:53"), ("type", "success")], pos as f64));
+            fams[7].mut_metric().push(gauge(&[("server", "dns://:53"), ("type", "denial")], neg as f64));
+            let ev = cache.counters.evictions.load(Ordering::Relaxed);
+            fams[8].mut_metric().push(counter(&[("server", "dns://:53"), ("type", "success")], ev as f64));
+            fams[10].mut_metric().push(gauge(&[], cache.bytes() as f64));
+            fams[11].mut_metric().push(counter(&[], cache.counters.inserts.load(Ordering::Relaxed) as f64));
+        }
+        fams.retain(|f| !f.get_metric().is_empty());
+        fams
+    }
+}

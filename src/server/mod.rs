@@ -1,0 +1,151 @@
+//! Serving clients: the shared query handler (`Context`), the UDP workers and the TCP server.
+//!
+//! A query is parsed without allocating, then answered from the cache on the thread that received
+//! it. Only a miss leaves that path: it is handed to the tokio runtime, where the forwarder
+//! resolves it and the answer is sent from there.
+
+pub mod socket;
+pub mod tcp;
+pub mod udp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cache::Cache;
+use crate::config::Settings;
+use crate::dns::{self, Query, Reject};
+use crate::forward::Forwarder;
+use crate::metrics::{Metrics, Proto, WorkerStats};
+
+/// What the hot path and the miss path share.
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub cache: Arc<Cache>,
+    pub forwarder: Forwarder,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The result of the synchronous part of handling one packet.
+pub enum Handled {
+    /// `out` holds the reply.
+    Reply,
+    /// Nothing to send (unparseable packet).
+    Drop,
+    /// Not in the cache: resolve `Query` on the runtime.
+    Miss(Query),
+}
+
+impl Context {
+    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let cache = Arc::new(Cache::new(&crate::cache::CacheConfig {
+            max_entries: settings.cache_max_entries,
+            max_bytes: settings.cache_max_bytes,
+            shards: (settings.workers * 16).clamp(16, 1024),
+        }));
+        metrics.set_cache(cache.clone());
+        let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
+        Arc::new(Context {
+            settings,
+            cache,
+            forwarder,
+            metrics,
+        })
+    }
+
+    /// Handles one packet as far as it can without waiting: errors and cache hits are written to
+    /// `out`. `max_len` is the transport's reply limit (None: TCP, 65535).
+    #[inline]
+    pub fn handle(
+        &self,
+        pkt: &[u8],
+        src: SocketAddr,
+        proto: Proto,
+        stats: &WorkerStats,
+        out: &mut Vec<u8>,
+    ) -> Handled {
+        let start = Instant::now();
+        let q = match dns::parse_query(pkt) {
+            Ok(q) => q,
+            Err(reject) => {
+                stats.malformed(proto);
+                crate::log_limited!(debug, client = %src, reason = ?reject, "rejected packet");
+                return match reject {
+                    Reject::Drop => Handled::Drop,
+                    Reject::Rcode(rcode) => {
+                        dns::write_error_reply(pkt, rcode as u16, None, None, out);
+                        Handled::Reply
+                    }
+                    Reject::BadVers => {
+                        let size = self.settings.edns_udp_size;
+                        dns::write_error_reply(pkt, dns::RCODE_BADVERS, None, Some((size, false)), out);
+                        Handled::Reply
+                    }
+                };
+            }
+        };
+        let max_len = self.max_len(&q, proto);
+        let key = self.cache.key(q.question_lower(), q.key_flags());
+        let hit = self.cache.lookup(key, &q, start, |e, age| {
+            e.render(&q, pkt, age, max_len, self.settings.edns_udp_size, out);
+            (e.zone, e.kind)
+        });
+        match hit {
+            Some((zone, kind)) => {
+                stats.record(
+                    zone as usize,
+                    proto,
+                    src.is_ipv6(),
+                    &q,
+                    pkt.len(),
+                    out,
+                    Some(kind),
+                    start.elapsed(),
+                );
+                Handled::Reply
+            }
+            None => Handled::Miss(q),
+        }
+    }
+
+    fn max_len(&self, q: &Query, proto: Proto) -> usize {
+        match proto {
+            Proto::Udp => q.max_udp_reply(self.settings.edns_udp_size),
+            Proto::Tcp => u16::MAX as usize,
+        }
+    }
+
+    /// Resolves a miss and writes the reply for it. Always produces a reply: SERVFAIL when the
+    /// upstreams fail, REFUSED when too many queries are already in flight.
+    pub async fn resolve(
+        &self,
+        q: &Query,
+        pkt: &[u8],
+        src: SocketAddr,
+        proto: Proto,
+        stats: &WorkerStats,
+        start: Instant,
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
+        let max_len = self.max_len(q, proto);
+        let edns = q.edns.map(|e| (self.settings.edns_udp_size, e.dnssec_ok));
+        let question = &pkt[dns::HEADER_LEN..q.question_end];
+        let zone = self.settings.route(q.qname_lower());
+        let Some(_slot) = self.forwarder.try_acquire() else {
+            crate::log_limited!(warn, max_inflight = self.settings.max_inflight, "too many forwarded queries in flight, refusing");
+            dns::write_error_reply(pkt, dns::RCODE_REFUSED as u16, Some(question), edns, &mut out);
+            stats.record(zone, proto, src.is_ipv6(), q, pkt.len(), &out, None, start.elapsed());
+            return out;
+        };
+        match self.forwarder.resolve(q).await {
+            Ok(entry) => entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out),
+            Err(e) => {
+                crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL");
+                dns::write_error_reply(pkt, dns::RCODE_SERVFAIL as u16, Some(question), edns, &mut out);
+            }
+        }
+        stats.record(zone, proto, src.is_ipv6(), q, pkt.len(), &out, None, start.elapsed());
+        self.metrics.query_log(q, src, &out, false, start.elapsed());
+        out
+    }
+}

@@ -1,0 +1,76 @@
+//! Listening sockets. Every socket sets SO_REUSEPORT so that each UDP worker has its own socket
+//! (the kernel spreads flows across them) and so that a second nodedns (a zero-downtime upgrade)
+//! can bind the same addresses while the first still serves.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Receive buffer asked for each UDP socket; the kernel caps it at `net.core.rmem_max`.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+/// How often a blocked UDP worker wakes to check for shutdown.
+pub const UDP_POLL: Duration = Duration::from_millis(100);
+
+fn new_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    // Binding a link-local or service IP that is not (yet) on an interface must not fail.
+    s.set_freebind_v4(true).ok();
+    Ok(s)
+}
+
+/// A blocking UDP socket for one worker thread, with a short receive timeout so the worker can
+/// notice shutdown.
+pub fn build_udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
+    s.set_recv_buffer_size(UDP_RECV_BUFFER).ok();
+    s.bind(&addr.into())?;
+    s.set_read_timeout(Some(UDP_POLL))?;
+    Ok(s.into())
+}
+
+/// A non-blocking TCP listener, ready for tokio.
+pub fn build_tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = new_socket(addr, Type::STREAM, Protocol::TCP)?;
+    s.set_tcp_nodelay(true).ok();
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// The sockets for one listen address: `workers` UDP sockets and one TCP listener, all on the
+/// same port (when the configured port is 0, the first socket's port is reused for the rest).
+pub struct Bound {
+    pub addr: SocketAddr,
+    pub udp: Vec<std::net::UdpSocket>,
+    pub tcp: std::net::TcpListener,
+}
+
+/// Binds every listen address, failing with the address named on any error.
+pub fn bind_all(listen: &[SocketAddr], workers: usize) -> anyhow::Result<Vec<Bound>> {
+    use anyhow::Context as _;
+    let mut out = Vec::new();
+    for &want in listen {
+        let first = build_udp_socket(want)
+            .with_context(|| format!("failed to bind UDP socket on {want}"))?;
+        let addr = first.local_addr()?;
+        let mut udp = vec![first];
+        for _ in 1..workers.max(1) {
+            udp.push(
+                build_udp_socket(addr)
+                    .with_context(|| format!("failed to bind UDP socket on {addr}"))?,
+            );
+        }
+        let tcp = build_tcp_listener(addr)
+            .with_context(|| format!("failed to bind TCP listener on {addr}"))?;
+        out.push(Bound { addr, udp, tcp });
+    }
+    Ok(out)
+}
