@@ -209,6 +209,10 @@ impl Iptables {
         if v6 && self.v6.is_none() {
             return Ok(0);
         }
+        if self.mode == Mode::Legacy && !legacy_tables_present(v6) {
+            // No legacy table, so no rule of ours; listing would only instantiate empty tables.
+            return Ok(0);
+        }
         let mut deleted = 0;
         for (table, chain) in CHAINS {
             let list = vec![
@@ -323,6 +327,11 @@ async fn prefer_legacy() -> bool {
 async fn save_output(bins: &[&str], table: Option<&str>) -> String {
     let mut all = String::new();
     for name in bins {
+        if name.contains("legacy") && !legacy_tables_present(name.starts_with("ip6")) {
+            // Nothing to read, and running iptables-legacy-save would instantiate empty legacy
+            // tables (making iptables-nft warn "iptables-legacy tables present" ever after).
+            continue;
+        }
         let Some(bin) = find_binary(name) else {
             continue;
         };
@@ -337,6 +346,19 @@ async fn save_output(bins: &[&str], table: Option<&str>) -> String {
         }
     }
     all
+}
+
+/// Whether any legacy (x_tables) table exists in this thread's network namespace.
+fn legacy_tables_present(v6: bool) -> bool {
+    let file = if v6 {
+        "ip6_tables_names"
+    } else {
+        "ip_tables_names"
+    };
+    // thread-self, not self: the caller's thread may have joined another network namespace.
+    std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+        .map(|names| !names.trim().is_empty())
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

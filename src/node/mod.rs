@@ -27,7 +27,7 @@ use anyhow::anyhow;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use self::iptables::Iptables;
+use self::iptables::{IptError, Iptables};
 use self::link::LinkError;
 use self::nft::Nft;
 use self::rules::Rule;
@@ -103,6 +103,9 @@ impl Default for NodeConfig {
         }
     }
 }
+
+/// Rounds of rule removal at teardown while the xtables lock stays busy (each waits 5 s).
+const TEARDOWN_LOCK_ATTEMPTS: u32 = 3;
 
 /// Counts setup failures; the lead implements it on the metrics type as
 /// coredns_nodecache_setup_errors_total{errortype} with errortype one of
@@ -359,7 +362,13 @@ impl NodeManager {
                         Err(e) => {
                             self.errors.setup_error(e.errortype());
                             error!(rule = %rule.describe(), error = %e, "could not install firewall rule");
+                            let locked = matches!(e, IptError::Lock(_));
                             errs.push(anyhow!(e));
+                            if locked {
+                                // Someone holds the xtables lock: each further rule would wait
+                                // out the timeout again. The next sync retries.
+                                break;
+                            }
                         }
                     }
                 }
@@ -399,31 +408,19 @@ impl NodeManager {
         match self.cfg.firewall {
             Firewall::Iptables => {
                 let ipt = self.iptables(st).await?;
-                let mut errs = Vec::new();
-                let mut deleted = 0;
-                for rule in &self.rules {
-                    match ipt.delete_all(rule).await {
-                        Ok(n) => deleted += n,
-                        Err(e) => {
-                            self.errors.setup_error(e.errortype());
-                            errs.push(anyhow!(e));
-                        }
+                // A stale NOTRACK rule breaks DNS to that IP, so a busy xtables lock (kube-proxy
+                // mid-sync) gets a few more chances before we give up.
+                let mut attempt = 1;
+                loop {
+                    let (deleted, errs, locked) = self.remove_iptables_rules(&ipt).await;
+                    if locked && attempt < TEARDOWN_LOCK_ATTEMPTS {
+                        warn!(attempt, "xtables lock busy while removing rules: retrying");
+                        attempt += 1;
+                        continue;
                     }
+                    info!(deleted, "removed iptables rules");
+                    return combine(errs);
                 }
-                let has_v6 = self.rules.iter().any(Rule::is_v6);
-                for v6 in [false, true] {
-                    match ipt.sweep(v6).await {
-                        Ok(n) => deleted += n,
-                        // Without IPv6 listen addresses a missing ip6tables table is no failure.
-                        Err(e) if v6 && !has_v6 => debug!(error = %e, "ip6tables sweep skipped"),
-                        Err(e) => {
-                            self.errors.setup_error(e.errortype());
-                            errs.push(anyhow!(e));
-                        }
-                    }
-                }
-                info!(deleted, "removed iptables rules");
-                combine(errs)
             }
             Firewall::Nftables => {
                 let nft = self.nft()?;
@@ -441,6 +438,47 @@ impl NodeManager {
                 }
             }
         }
+    }
+}
+
+impl NodeManager {
+    /// One pass over our iptables rules: every configured rule, then anything else carrying our
+    /// comment. Returns (rules deleted, failures, whether the pass stopped on the xtables lock).
+    async fn remove_iptables_rules(&self, ipt: &Iptables) -> (usize, Vec<anyhow::Error>, bool) {
+        let mut errs = Vec::new();
+        let mut deleted = 0;
+        let fail = |e: IptError, errs: &mut Vec<anyhow::Error>| {
+            self.errors.setup_error(e.errortype());
+            let locked = matches!(e, IptError::Lock(_));
+            errs.push(anyhow!(e));
+            locked
+        };
+        for rule in &self.rules {
+            match ipt.delete_all(rule).await {
+                Ok(n) => deleted += n,
+                Err(e) => {
+                    if fail(e, &mut errs) {
+                        return (deleted, errs, true);
+                    }
+                }
+            }
+        }
+        let has_v6 = self.rules.iter().any(Rule::is_v6);
+        for v6 in [false, true] {
+            match ipt.sweep(v6).await {
+                Ok(n) => deleted += n,
+                // Without IPv6 listen addresses a missing ip6tables table is no failure.
+                Err(e) if v6 && !has_v6 && !matches!(e, IptError::Lock(_)) => {
+                    debug!(error = %e, "ip6tables sweep skipped")
+                }
+                Err(e) => {
+                    if fail(e, &mut errs) {
+                        return (deleted, errs, true);
+                    }
+                }
+            }
+        }
+        (deleted, errs, false)
     }
 }
 

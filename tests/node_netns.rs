@@ -1,0 +1,637 @@
+//! Node integration (issue 4) inside throw-away network namespaces.
+//!
+//! Every test creates its own namespace (`nodedns-t-<pid>-<tag>`, deleted on drop even when the
+//! test fails) and drives `nodedns::node::NodeManager` from a thread that has `setns`-ed into it,
+//! then reads the result back with `ip netns exec NAME iptables-save / nft / ip`.
+//!
+//! Needs root plus `ip`, and per test `iptables-nft`, `iptables-legacy` or `nft`. Missing ones
+//! make the test print `SKIP: reason` and pass, unless `NODEDNS_REQUIRE_ALL=1`, which turns every
+//! skip into a failure. No packet leaves the namespaces.
+
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nodedns::node::{Firewall, NodeConfig, NodeManager, SetupErrorSink};
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+fn require_all() -> bool {
+    std::env::var("NODEDNS_REQUIRE_ALL").as_deref() == Ok("1")
+}
+
+/// Reports why a test cannot run; fails instead under NODEDNS_REQUIRE_ALL=1.
+fn skip(reason: &str) {
+    if require_all() {
+        panic!("NODEDNS_REQUIRE_ALL=1, but this test would be skipped: {reason}");
+    }
+    eprintln!("SKIP: {reason}");
+}
+
+/// `require!(cond, "reason")`: skip (or fail under NODEDNS_REQUIRE_ALL=1) unless cond holds.
+macro_rules! require {
+    ($cond:expr, $($reason:tt)+) => {
+        if !$cond {
+            skip(&format!($($reason)+));
+            return;
+        }
+    };
+}
+
+fn have(bin: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(Into::into))
+        .any(|d| d.join(bin).is_file())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Records every setup error the manager reports.
+#[derive(Default)]
+struct Errors(Mutex<Vec<&'static str>>);
+
+impl SetupErrorSink for Errors {
+    fn setup_error(&self, errortype: &'static str) {
+        self.0.lock().unwrap().push(errortype);
+    }
+}
+
+impl Errors {
+    fn count(&self, errortype: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| **t == errortype)
+            .count()
+    }
+    fn all(&self) -> Vec<&'static str> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A network namespace owned by the test; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace with `lo` up, or explains why it cannot.
+    fn create(tag: &str) -> Result<Netns, String> {
+        if !is_root() {
+            return Err("needs root (network namespaces, netlink, iptables)".into());
+        }
+        if !have("ip") {
+            return Err("needs the `ip` tool (iproute2)".into());
+        }
+        let name = format!("nodedns-t-{}-{tag}", std::process::id());
+        // A leftover from an earlier run with the same pid would make `add` fail.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_err(|e| format!("running ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot create network namespace: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let ns = Netns { name };
+        ns.sh_ok("ip link set lo up");
+        Ok(ns)
+    }
+
+    /// Runs a shell command inside the namespace; returns (success, stdout + stderr).
+    fn sh(&self, cmd: &str) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
+            .output()
+            .expect("run ip netns exec");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    fn sh_ok(&self, cmd: &str) -> String {
+        let (ok, text) = self.sh(cmd);
+        assert!(ok, "`{cmd}` failed in {}: {text}", self.name);
+        text
+    }
+
+    fn call<T, F, Fut>(&self, mgr: &Arc<NodeManager>, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<NodeManager>) -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        call_in(&self.name, mgr, f)
+    }
+
+    fn setup_interface(&self, m: &Arc<NodeManager>) -> anyhow::Result<()> {
+        self.call(m, |m| async move { m.setup_interface().await })
+    }
+    fn setup_rules(&self, m: &Arc<NodeManager>) -> anyhow::Result<()> {
+        self.call(m, |m| async move { m.setup_rules().await })
+    }
+    fn sync(&self, m: &Arc<NodeManager>) -> anyhow::Result<()> {
+        self.call(m, |m| async move { m.sync().await })
+    }
+    fn teardown(&self, m: &Arc<NodeManager>) -> anyhow::Result<()> {
+        self.call(m, |m| async move { m.teardown().await })
+    }
+
+    /// Our rules as `<save-binary>` prints them (lines with a nodedns comment).
+    fn our_rules(&self, save: &str) -> Vec<String> {
+        let (ok, text) = self.sh(save);
+        assert!(ok, "{save} failed: {text}");
+        text.lines()
+            .filter(|l| l.starts_with("-A") && l.contains("--comment \"nodedns"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn lo_addrs(&self) -> String {
+        self.sh_ok("ip -o addr show dev lo")
+    }
+}
+
+/// Runs `f(mgr)` to completion on a fresh current-thread runtime in a thread that has joined
+/// the namespace, so netlink sockets and child processes (iptables, nft) act inside it.
+fn call_in<T, F, Fut>(netns: &str, mgr: &Arc<NodeManager>, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<NodeManager>) -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+{
+    let path = Path::new("/var/run/netns").join(netns);
+    let mgr = Arc::clone(mgr);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns file");
+        // SAFETY: file is an open namespace fd for the duration of the call; setns only
+        // changes this thread's network namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(f(mgr))
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn manager(cfg: NodeConfig) -> (Arc<NodeManager>, Arc<Errors>) {
+    let errors = Arc::new(Errors::default());
+    let sink: Arc<dyn SetupErrorSink> = errors.clone();
+    (Arc::new(NodeManager::new(cfg, sink)), errors)
+}
+
+fn lo_config(listen: &[&str]) -> NodeConfig {
+    NodeConfig {
+        setup_interface: true,
+        interface_name: "lo".into(),
+        setup_iptables: true,
+        firewall: Firewall::Iptables,
+        sync_interval: Duration::from_secs(60),
+        skip_teardown: false,
+        listen: listen.iter().map(|s| s.parse().unwrap()).collect(),
+        health_port: Some(8080),
+    }
+}
+
+/// Netns creation, or skip the test.
+macro_rules! netns {
+    ($tag:expr) => {
+        match Netns::create($tag) {
+            Ok(ns) => ns,
+            Err(reason) => {
+                skip(&reason);
+                return;
+            }
+        }
+    };
+}
+
+const RAW_UDP_PREROUTING: &str = "-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK";
+
+// ---------------------------------------------------------------------------------------------
+// Interface
+
+#[test]
+fn missing_dummy_link_type_gives_a_clear_error() {
+    let ns = netns!("dummy");
+    let (probe_ok, _) = ns.sh("ip link add nodedns-probe type dummy && ip link del nodedns-probe");
+    let cfg = NodeConfig {
+        setup_interface: true,
+        listen: vec!["169.254.20.10:53".parse().unwrap()],
+        ..NodeConfig::default()
+    };
+    assert_eq!(cfg.interface_name, "nodelocaldns");
+    let (m, errors) = manager(cfg);
+    let res = ns.setup_interface(&m);
+    if probe_ok {
+        // A kernel with the dummy type: the real path must work and teardown must delete it.
+        res.expect("create dummy link");
+        let link = ns.sh_ok("ip -d addr show dev nodelocaldns");
+        assert!(link.contains("dummy"), "{link}");
+        assert!(link.contains("169.254.20.10/32"), "{link}");
+        ns.teardown(&m).expect("teardown");
+        let (exists, _) = ns.sh("ip link show nodelocaldns");
+        assert!(!exists, "teardown must delete the dummy link it created");
+        return;
+    }
+    let err = format!(
+        "{:#}",
+        res.expect_err("this kernel cannot create dummy links")
+    );
+    eprintln!("error as reported: {err}");
+    assert!(err.contains("no `dummy` link type"), "{err}");
+    assert!(err.contains("--interface-name lo"), "{err}");
+    assert_eq!(errors.count("interface_add"), 1, "{:?}", errors.all());
+    let (exists, _) = ns.sh("ip link show nodelocaldns");
+    assert!(!exists);
+    // sync keeps trying and keeps counting.
+    assert!(ns.sync(&m).is_err());
+    assert_eq!(errors.count("interface_add"), 2);
+}
+
+#[test]
+fn existing_link_gets_only_our_addresses_and_survives_teardown() {
+    let ns = netns!("lo");
+    // An address the operator put there; we must not take it away.
+    ns.sh_ok("ip addr add 169.254.20.11/32 dev lo");
+    let mut cfg = lo_config(&["169.254.20.10:53", "169.254.20.11:53", "[fd00::53]:53"]);
+    cfg.setup_iptables = false;
+    let (m, errors) = manager(cfg);
+
+    ns.setup_interface(&m).expect("setup_interface on lo");
+    let addrs = ns.lo_addrs();
+    assert!(addrs.contains("169.254.20.10/32"), "{addrs}");
+    assert!(addrs.contains("fd00::53/128"), "{addrs}");
+    assert!(!addrs.contains("tentative"), "{addrs}");
+    // Idempotent.
+    ns.setup_interface(&m).expect("second setup_interface");
+    assert_eq!(ns.lo_addrs().matches("169.254.20.10/32").count(), 1);
+
+    // A deleted address comes back on sync.
+    ns.sh_ok("ip addr del 169.254.20.10/32 dev lo");
+    assert!(!ns.lo_addrs().contains("169.254.20.10/32"));
+    ns.sync(&m).expect("sync");
+    assert!(ns.lo_addrs().contains("169.254.20.10/32"));
+
+    ns.teardown(&m).expect("teardown");
+    let addrs = ns.lo_addrs();
+    assert!(!addrs.contains("169.254.20.10/32"), "{addrs}");
+    assert!(!addrs.contains("fd00::53/128"), "{addrs}");
+    assert!(
+        addrs.contains("169.254.20.11/32"),
+        "pre-existing address removed: {addrs}"
+    );
+    assert!(addrs.contains("127.0.0.1/8"), "{addrs}");
+    let lo = ns.sh_ok("ip link show lo");
+    assert!(lo.contains("UP"), "lo must stay up: {lo}");
+    assert!(errors.all().is_empty(), "{:?}", errors.all());
+}
+
+#[test]
+fn addresses_left_by_a_killed_run_are_removed_by_the_next_teardown() {
+    let ns = netns!("crash");
+    let mut cfg = lo_config(&["169.254.20.10:53", "[fd00::53]:53"]);
+    cfg.setup_iptables = false;
+    let (first, _) = manager(cfg.clone());
+    ns.setup_interface(&first).expect("setup_interface");
+    drop(first); // SIGKILL: no teardown
+    assert!(ns.lo_addrs().contains("169.254.20.10/32"));
+
+    // A new process has no memory of what it added; the address marker says it is ours.
+    let (second, errors) = manager(cfg);
+    ns.teardown(&second).expect("teardown");
+    let addrs = ns.lo_addrs();
+    assert!(!addrs.contains("169.254.20.10/32"), "{addrs}");
+    assert!(!addrs.contains("fd00::53/128"), "{addrs}");
+    assert!(errors.all().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// iptables
+
+#[test]
+fn iptables_rules_are_installed_restored_and_removed() {
+    require!(
+        have("iptables-nft") && have("iptables-nft-save"),
+        "needs iptables-nft"
+    );
+    let ns = netns!("ipt");
+    // Someone else's rule, which must stay below ours and survive our teardown.
+    ns.sh_ok("iptables-nft -t raw -A PREROUTING -p icmp -j ACCEPT");
+    // A leftover from a run with another listen address: teardown sweeps it too.
+    ns.sh_ok("iptables-nft -t raw -A OUTPUT -d 169.254.99.99/32 -p udp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK");
+    let (m, errors) = manager(lo_config(&["169.254.20.10:53"]));
+    ns.setup_interface(&m).expect("setup_interface");
+    ns.setup_rules(&m).expect("setup_rules");
+
+    let rules = ns.our_rules("iptables-nft-save");
+    assert_eq!(rules.len(), 12 + 1, "{rules:#?}");
+    let raw = ns.sh_ok("iptables-nft -t raw -S");
+    let filter = ns.sh_ok("iptables-nft -S");
+    // Backend detection must not have instantiated empty legacy tables.
+    assert!(!raw.contains("iptables-legacy tables present"), "{raw}");
+    for want in [
+        RAW_UDP_PREROUTING,
+        "-A PREROUTING -d 169.254.20.10/32 -p tcp -m tcp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK",
+        "-A OUTPUT -s 169.254.20.10/32 -p udp -m udp --sport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK",
+        "-A OUTPUT -d 169.254.20.10/32 -p tcp -m tcp --dport 53 -m comment --comment \"nodedns: skip conntrack for host-network clients\" -j NOTRACK",
+        "-A OUTPUT -d 169.254.20.10/32 -p tcp -m tcp --dport 8080 -m comment --comment \"nodedns: skip conntrack for health checks\" -j NOTRACK",
+        "-A OUTPUT -s 169.254.20.10/32 -p tcp -m tcp --sport 8080 -m comment --comment \"nodedns: skip conntrack for health checks\" -j NOTRACK",
+    ] {
+        assert!(raw.lines().any(|l| l == want), "missing `{want}` in\n{raw}");
+    }
+    for want in [
+        "-A INPUT -d 169.254.20.10/32 -p udp -m udp --dport 53 -m comment --comment \"nodedns: allow DNS traffic\" -j ACCEPT",
+        "-A INPUT -d 169.254.20.10/32 -p tcp -m tcp --dport 53 -m comment --comment \"nodedns: allow DNS traffic\" -j ACCEPT",
+        "-A OUTPUT -s 169.254.20.10/32 -p udp -m udp --sport 53 -m comment --comment \"nodedns: allow DNS traffic\" -j ACCEPT",
+        "-A OUTPUT -s 169.254.20.10/32 -p tcp -m tcp --sport 53 -m comment --comment \"nodedns: allow DNS traffic\" -j ACCEPT",
+    ] {
+        assert!(filter.lines().any(|l| l == want), "missing `{want}` in\n{filter}");
+    }
+    // Inserted at the top: the foreign rule is now last in PREROUTING.
+    let prerouting = ns.sh_ok("iptables-nft -t raw -S PREROUTING");
+    assert_eq!(
+        prerouting.lines().rfind(|l| l.starts_with("-A")),
+        Some("-A PREROUTING -p icmp -j ACCEPT"),
+        "{prerouting}"
+    );
+    // Idempotent: nothing doubles.
+    ns.setup_rules(&m).expect("second setup_rules");
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 13);
+    // Nothing went to the legacy backend, nor to ip6tables.
+    if have("iptables-legacy-save") {
+        assert!(ns.our_rules("iptables-legacy-save").is_empty());
+    }
+    assert!(ns.our_rules("ip6tables-nft-save").is_empty());
+
+    // A rule deleted by hand is back after one sync.
+    ns.sh_ok(&format!(
+        "iptables-nft -t raw {}",
+        RAW_UDP_PREROUTING.replacen("-A", "-D", 1)
+    ));
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
+    ns.sync(&m).expect("sync");
+    let raw = ns.sh_ok("iptables-nft -t raw -S");
+    assert!(raw.lines().any(|l| l == RAW_UDP_PREROUTING), "{raw}");
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 13);
+
+    ns.teardown(&m).expect("teardown");
+    assert!(
+        ns.our_rules("iptables-nft-save").is_empty(),
+        "{:#?}",
+        ns.our_rules("iptables-nft-save")
+    );
+    let prerouting = ns.sh_ok("iptables-nft -t raw -S PREROUTING");
+    assert!(prerouting.contains("-A PREROUTING -p icmp -j ACCEPT"));
+    assert!(!ns.lo_addrs().contains("169.254.20.10/32"));
+    // After teardown, sync does nothing (no rule comes back).
+    ns.sync(&m).expect("sync after teardown");
+    assert!(ns.our_rules("iptables-nft-save").is_empty());
+    assert!(errors.all().is_empty(), "{:?}", errors.all());
+}
+
+#[test]
+fn ipv6_listen_address_uses_ip6tables() {
+    require!(
+        have("ip6tables-nft") && have("ip6tables-nft-save") && have("iptables-nft-save"),
+        "needs ip6tables-nft"
+    );
+    let ns = netns!("ip6");
+    let (m, errors) = manager(lo_config(&["[fd00::53]:53"]));
+    ns.setup_interface(&m).expect("setup_interface");
+    ns.setup_rules(&m).expect("setup_rules");
+    let v6 = ns.our_rules("ip6tables-nft-save");
+    assert_eq!(v6.len(), 12, "{v6:#?}");
+    assert!(v6.iter().any(|l| l
+        == "-A PREROUTING -d fd00::53/128 -p udp -m udp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK"));
+    assert!(ns.our_rules("iptables-nft-save").is_empty());
+    ns.teardown(&m).expect("teardown");
+    assert!(ns.our_rules("ip6tables-nft-save").is_empty());
+    assert!(errors.all().is_empty(), "{:?}", errors.all());
+}
+
+#[test]
+fn skip_teardown_leaves_rules_and_addresses() {
+    require!(have("iptables-nft-save"), "needs iptables-nft");
+    let ns = netns!("skip");
+    let mut cfg = lo_config(&["169.254.20.10:53"]);
+    cfg.skip_teardown = true;
+    let (m, _) = manager(cfg);
+    ns.setup_interface(&m).expect("setup_interface");
+    ns.setup_rules(&m).expect("setup_rules");
+    ns.teardown(&m).expect("teardown");
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
+    assert!(ns.lo_addrs().contains("169.254.20.10/32"));
+}
+
+#[test]
+fn legacy_backend_is_used_when_kubelet_uses_it() {
+    require!(
+        have("iptables-legacy") && have("iptables-legacy-save") && have("iptables-nft-save"),
+        "needs both iptables-legacy and iptables-nft"
+    );
+    let ns = netns!("legacy");
+    // kubelet leaves this hint chain in the backend it uses.
+    ns.sh_ok("iptables-legacy -t mangle -N KUBE-KUBELET-CANARY");
+    let mut cfg = lo_config(&["169.254.20.10:53"]);
+    cfg.setup_interface = false;
+    let (m, errors) = manager(cfg);
+    ns.setup_rules(&m).expect("setup_rules");
+    assert_eq!(ns.our_rules("iptables-legacy-save").len(), 12);
+    assert!(ns.our_rules("iptables-nft-save").is_empty());
+
+    // While someone holds the xtables lock, a sync waits, gives up and counts iptables_lock.
+    ns.sh_ok(&format!(
+        "iptables-legacy -t raw {}",
+        RAW_UDP_PREROUTING.replacen("-A", "-D", 1)
+    ));
+    let lock_path = std::env::var("XTABLES_LOCKFILE").unwrap_or("/run/xtables.lock".into());
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .expect("open xtables lock");
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let started = Instant::now();
+    let res = ns.sync(&m);
+    drop(lock);
+    let err = format!(
+        "{:#}",
+        res.expect_err("sync must fail while the lock is held")
+    );
+    assert!(err.contains("xtables lock"), "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "did not wait for the lock"
+    );
+    assert!(errors.count("iptables_lock") >= 1, "{:?}", errors.all());
+    assert_eq!(errors.count("iptables"), 0, "{:?}", errors.all());
+
+    // Lock released: the next sync restores the rule.
+    ns.sync(&m).expect("sync");
+    assert_eq!(ns.our_rules("iptables-legacy-save").len(), 12);
+    ns.teardown(&m).expect("teardown");
+    assert!(ns.our_rules("iptables-legacy-save").is_empty());
+}
+
+#[test]
+fn sync_loop_restores_rules_and_stops_on_shutdown() {
+    require!(have("iptables-nft-save"), "needs iptables-nft");
+    let ns = netns!("loop");
+    let mut cfg = lo_config(&["169.254.20.10:53"]);
+    cfg.sync_interval = Duration::from_millis(200);
+    let (m, _) = manager(cfg);
+    ns.setup_interface(&m).expect("setup_interface");
+    ns.setup_rules(&m).expect("setup_rules");
+
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let name = ns.name.clone();
+    let looper = std::thread::spawn({
+        let m = Arc::clone(&m);
+        move || {
+            call_in(&name, &m, move |m| async move {
+                let mut rx = rx;
+                m.run_sync_loop(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+            })
+        }
+    });
+    ns.sh_ok(&format!(
+        "iptables-nft -t raw {}",
+        RAW_UDP_PREROUTING.replacen("-A", "-D", 1)
+    ));
+    ns.sh_ok("ip addr del 169.254.20.10/32 dev lo");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (ns.our_rules("iptables-nft-save").len() < 12
+        || !ns.lo_addrs().contains("169.254.20.10/32"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
+    assert!(ns.lo_addrs().contains("169.254.20.10/32"));
+    tx.send(true).unwrap();
+    let stopped = Instant::now();
+    looper.join().unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+    ns.teardown(&m).expect("teardown");
+    assert!(ns.our_rules("iptables-nft-save").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// nftables
+
+#[test]
+fn nftables_table_is_applied_restored_and_removed_atomically() {
+    require!(have("nft"), "needs nft");
+    let ns = netns!("nft");
+    let mut cfg = lo_config(&["169.254.20.10:53", "[fd00::53]:53"]);
+    cfg.firewall = Firewall::Nftables;
+    let (m, errors) = manager(cfg);
+    ns.setup_interface(&m).expect("setup_interface");
+    ns.setup_rules(&m).expect("setup_rules");
+
+    let table = ns.sh_ok("nft list table inet nodedns");
+    assert_eq!(table.matches("comment \"nodedns").count(), 24, "{table}");
+    assert!(table.contains("type filter hook prerouting priority raw; policy accept;"));
+    assert!(table.contains("type filter hook input priority filter; policy accept;"));
+    assert!(table.contains(
+        "ip daddr 169.254.20.10 udp dport 53 notrack comment \"nodedns: skip conntrack\""
+    ));
+    assert!(table
+        .contains("ip6 saddr fd00::53 tcp sport 53 accept comment \"nodedns: allow DNS traffic\""));
+    // Replacing is idempotent.
+    ns.setup_rules(&m).expect("second setup_rules");
+    assert_eq!(ns.sh_ok("nft list table inet nodedns"), table);
+
+    // Watch the ruleset: every change we make must be exactly one transaction (generation).
+    let mut monitor = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nft", "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft monitor");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A rule deleted by hand: sync re-applies the whole table.
+    let handles = ns.sh_ok("nft -a list chain inet nodedns raw_prerouting");
+    let handle = handles
+        .lines()
+        .find(|l| l.contains("ip daddr 169.254.20.10 udp dport 53 notrack"))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .expect("rule handle")
+        .trim()
+        .to_string();
+    ns.sh_ok(&format!(
+        "nft delete rule inet nodedns raw_prerouting handle {handle}"
+    ));
+    assert_ne!(ns.sh_ok("nft list table inet nodedns"), table);
+    ns.sync(&m).expect("sync after deletion");
+    assert_eq!(ns.sh_ok("nft list table inet nodedns"), table);
+
+    // A foreign rule slipped into our table: replaced too.
+    ns.sh_ok("nft add rule inet nodedns raw_output udp dport 9999 notrack");
+    ns.sync(&m).expect("sync after change");
+    assert_eq!(ns.sh_ok("nft list table inet nodedns"), table);
+    // The table deleted wholesale comes back.
+    ns.sh_ok("nft delete table inet nodedns");
+    ns.sync(&m).expect("sync after table deletion");
+    assert_eq!(ns.sh_ok("nft list table inet nodedns"), table);
+    // A sync with nothing to do changes nothing.
+    ns.sync(&m).expect("idle sync");
+
+    ns.teardown(&m).expect("teardown");
+    let (exists, text) = ns.sh("nft list table inet nodedns");
+    assert!(!exists, "table still there after teardown: {text}");
+    assert!(!ns.lo_addrs().contains("169.254.20.10/32"));
+
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = monitor.kill();
+    let out = monitor.wait_with_output().expect("monitor output");
+    let events = String::from_utf8_lossy(&out.stdout);
+    let generations = events
+        .lines()
+        .filter(|l| l.starts_with("# new generation"))
+        .count();
+    // hand delete rule, sync, hand add rule, sync, hand delete table, sync, teardown = 7.
+    assert_eq!(
+        generations, 7,
+        "one transaction per change expected:\n{events}"
+    );
+    assert!(
+        events
+            .lines()
+            .filter(|l| l.starts_with("add rule inet nodedns"))
+            .count()
+            >= 3 * 24,
+        "{events}"
+    );
+    assert!(errors.all().is_empty(), "{:?}", errors.all());
+}
