@@ -51,6 +51,7 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         settings.zones.iter().map(|z| z.name.clone()).collect(),
         settings.query_log,
     );
+    crate::metrics::install_panic_hook();
     let ready = Arc::new(Readiness::default());
     let node = Arc::new(NodeManager::new(settings.node.clone(), metrics.clone()));
     node.setup_interface()

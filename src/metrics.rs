@@ -9,14 +9,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::cache::Cache;
@@ -120,7 +120,10 @@ fn bump(a: &AtomicU64, v: u64) {
 }
 
 fn bucket(buckets: &[f64], v: f64) -> usize {
-    buckets.iter().position(|&b| v <= b).unwrap_or(buckets.len())
+    buckets
+        .iter()
+        .position(|&b| v <= b)
+        .unwrap_or(buckets.len())
 }
 
 impl WorkerStats {
@@ -159,16 +162,31 @@ impl WorkerStats {
         let z = zone.min(self.zones - 1);
         let p = proto as usize;
         let t = type_index(q.qtype);
-        bump(&self.requests[((z * 2 + p) * 2 + ipv6 as usize) * NTYPES + t], 1);
+        bump(
+            &self.requests[((z * 2 + p) * 2 + ipv6 as usize) * NTYPES + t],
+            1,
+        );
         let rcode = reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF);
         bump(&self.responses[z * 16 + rcode as usize], 1);
         let secs = elapsed.as_secs_f64();
-        bump(&self.duration[(z * NTYPES + t) * ND + bucket(&DURATION_BUCKETS, secs)], 1);
-        bump(&self.duration_sum_ns[z * NTYPES + t], elapsed.as_nanos() as u64);
+        bump(
+            &self.duration[(z * NTYPES + t) * ND + bucket(&DURATION_BUCKETS, secs)],
+            1,
+        );
+        bump(
+            &self.duration_sum_ns[z * NTYPES + t],
+            elapsed.as_nanos() as u64,
+        );
         let zp = z * 2 + p;
-        bump(&self.req_size[zp * NS + bucket(&SIZE_BUCKETS, req_len as f64)], 1);
+        bump(
+            &self.req_size[zp * NS + bucket(&SIZE_BUCKETS, req_len as f64)],
+            1,
+        );
         bump(&self.req_size_sum[zp], req_len as u64);
-        bump(&self.resp_size[zp * NS + bucket(&SIZE_BUCKETS, reply.len() as f64)], 1);
+        bump(
+            &self.resp_size[zp * NS + bucket(&SIZE_BUCKETS, reply.len() as f64)],
+            1,
+        );
         bump(&self.resp_size_sum[zp], reply.len() as u64);
         match cached {
             Some(AnswerKind::Positive) => bump(&self.hits[0], 1),
@@ -181,6 +199,43 @@ impl WorkerStats {
     #[inline]
     pub fn malformed(&self, _proto: Proto) {
         bump(&self.malformed, 1);
+    }
+}
+
+/// Panics seen by the hook of [`install_panic_hook`], process-wide (a panic belongs to the
+/// process, not to one `Metrics`), exported as `coredns_panics_total`.
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts every panic in `coredns_panics_total`, then runs the hook that was installed before
+/// (by default, printing the message). Idempotent. With `panic = "abort"` (the release profile)
+/// the process dies right after, so the count matters for panics caught by tokio tasks in other
+/// builds, and for the restart it explains.
+pub fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::Relaxed);
+            previous(info);
+        }));
+    });
+}
+
+/// Panics counted since the process started.
+pub fn panics() -> u64 {
+    PANICS.load(Ordering::Relaxed)
+}
+
+/// Who answered a query, for the query log: an upstream address, or "-" for a cache hit or a
+/// locally made reply. Formats without allocating.
+struct Upstream(Option<SocketAddr>);
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -198,7 +253,6 @@ pub struct Metrics {
     inflight: IntGauge,
     tcp_conns: IntGaugeVec,
     pub setup_errors: IntCounterVec,
-    pub panics: IntCounter,
     query_log_rate: f64,
 }
 
@@ -208,7 +262,9 @@ impl Metrics {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let forward_requests = counter_vec(
@@ -236,7 +292,13 @@ impl Metrics {
             "The number of errors during periodic network setup for node-cache.",
             &["errortype"],
         );
-        for t in ["iptables", "iptables_lock", "interface_add", "interface_check", "configmap"] {
+        for t in [
+            "iptables",
+            "iptables_lock",
+            "interface_add",
+            "interface_check",
+            "configmap",
+        ] {
             setup_errors.with_label_values(&[t]);
         }
         let forward_duration = HistogramVec::new(
@@ -256,7 +318,9 @@ impl Metrics {
             "Forwarded queries waiting for an upstream.",
         )
         .expect("valid metric");
-        registry.register(Box::new(inflight.clone())).expect("unique");
+        registry
+            .register(Box::new(inflight.clone()))
+            .expect("unique");
         let tcp_conns = IntGaugeVec::new(
             Opts::new(
                 "nodedns_upstream_tcp_connections",
@@ -265,10 +329,9 @@ impl Metrics {
             &["to"],
         )
         .expect("valid metric");
-        registry.register(Box::new(tcp_conns.clone())).expect("unique");
-        let panics = IntCounter::new("coredns_panics_total", "A metrics that counts the number of panics.")
-            .expect("valid metric");
-        registry.register(Box::new(panics.clone())).expect("unique");
+        registry
+            .register(Box::new(tcp_conns.clone()))
+            .expect("unique");
         let build = IntGaugeVec::new(
             Opts::new(
                 "coredns_build_info",
@@ -287,7 +350,9 @@ impl Metrics {
         registry.register(Box::new(build)).expect("unique");
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .ok();
         let workers = Arc::new(Mutex::new(Vec::new()));
         let cache = Arc::new(Mutex::new(None));
@@ -311,7 +376,6 @@ impl Metrics {
             inflight,
             tcp_conns,
             setup_errors,
-            panics,
             query_log_rate,
         })
     }
@@ -353,7 +417,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn upstream_query(&self, to: SocketAddr, transport: &str, outcome: crate::forward::Outcome) {
+    pub fn upstream_query(
+        &self,
+        to: SocketAddr,
+        transport: &str,
+        outcome: crate::forward::Outcome,
+    ) {
         let outcome = match outcome {
             crate::forward::Outcome::Ok => "ok",
             crate::forward::Outcome::Timeout => "timeout",
@@ -365,7 +434,9 @@ impl Metrics {
     }
 
     pub fn upstream_tcp_open(&self, to: SocketAddr, delta: i64) {
-        self.tcp_conns.with_label_values(&[&to.to_string()]).add(delta);
+        self.tcp_conns
+            .with_label_values(&[&to.to_string()])
+            .add(delta);
     }
 
     pub fn inflight_inc(&self) {
@@ -376,30 +447,62 @@ impl Metrics {
         self.inflight.dec();
     }
 
-    /// Logs a sample of answered queries (`query_log` fraction).
-    pub fn query_log(&self, q: &Query, src: SocketAddr, reply: &[u8], cached: bool, elapsed: Duration) {
-        if self.query_log_rate <= 0.0 || rand::random::<f64>() >= self.query_log_rate {
+    /// Logs a sample (`query_log` fraction) of answered queries: name, type, rcode, duration,
+    /// whether the cache answered and which upstream did (`-` when none did). The sampling
+    /// decision comes first and costs a float compare when the log is off, so the hit path may
+    /// call this without formatting or allocating anything for unsampled queries.
+    #[inline]
+    pub fn query_log(
+        &self,
+        q: &Query,
+        src: SocketAddr,
+        reply: &[u8],
+        cached: bool,
+        upstream: Option<SocketAddr>,
+        elapsed: Duration,
+    ) {
+        if self.query_log_rate <= 0.0
+            || (self.query_log_rate < 1.0 && rand::random::<f64>() >= self.query_log_rate)
+        {
             return;
         }
-        tracing::info!(
-            target: "nodedns::query",
-            client = %src,
-            name = %q.qname_string(),
-            qtype = %hickory_proto::rr::RecordType::from(q.qtype),
-            rcode = rcode_name(reply.get(3).map_or(2, |b| b & 0xF)),
-            duration_us = elapsed.as_micros() as u64,
-            cached,
-            "query"
-        );
+        log_query(q, src, reply, cached, upstream, elapsed);
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &self.registry.gather(), &mut buf)
-            .expect("text encoding never fails");
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &self.registry.gather(),
+            &mut buf,
+        )
+        .expect("text encoding never fails");
         String::from_utf8(buf).expect("utf-8")
     }
+}
+
+#[cold]
+#[inline(never)]
+fn log_query(
+    q: &Query,
+    src: SocketAddr,
+    reply: &[u8],
+    cached: bool,
+    upstream: Option<SocketAddr>,
+    elapsed: Duration,
+) {
+    tracing::info!(
+        target: "nodedns::query",
+        client = %src,
+        name = %q.qname_string(),
+        qtype = %hickory_proto::rr::RecordType::from(q.qtype),
+        rcode = rcode_name(reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF)),
+        duration_us = elapsed.as_micros() as u64,
+        cached,
+        upstream = %Upstream(upstream),
+        "query"
+    );
 }
 
 /// Folds every worker's counters into CoreDNS-named families at scrape time.
@@ -410,7 +513,7 @@ struct QueryCollector {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str, MetricType); 12] = [
+const FAMILIES: [(&str, &str, MetricType); 13] = [
     ("coredns_dns_requests_total", "Counter of DNS requests made per zone, protocol and family.", MetricType::COUNTER),
     ("coredns_dns_responses_total", "Counter of response status codes.", MetricType::COUNTER),
     ("coredns_dns_request_duration_seconds", "Histogram of the time (in seconds) each request took per zone.", MetricType::HISTOGRAM),
@@ -423,6 +526,7 @@ const FAMILIES: [(&str, &str, MetricType); 12] = [
     ("nodedns_malformed_packets_total", "Packets that could not be parsed as a DNS query (answered FORMERR/NOTIMP when the header was readable, else dropped).", MetricType::COUNTER),
     ("nodedns_cache_bytes", "Bytes held by cache entries.", MetricType::GAUGE),
     ("nodedns_cache_inserts_total", "Answers stored in the cache.", MetricType::COUNTER),
+    ("coredns_panics_total", "A metrics that counts the number of panics.", MetricType::COUNTER),
 ];
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<proto::LabelPair> {
@@ -480,7 +584,9 @@ impl QueryCollector {
     ) -> Self {
         let descs = FAMILIES
             .iter()
-            .map(|(n, h, _)| Desc::new(n.to_string(), h.to_string(), vec![], HashMap::new()).expect("valid"))
+            .map(|(n, h, _)| {
+                Desc::new(n.to_string(), h.to_string(), vec![], HashMap::new()).expect("valid")
+            })
             .collect();
         QueryCollector {
             zone_names,
@@ -521,10 +627,9 @@ impl Collector for QueryCollector {
         servers.dedup();
         let zones = self.zone_names.len().max(1);
         let zone_name = |z: usize| self.zone_names.get(z).map_or(".", |s| s.as_str());
-        let mut total_hits = [0u64; 2];
-        let mut total_misses = 0u64;
         for server in &servers {
-            let ws: Vec<&Arc<WorkerStats>> = workers.iter().filter(|w| &w.server == server).collect();
+            let ws: Vec<&Arc<WorkerStats>> =
+                workers.iter().filter(|w| &w.server == server).collect();
             let mut req = vec![0u64; zones * 2 * 2 * NTYPES];
             let mut resp = vec![0u64; zones * 16];
             let mut dur = vec![0u64; zones * NTYPES * ND];
@@ -560,7 +665,13 @@ impl Collector for QueryCollector {
                             let v = req[((z * 2 + p) * 2 + fam) * NTYPES + t];
                             if v > 0 {
                                 fams[0].mut_metric().push(counter(
-                                    &[("server", s), ("zone", zn), ("proto", proto), ("family", family), ("type", tn)],
+                                    &[
+                                        ("server", s),
+                                        ("zone", zn),
+                                        ("proto", proto),
+                                        ("family", family),
+                                        ("type", tn),
+                                    ],
                                     v as f64,
                                 ));
                             }
@@ -604,24 +715,43 @@ impl Collector for QueryCollector {
                     }
                 }
             }
-            fams[5].mut_metric().push(counter(&[("server", s), ("type", "success")], hits[0] as f64));
-            fams[5].mut_metric().push(counter(&[("server", s), ("type", "denial")], hits[1] as f64));
-            fams[6].mut_metric().push(counter(&[("server", s)], misses as f64));
-            fams[9].mut_metric().push(counter(&[("server", s)], malformed as f64));
-            total_hits[0] += hits[0];
-            total_hits[1] += hits[1];
-            total_misses += misses;
+            fams[5].mut_metric().push(counter(
+                &[("server", s), ("type", "success")],
+                hits[0] as f64,
+            ));
+            fams[5].mut_metric().push(counter(
+                &[("server", s), ("type", "denial")],
+                hits[1] as f64,
+            ));
+            fams[6]
+                .mut_metric()
+                .push(counter(&[("server", s)], misses as f64));
+            fams[9]
+                .mut_metric()
+                .push(counter(&[("server", s)], malformed as f64));
         }
-        let _ = (total_hits, total_misses);
         if let Some(cache) = self.cache.lock().clone() {
             let (pos, neg) = cache.entry_counts();
-            fams[7].mut_metric().push(gauge(&[("server", "dns://:53"), ("type", "success")], pos as f64));
-            fams[7].mut_metric().push(gauge(&[("server", "dns://:53"), ("type", "denial")], neg as f64));
+            fams[7].mut_metric().push(gauge(
+                &[("server", "dns://:53"), ("type", "success")],
+                pos as f64,
+            ));
+            fams[7].mut_metric().push(gauge(
+                &[("server", "dns://:53"), ("type", "denial")],
+                neg as f64,
+            ));
             let ev = cache.counters.evictions.load(Ordering::Relaxed);
-            fams[8].mut_metric().push(counter(&[("server", "dns://:53"), ("type", "success")], ev as f64));
+            fams[8].mut_metric().push(counter(
+                &[("server", "dns://:53"), ("type", "success")],
+                ev as f64,
+            ));
             fams[10].mut_metric().push(gauge(&[], cache.bytes() as f64));
-            fams[11].mut_metric().push(counter(&[], cache.counters.inserts.load(Ordering::Relaxed) as f64));
+            fams[11].mut_metric().push(counter(
+                &[],
+                cache.counters.inserts.load(Ordering::Relaxed) as f64,
+            ));
         }
+        fams[12].mut_metric().push(counter(&[], panics() as f64));
         fams.retain(|f| !f.get_metric().is_empty());
         fams
     }

@@ -147,11 +147,16 @@ impl Forwarder {
     /// Resolves `q` through its zone's upstreams; caches what may be cached and returns the
     /// entry to answer from (cached or not). `Err` means the client gets SERVFAIL.
     pub async fn resolve(&self, q: &Query) -> Result<Entry, AllFailed> {
+        self.resolve_via(q).await.map(|(entry, _)| entry)
+    }
+
+    /// [`Forwarder::resolve`], also naming the upstream whose answer it is (for the query log).
+    pub async fn resolve_via(&self, q: &Query) -> Result<(Entry, SocketAddr), AllFailed> {
         let zone_idx = self.settings.route(q.qname_lower());
         let zone = &self.settings.zones[zone_idx];
         let start = Instant::now();
         let deadline = start + self.settings.query_timeout;
-        let mut relay: Option<Response> = None;
+        let mut relay: Option<(Response, SocketAddr)> = None;
         for upstream in self.ordered(&zone.upstreams) {
             let now = Instant::now();
             if now >= deadline {
@@ -169,11 +174,11 @@ impl Forwarder {
                     // and relay the last such answer if none can.
                     if matches!(resp.rcode, dns::RCODE_SERVFAIL | dns::RCODE_REFUSED) {
                         self.record(upstream, false);
-                        relay = Some(resp);
+                        relay = Some((resp, upstream));
                         continue;
                     }
                     self.record(upstream, true);
-                    return Ok(self.store(q, zone_idx, resp));
+                    return Ok((self.store(q, zone_idx, resp), upstream));
                 }
                 Err(e) => {
                     self.record(upstream, false);
@@ -189,7 +194,7 @@ impl Forwarder {
             }
         }
         match relay {
-            Some(resp) => Ok(self.store(q, zone_idx, resp)),
+            Some((resp, upstream)) => Ok((self.store(q, zone_idx, resp), upstream)),
             None => Err(AllFailed {
                 zone: zone.name.clone(),
             }),

@@ -92,6 +92,7 @@ impl Context {
         });
         match hit {
             Some((zone, kind)) => {
+                let elapsed = start.elapsed();
                 stats.record(
                     zone as usize,
                     proto,
@@ -100,8 +101,9 @@ impl Context {
                     pkt.len(),
                     out,
                     Some(kind),
-                    start.elapsed(),
+                    elapsed,
                 );
+                self.metrics.query_log(&q, src, out, true, None, elapsed);
                 Handled::Reply
             }
             None => Handled::Miss(q),
@@ -134,18 +136,25 @@ impl Context {
         let Some(_slot) = self.forwarder.try_acquire() else {
             crate::log_limited!(warn, max_inflight = self.settings.max_inflight, "too many forwarded queries in flight, refusing");
             dns::write_error_reply(pkt, dns::RCODE_REFUSED as u16, Some(question), edns, &mut out);
-            stats.record(zone, proto, src.is_ipv6(), q, pkt.len(), &out, None, start.elapsed());
+            let elapsed = start.elapsed();
+            stats.record(zone, proto, src.is_ipv6(), q, pkt.len(), &out, None, elapsed);
+            self.metrics.query_log(q, src, &out, false, None, elapsed);
             return out;
         };
-        match self.forwarder.resolve(q).await {
-            Ok(entry) => entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out),
+        let upstream = match self.forwarder.resolve_via(q).await {
+            Ok((entry, upstream)) => {
+                entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
+                Some(upstream)
+            }
             Err(e) => {
                 crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL");
                 dns::write_error_reply(pkt, dns::RCODE_SERVFAIL as u16, Some(question), edns, &mut out);
+                None
             }
-        }
-        stats.record(zone, proto, src.is_ipv6(), q, pkt.len(), &out, None, start.elapsed());
-        self.metrics.query_log(q, src, &out, false, start.elapsed());
+        };
+        let elapsed = start.elapsed();
+        stats.record(zone, proto, src.is_ipv6(), q, pkt.len(), &out, None, elapsed);
+        self.metrics.query_log(q, src, &out, false, upstream, elapsed);
         out
     }
 }
