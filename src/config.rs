@@ -526,7 +526,7 @@ impl FileConfig {
             .filter(|u| {
                 !listen
                     .iter()
-                    .any(|l| l.ip() == u.ip() && (l.port() == u.port() || l.port() == 0))
+                    .any(|l| l.ip() == u.ip() && l.port() == u.port())
             })
             .collect();
         if upstreams.is_empty() {

@@ -160,7 +160,8 @@ impl FakeUpstream {
         let udp = UdpSocket::bind(bind).unwrap();
         let addr = udp.local_addr().unwrap();
         let tcp = TcpListener::bind(addr).unwrap();
-        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         tcp.set_nonblocking(true).unwrap();
         let handler: Arc<Handler> = Arc::new(handler);
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -170,8 +171,12 @@ impl FakeUpstream {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 65535];
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, src)) = udp.recv_from(&mut buf) else { continue };
-                    let Ok(m) = Message::from_vec(&buf[..n]) else { continue };
+                    let Ok((n, src)) = udp.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let Ok(m) = Message::from_vec(&buf[..n]) else {
+                        continue;
+                    };
                     record(&log, &m, Via::Udp);
                     if let Action::Answer(r) = h(&m, Via::Udp) {
                         let _ = udp.send_to(&r.to_vec().unwrap(), src);
@@ -190,7 +195,8 @@ impl FakeUpstream {
                     let (h, log, stop) = (h.clone(), log.clone(), stop.clone());
                     std::thread::spawn(move || {
                         s.set_nonblocking(false).unwrap();
-                        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                        s.set_read_timeout(Some(Duration::from_millis(100)))
+                            .unwrap();
                         while !stop.load(Ordering::Relaxed) {
                             let mut len = [0u8; 2];
                             match s.read_exact(&mut len) {
@@ -203,7 +209,8 @@ impl FakeUpstream {
                             if s.read_exact(&mut q).is_err() {
                                 return;
                             }
-                            s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                            s.set_read_timeout(Some(Duration::from_millis(100)))
+                                .unwrap();
                             let Ok(m) = Message::from_vec(&q) else { return };
                             record(&log, &m, Via::Tcp);
                             if let Action::Answer(r) = h(&m, Via::Tcp) {
@@ -223,8 +230,16 @@ impl FakeUpstream {
     }
 
     /// Queries received so far: (lowercased name without the final dot, type, transport).
+    /// Leaves out nodedns's readiness probe (`. NS`); see `probes`.
     pub fn queries(&self) -> Vec<(String, RecordType, Via)> {
-        self.log.lock().unwrap().clone()
+        let mut v = self.log.lock().unwrap().clone();
+        v.retain(|(n, t, _)| !(n.is_empty() && *t == RecordType::NS));
+        v
+    }
+
+    /// Readiness probes (`. NS`) received.
+    pub fn probes(&self) -> usize {
+        self.log.lock().unwrap().iter().filter(|(n, t, _)| n.is_empty() && *t == RecordType::NS).count()
     }
 
     pub fn count(&self, name: &str) -> usize {
@@ -272,7 +287,11 @@ pub fn a_reply(req: &Message, ttl: u32, addrs: &[[u8; 4]]) -> Message {
     let mut m = reply(req, ResponseCode::NoError);
     let name = req.queries[0].name().clone();
     for a in addrs {
-        m.add_answer(Record::from_rdata(name.clone(), ttl, RData::A(A::new(a[0], a[1], a[2], a[3]))));
+        m.add_answer(Record::from_rdata(
+            name.clone(),
+            ttl,
+            RData::A(A::new(a[0], a[1], a[2], a[3])),
+        ));
     }
     m
 }
@@ -281,7 +300,9 @@ pub fn a_reply(req: &Message, ttl: u32, addrs: &[[u8; 4]]) -> Message {
 pub fn txt_reply(req: &Message, ttl: u32, size: usize) -> Message {
     let mut m = reply(req, ResponseCode::NoError);
     let name = req.queries[0].name().clone();
-    let chunks: Vec<String> = (0..size / 200 + 1).map(|i| format!("{:0>199}", i)).collect();
+    let chunks: Vec<String> = (0..size / 200 + 1)
+        .map(|i| format!("{:0>199}", i))
+        .collect();
     m.add_answer(Record::from_rdata(name, ttl, RData::TXT(TXT::new(chunks))));
     m
 }
@@ -333,7 +354,8 @@ pub fn udp_raw(server: SocketAddr, pkt: &[u8], timeout: Duration) -> Option<Vec<
 /// One UDP query; panics on timeout (3 s).
 pub fn udp_query(server: SocketAddr, name: &str, qtype: RecordType) -> Message {
     let q = query_msg(name, qtype, rand_id(), Some(1232));
-    let r = udp_raw(server, &q.to_vec().unwrap(), Duration::from_secs(5)).expect("answer within 5 s");
+    let r =
+        udp_raw(server, &q.to_vec().unwrap(), Duration::from_secs(5)).expect("answer within 5 s");
     Message::from_vec(&r).expect("parseable answer")
 }
 

@@ -1,0 +1,341 @@
+//! End-to-end tests of the core (issue 2): the real binary on loopback, in front of fake
+//! upstreams that record how each query reached them.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+
+fn start(upstream: &FakeUpstream, cluster: Option<&FakeUpstream>, extra: &[&str]) -> Nodedns {
+    let up = upstream.arg();
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up,
+        "--workers",
+        "2",
+        "--metrics",
+        "off",
+        "--health",
+        "off",
+    ];
+    let cl = cluster.map(|c| c.arg());
+    if let Some(cl) = &cl {
+        args.extend(["--cluster-dns", cl]);
+    }
+    args.extend_from_slice(extra);
+    Nodedns::start(&args)
+}
+
+fn answering(ttl: u32) -> FakeUpstream {
+    FakeUpstream::start(move |m, _| Action::Answer(a_reply(m, ttl, &[[10, 0, 0, 1]])))
+}
+
+#[test]
+fn cluster_names_go_over_tcp_and_others_over_udp() {
+    let coredns = answering(30);
+    let vpc = answering(30);
+    let nd = start(&vpc, Some(&coredns), &[]);
+    for name in [
+        "kubernetes.default.svc.cluster.local.",
+        "10.0.96.10.in-addr.arpa.",
+        "1.0.0.0.ip6.arpa.",
+    ] {
+        let r = udp_query(nd.dns, name, RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{name}");
+    }
+    let r = udp_query(nd.dns, "www.example.com.", RecordType::A);
+    assert_eq!(r.answers.len(), 1);
+    let cq = coredns.queries();
+    assert_eq!(cq.len(), 3, "{cq:?}");
+    assert!(cq.iter().all(|(_, _, via)| *via == Via::Tcp), "{cq:?}");
+    let vq = vpc.queries();
+    assert_eq!(vq, vec![("www.example.com".to_string(), RecordType::A, Via::Udp)]);
+}
+
+#[test]
+fn pooled_tcp_carries_many_queries_and_survives_upstream_close() {
+    let coredns = answering(30);
+    let vpc = answering(30);
+    let nd = start(&vpc, Some(&coredns), &[]);
+    let handles: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = nd.dns;
+            std::thread::spawn(move || {
+                udp_query(addr, &format!("svc-{i}.ns.svc.cluster.local."), RecordType::A)
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().answers.len(), 1);
+    }
+    assert_eq!(coredns.queries().len(), 40);
+    assert!(coredns.queries().iter().all(|q| q.2 == Via::Tcp));
+}
+
+#[test]
+fn truncated_udp_answer_is_retried_over_tcp() {
+    let vpc = FakeUpstream::start(|m, via| {
+        let mut r = txt_reply(m, 30, 3000);
+        if via == Via::Udp {
+            r = r.truncate();
+            r.metadata.truncation = true;
+        }
+        Action::Answer(r)
+    });
+    let nd = start(&vpc, None, &[]);
+    // A TCP client gets the whole answer.
+    let r = &tcp_pipeline(nd.dns, &[query_msg("big.example.", RecordType::TXT, 7, Some(1232))])[0];
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 1);
+    let vias: Vec<Via> = vpc.queries().iter().map(|q| q.2).collect();
+    assert_eq!(vias, vec![Via::Udp, Via::Tcp]);
+    // A UDP client with a 1232-byte buffer gets TC=1 from the cache, and no new upstream query.
+    let r = udp_query(nd.dns, "big.example.", RecordType::TXT);
+    assert!(r.metadata.truncation, "answer over the client's size must set TC");
+    assert!(r.answers.is_empty());
+    assert_eq!(vpc.queries().len(), 2);
+}
+
+#[test]
+fn cache_hit_makes_no_upstream_query_and_ttl_falls() {
+    let vpc = answering(300);
+    let nd = start(&vpc, None, &[]);
+    let first = udp_query(nd.dns, "www.example.com.", RecordType::A);
+    assert_eq!(first_ttl(&first), 30, "TTL capped at 30 s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let second = udp_query(nd.dns, "WWW.example.COM.", RecordType::A);
+    assert_eq!(vpc.count("www.example.com"), 1, "second query served from cache");
+    let ttl = first_ttl(&second);
+    assert!((27..=28).contains(&ttl), "TTL decremented by age, got {ttl}");
+    // Other types and the DO bit are other keys.
+    udp_query(nd.dns, "www.example.com.", RecordType::AAAA);
+    assert_eq!(vpc.count("www.example.com"), 2);
+}
+
+#[test]
+fn negative_answers_follow_the_soa() {
+    let vpc = FakeUpstream::start(|m, _| {
+        let name = m.queries[0].name().to_ascii();
+        Action::Answer(if name.starts_with("nosoa") {
+            negative_reply(m, ResponseCode::NXDomain, None)
+        } else if name.starts_with("nodata") {
+            negative_reply(m, ResponseCode::NoError, Some((300, 2)))
+        } else {
+            // min(SOA TTL 2, MINIMUM 600) = 2 s.
+            negative_reply(m, ResponseCode::NXDomain, Some((2, 600)))
+        })
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[cache]\nmin_ttl = \"1s\"\n").unwrap();
+    let nd = start(&vpc, None, &["--config", cfg.to_str().unwrap()]);
+    for name in ["nx.example.", "nodata.example.", "nosoa.example."] {
+        let r = udp_query(nd.dns, name, RecordType::A);
+        assert!(r.answers.is_empty());
+        let r2 = udp_query(nd.dns, name, RecordType::A);
+        assert_eq!(r.metadata.response_code, r2.metadata.response_code);
+    }
+    assert_eq!(vpc.count("nx.example"), 1, "NXDOMAIN with SOA is cached");
+    assert_eq!(vpc.count("nodata.example"), 1, "NODATA with SOA is cached");
+    assert_eq!(vpc.count("nosoa.example"), 2, "no SOA: not cached (RFC 2308 §5)");
+    let r = udp_query(nd.dns, "nx.example.", RecordType::A);
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert!(r.authorities[0].ttl <= 2, "SOA TTL is the negative TTL");
+    std::thread::sleep(Duration::from_millis(2300));
+    udp_query(nd.dns, "nx.example.", RecordType::A);
+    assert_eq!(vpc.count("nx.example"), 2, "expired after min(SOA TTL, MINIMUM)");
+}
+
+#[test]
+fn case_and_id_are_echoed_and_edns_is_per_hop() {
+    let vpc = answering(30);
+    let nd = start(&vpc, None, &[]);
+    for (i, name) in ["MiXeD.ExAmPlE.oRg.", "mixed.example.org.", "MIXED.EXAMPLE.ORG."]
+        .iter()
+        .enumerate()
+    {
+        let q = query_msg(name, RecordType::A, 0x1000 + i as u16, if i == 1 { None } else { Some(4096) });
+        let raw = q.to_vec().unwrap();
+        let r = udp_raw(nd.dns, &raw, Duration::from_secs(3)).unwrap();
+        assert_eq!(&r[..2], &raw[..2], "ID echoed");
+        let qlen = 4 + name.len() + 1;
+        assert_eq!(&r[12..12 + qlen], &raw[12..12 + qlen], "question bytes echoed exactly (0x20)");
+        let m = Message::from_vec(&r).unwrap();
+        assert_eq!(m.edns.is_some(), i != 1, "OPT only when the client sent one");
+        if let Some(e) = &m.edns {
+            assert_eq!(e.max_payload(), 1232, "our own OPT, not the upstream's");
+        }
+    }
+    assert_eq!(vpc.count("mixed.example.org"), 1);
+}
+
+#[test]
+fn pipelined_tcp_queries_all_get_answers() {
+    let vpc = answering(30);
+    let nd = start(&vpc, None, &[]);
+    udp_query(nd.dns, "cached.example.", RecordType::A);
+    let msgs: Vec<Message> = (0..30u16)
+        .map(|i| {
+            let name = if i % 3 == 0 { "cached.example.".to_string() } else { format!("n{i}.example.") };
+            query_msg(&name, RecordType::A, 100 + i, None)
+        })
+        .collect();
+    let answers = tcp_pipeline(nd.dns, &msgs);
+    let mut ids: Vec<u16> = answers.iter().map(|a| a.metadata.id).collect();
+    ids.sort();
+    assert_eq!(ids, (100..130).collect::<Vec<_>>());
+    for a in &answers {
+        let want = if a.metadata.id % 3 == 1 { "cached.example." } else { "" };
+        if !want.is_empty() {
+            assert_eq!(a.queries[0].name().to_ascii(), want);
+        }
+        assert_eq!(a.answers.len(), 1);
+    }
+}
+
+#[test]
+fn garbage_leaves_the_server_serving() {
+    let vpc = answering(30);
+    let nd = start(&vpc, None, &[]);
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut seed = 0x9E3779B97F4A7C15u64;
+    let valid = query_msg("ok.example.", RecordType::A, 5, Some(1232)).to_vec().unwrap();
+    for i in 0..3000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut pkt = if i % 2 == 0 { valid.clone() } else { vec![0u8; (seed % 600) as usize] };
+        for (j, b) in pkt.iter_mut().enumerate() {
+            if i % 2 == 1 || (seed >> (j % 64)) & 7 == 0 {
+                *b = (seed >> (j % 57)) as u8;
+            }
+        }
+        s.send_to(&pkt, nd.dns).unwrap();
+    }
+    // FORMERR for two questions, NOTIMP for an unknown opcode, with the client's ID.
+    let mut two = valid.clone();
+    two[5] = 2;
+    let r = udp_raw(nd.dns, &two, Duration::from_secs(3)).unwrap();
+    assert_eq!((&r[..2], r[3] & 0xF), (&two[..2], 1));
+    let mut status = valid.clone();
+    status[2] = (status[2] & 0x87) | (2 << 3);
+    let r = udp_raw(nd.dns, &status, Duration::from_secs(3)).unwrap();
+    assert_eq!(r[3] & 0xF, 4);
+    // Still serving, over UDP and TCP.
+    let r = udp_query(nd.dns, "ok.example.", RecordType::A);
+    assert_eq!(r.answers.len(), 1);
+    let r = tcp_pipeline(nd.dns, &[query_msg("ok.example.", RecordType::A, 9, None)]);
+    assert_eq!(r[0].answers.len(), 1);
+    // Garbage over TCP closes that connection only.
+    let mut t = std::net::TcpStream::connect(nd.dns).unwrap();
+    std::io::Write::write_all(&mut t, &[0, 5, 1, 2, 3, 4, 5, 0xFF, 0xFF]).unwrap();
+    drop(t);
+    assert_eq!(udp_query(nd.dns, "ok.example.", RecordType::A).answers.len(), 1);
+}
+
+#[test]
+fn silent_upstream_is_skipped_and_all_silent_gives_servfail_in_time() {
+    let silent = FakeUpstream::start(|_, _| Action::Silence);
+    let good = answering(30);
+    let both = format!("{}", silent.addr);
+    let nd = Nodedns::start(&[
+        "--listen", "127.0.0.1:0", "--upstream", &both, "--upstream", &good.arg(),
+        "--metrics", "off", "--health", "off",
+    ]);
+    // Whichever upstream is tried first, the answer arrives within one attempt timeout (1 s).
+    let t = Instant::now();
+    for i in 0..4 {
+        let r = udp_query(nd.dns, &format!("q{i}.example."), RecordType::A);
+        assert_eq!(r.answers.len(), 1);
+    }
+    assert!(t.elapsed() < Duration::from_millis(4 * 1300), "{:?}", t.elapsed());
+    assert!(silent.queries().len() >= 1, "the silent upstream was tried");
+    assert_eq!(good.queries().len(), 4);
+
+    let silent2 = FakeUpstream::start(|_, _| Action::Silence);
+    let nd = Nodedns::start(&[
+        "--listen", "127.0.0.1:0", "--upstream", &silent.arg(), "--upstream", &silent2.arg(),
+        "--metrics", "off", "--health", "off",
+    ]);
+    let t = Instant::now();
+    let r = udp_query(nd.dns, "dead.example.", RecordType::A);
+    let took = t.elapsed();
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_millis(3500), "{took:?}");
+    assert_eq!(silent2.count("dead.example"), 1, "the next upstream was tried");
+}
+
+#[test]
+fn servfail_tries_the_next_upstream_and_is_cached_briefly() {
+    let failing = FakeUpstream::start(|m, _| Action::Answer(reply(m, ResponseCode::ServFail)));
+    let nd = start(&failing, None, &[]);
+    let r = udp_query(nd.dns, "broken.example.", RecordType::A);
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+    udp_query(nd.dns, "broken.example.", RecordType::A);
+    assert_eq!(failing.count("broken.example"), 1, "SERVFAIL cached for servfail_ttl");
+}
+
+#[test]
+fn sigterm_exits_zero_after_in_flight_queries() {
+    let vpc = answering(30);
+    let mut nd = start(&vpc, None, &["--lameduck", "0s"]);
+    udp_query(nd.dns, "x.example.", RecordType::A);
+    nd.signal(libc::SIGTERM);
+    let st = nd.wait_exit(Duration::from_secs(5)).expect("exits within the grace period");
+    assert!(st.success(), "{st:?}");
+    // The ports are free again.
+    UdpSocket::bind(nd.dns).expect("UDP port released");
+    std::net::TcpListener::bind(nd.dns).expect("TCP port released");
+}
+
+#[test]
+fn a_second_instance_can_share_the_addresses() {
+    let vpc = answering(30);
+    let a = start(&vpc, None, &[]);
+    let addr = a.dns.to_string();
+    let b = Nodedns::start(&[
+        "--listen", &addr, "--upstream", &vpc.arg(), "--metrics", "off", "--health", "off",
+    ]);
+    assert_eq!(b.dns, a.dns);
+    assert_eq!(udp_query(a.dns, "shared.example.", RecordType::A).answers.len(), 1);
+    drop(a);
+    assert_eq!(udp_query(b.dns, "shared2.example.", RecordType::A).answers.len(), 1);
+}
+
+#[test]
+fn check_config_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[forward]\ntimeout = \"soon\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodedns"))
+        .args(["--check-config", "--config", bad.to_str().unwrap(), "--upstream", "127.0.0.1:53"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("forward.timeout") && err.contains("invalid duration"), "{err}");
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "[cache]\nsize = 5\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodedns"))
+        .args(["--check-config", "--config", unknown.to_str().unwrap(), "--upstream", "127.0.0.1:53"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `size`"));
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "listen = [\"127.0.0.1:5399\"]\nupstreams = [\"127.0.0.1:53\"]\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodedns"))
+        .args(["--check-config", "--config", good.to_str().unwrap(), "--workers", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("workers = 3") && printed.contains("127.0.0.1:5399"), "{printed}");
+}
+
