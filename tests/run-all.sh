@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test of the project: lint gates, unit and integration tests (network-namespace tests
+# need root, iptables and nft), and the deploy/manifest checks. Prints one closing line
+# "N passed, N failed". Under NODEDNS_REQUIRE_ALL=1 (set by .ci/run) no test may skip.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check || status=1
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings || status=1
+echo "== cargo test"
+# One test thread per binary keeps the timing assertions honest on a 2-core machine.
+cargo test --locked --all-targets -- --test-threads=2 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s+=$2} END {print s+0}')
+
+if [ -f tests/deploy/run.sh ]; then
+  echo "== deploy checks"
+  bash tests/deploy/run.sh 2>&1 | tee "$log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+  if [ -n "$line" ]; then
+    passed=$((passed + $(echo "$line" | awk '{print $1}')))
+    failed=$((failed + $(echo "$line" | awk '{print $3}')))
+  fi
+fi
+
+[ "$status" -eq 0 ] || [ "$failed" -gt 0 ] || failed=1
+echo "$passed passed, $failed failed"
+exit "$status"
