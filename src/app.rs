@@ -42,7 +42,10 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs nodedns until `shutdown` resolves, then drains and tears down.
-pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     for w in &settings.warnings {
         warn!("{w}");
     }
@@ -100,16 +103,40 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     // Admin endpoints: metrics and health may share one address.
     match (settings.metrics, settings.health) {
         (Some(m), Some(h)) if m == h => {
-            let a = admin::spawn(m, true, true, metrics.clone(), ready.clone(), admin_cancel.clone()).await?;
+            let a = admin::spawn(
+                m,
+                true,
+                true,
+                metrics.clone(),
+                ready.clone(),
+                admin_cancel.clone(),
+            )
+            .await?;
             info!(addr = %a, "serving metrics and health on http://{a}");
         }
         (m, h) => {
             if let Some(m) = m {
-                let a = admin::spawn(m, true, false, metrics.clone(), ready.clone(), admin_cancel.clone()).await?;
+                let a = admin::spawn(
+                    m,
+                    true,
+                    false,
+                    metrics.clone(),
+                    ready.clone(),
+                    admin_cancel.clone(),
+                )
+                .await?;
                 info!(addr = %a, "serving metrics on http://{a}/metrics");
             }
             if let Some(h) = h {
-                let a = admin::spawn(h, false, true, metrics.clone(), ready.clone(), admin_cancel.clone()).await?;
+                let a = admin::spawn(
+                    h,
+                    false,
+                    true,
+                    metrics.clone(),
+                    ready.clone(),
+                    admin_cancel.clone(),
+                )
+                .await?;
                 info!(addr = %a, "serving health on http://{a}/health and /ready");
             }
         }
@@ -118,9 +145,9 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
 
     // Rules only once every listener answers.
     for &addr in &served {
-        self_check(addr)
-            .await
-            .with_context(|| format!("listener {addr} does not answer; not installing firewall rules"))?;
+        self_check(addr).await.with_context(|| {
+            format!("listener {addr} does not answer; not installing firewall rules")
+        })?;
     }
     if let Err(e) = node.setup_rules().await {
         stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
@@ -181,12 +208,20 @@ async fn stop_all(
 /// upstream) and waits for the answer: proof the worker loop serves this address.
 async fn self_check(addr: SocketAddr) -> anyhow::Result<()> {
     let target = match addr.ip() {
-        ip if ip.is_unspecified() && addr.is_ipv4() => SocketAddr::new([127, 0, 0, 1].into(), addr.port()),
-        ip if ip.is_unspecified() => SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port()),
+        ip if ip.is_unspecified() && addr.is_ipv4() => {
+            SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+        }
+        ip if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
         _ => addr,
     };
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+        let bind: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
         let s = UdpSocket::bind(bind)?;
         s.set_read_timeout(Some(Duration::from_millis(500)))?;
         s.connect(target)?;

@@ -276,7 +276,11 @@ impl Cache {
             let Some((k, generation)) = shard.fifo.pop_front() else {
                 break;
             };
-            if shard.map.get(&k).is_some_and(|e| e.generation == generation) {
+            if shard
+                .map
+                .get(&k)
+                .is_some_and(|e| e.generation == generation)
+            {
                 let old = shard.map.remove(&k).expect("present");
                 shard.bytes -= old.charge();
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
@@ -328,7 +332,20 @@ mod tests {
     use crate::dns::{parse_query, push_opt};
 
     fn query(name: &[u8], id: u16, edns: bool) -> Vec<u8> {
-        let mut p = vec![(id >> 8) as u8, id as u8, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        let mut p = vec![
+            (id >> 8) as u8,
+            id as u8,
+            0x01,
+            0x00,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
         p.extend_from_slice(name);
         p.extend_from_slice(&[0, 1, 0, 1]);
         if edns {
@@ -365,7 +382,15 @@ mod tests {
         let key = cache.key(q1.question_lower(), q1.key_flags());
         assert!(cache.insert(
             key,
-            Entry::new(w, offs, 0, AnswerKind::Positive, 0, t0, Duration::from_secs(30))
+            Entry::new(
+                w,
+                offs,
+                0,
+                AnswerKind::Positive,
+                0,
+                t0,
+                Duration::from_secs(30)
+            )
         ));
         let p2 = query(b"\x03www\x07EXAMPLE\x03COM\x00", 0xBEEF, true);
         let q2 = parse_query(&p2).unwrap();
@@ -374,7 +399,9 @@ mod tests {
         let mut out = Vec::new();
         let later = t0 + Duration::from_secs(7);
         cache
-            .lookup(key2, &q2, later, |e, age| e.render(&q2, &p2, age, 1232, 1232, &mut out))
+            .lookup(key2, &q2, later, |e, age| {
+                e.render(&q2, &p2, age, 1232, 1232, &mut out)
+            })
             .expect("hit");
         assert_eq!(&out[..2], &[0xBE, 0xEF]);
         assert_eq!(&out[12..q2.question_end], &p2[12..q2.question_end]);
@@ -404,7 +431,15 @@ mod tests {
         let p = query(NAME, 9, false);
         let q = parse_query(&p).unwrap();
         let (w, offs) = answer(&q, 30);
-        let e = Entry::new(w, offs, 0, AnswerKind::Positive, 0, Instant::now(), Duration::from_secs(5));
+        let e = Entry::new(
+            w,
+            offs,
+            0,
+            AnswerKind::Positive,
+            0,
+            Instant::now(),
+            Duration::from_secs(5),
+        );
         let mut out = Vec::new();
         e.render(&q, &p, 0, 40, 1232, &mut out);
         assert_eq!(out.len(), q.question_end);
@@ -428,7 +463,18 @@ mod tests {
             let q = parse_query(&p).unwrap();
             let (w, offs) = answer(&q, 30);
             let key = cache.key(q.question_lower(), 0);
-            cache.insert(key, Entry::new(w, offs, 0, AnswerKind::Positive, 0, now, Duration::from_secs(30)));
+            cache.insert(
+                key,
+                Entry::new(
+                    w,
+                    offs,
+                    0,
+                    AnswerKind::Positive,
+                    0,
+                    now,
+                    Duration::from_secs(30),
+                ),
+            );
             assert!(cache.len() <= 64 + 3);
             assert!(cache.bytes() <= 64 * 400 + 4 * 400);
         }
@@ -447,7 +493,19 @@ mod tests {
             let p = query(name, 1, false);
             let q = parse_query(&p).unwrap();
             let (w, offs) = answer(&q, ttl as u32);
-            (p, cache.key(q.question_lower(), 0), Entry::new(w, offs, 0, AnswerKind::Positive, 0, at, Duration::from_secs(ttl)))
+            (
+                p,
+                cache.key(q.question_lower(), 0),
+                Entry::new(
+                    w,
+                    offs,
+                    0,
+                    AnswerKind::Positive,
+                    0,
+                    at,
+                    Duration::from_secs(ttl),
+                ),
+            )
         };
         let (pa, ka, a) = mk(b"\x01a\x00", 100, t0);
         let (_, kb, b) = mk(b"\x01b\x00", 1, t0);
@@ -456,7 +514,12 @@ mod tests {
         cache.insert(kb, b);
         cache.insert(kc, c);
         let qa = parse_query(&pa).unwrap();
-        assert!(cache.lookup(ka, &qa, t0 + Duration::from_secs(6), |_, _| ()).is_some(), "oldest but live entry kept");
+        assert!(
+            cache
+                .lookup(ka, &qa, t0 + Duration::from_secs(6), |_, _| ())
+                .is_some(),
+            "oldest but live entry kept"
+        );
         assert_eq!(cache.len(), 2);
         assert_eq!(cache.counters.evictions.load(Ordering::Relaxed), 0);
     }

@@ -380,8 +380,12 @@ pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
 }
 
 fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.trim())
-        .map_err(|e| invalid(key, format!("invalid duration {v:?} ({e}); write e.g. \"5s\"")))
+    humantime::parse_duration(v.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("invalid duration {v:?} ({e}); write e.g. \"5s\""),
+        )
+    })
 }
 
 /// Parses "ADDR:PORT", "ADDR" (port `default_port`) or "[V6]:PORT".
@@ -408,7 +412,9 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
     text.lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
-            (it.next() == Some("nameserver")).then(|| it.next()).flatten()
+            (it.next() == Some("nameserver"))
+                .then(|| it.next())
+                .flatten()
         })
         .filter_map(|ns| ns.split('%').next()?.parse::<IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, 53))
@@ -574,7 +580,10 @@ impl FileConfig {
         let mut zones = Vec::new();
         for (name, wire) in [
             (cluster_name, cluster_wire),
-            ("in-addr.arpa.".into(), dns::name_from_str("in-addr.arpa").unwrap()),
+            (
+                "in-addr.arpa.".into(),
+                dns::name_from_str("in-addr.arpa").unwrap(),
+            ),
             ("ip6.arpa.".into(), dns::name_from_str("ip6.arpa").unwrap()),
         ] {
             zones.push(Zone {
@@ -590,7 +599,10 @@ impl FileConfig {
             let key = format!("zone[{i}]");
             let (name, wire) = zone_name(&format!("{key}.name"), &z.name)?;
             if z.upstreams.is_empty() {
-                return Err(invalid(format!("{key}.upstreams"), "at least one upstream is required"));
+                return Err(invalid(
+                    format!("{key}.upstreams"),
+                    "at least one upstream is required",
+                ));
             }
             let transport = match z.transport.as_str() {
                 "udp" => Transport::Udp,
@@ -739,8 +751,14 @@ mod tests {
         assert_eq!(root.name, ".");
         assert_eq!(root.upstreams, vec!["127.0.0.53:53".parse().unwrap()]);
         assert_eq!(s.warnings.len(), 1, "no cluster DNS warns");
-        assert_eq!(s.zones[s.route(&dns::name_from_str("a.svc.cluster.local").unwrap())].name, "cluster.local.");
-        assert_eq!(s.zones[s.route(&dns::name_from_str("example.com").unwrap())].name, ".");
+        assert_eq!(
+            s.zones[s.route(&dns::name_from_str("a.svc.cluster.local").unwrap())].name,
+            "cluster.local."
+        );
+        assert_eq!(
+            s.zones[s.route(&dns::name_from_str("example.com").unwrap())].name,
+            "."
+        );
     }
 
     #[test]
@@ -775,8 +793,10 @@ mod tests {
         assert!(err("bogus = 1").contains("unknown field `bogus`"));
         assert!(err("[cache]\nmin_ttl = \"5x\"").starts_with("cache.min_ttl: invalid duration"));
         assert!(err("listen = [\"nope\"]").starts_with("listen: invalid address"));
-        assert!(err("[[zone]]\nname = \"a\"\nupstreams = [\"127.0.0.1\"]\ntransport = \"quic\"")
-            .starts_with("zone[0].transport:"));
+        assert!(
+            err("[[zone]]\nname = \"a\"\nupstreams = [\"127.0.0.1\"]\ntransport = \"quic\"")
+                .starts_with("zone[0].transport:")
+        );
         assert!(err("[node]\nfirewall = \"pf\"").starts_with("node.firewall:"));
         assert!(err("[cache]\nservfail_ttl = \"1h\"").contains("RFC 2308"));
     }

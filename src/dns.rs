@@ -183,10 +183,7 @@ pub fn parse_query(pkt: &[u8]) -> Result<Query, Reject> {
         let label = pkt
             .get(pos..pos + 1 + len)
             .ok_or(Reject::Rcode(RCODE_FORMERR))?;
-        for (dst, src) in q.lower[name_len..name_len + 1 + len]
-            .iter_mut()
-            .zip(label)
-        {
+        for (dst, src) in q.lower[name_len..name_len + 1 + len].iter_mut().zip(label) {
             *dst = src.to_ascii_lowercase();
         }
         pos += 1 + len;
@@ -515,7 +512,8 @@ pub fn parse_response(resp: &[u8], sent_question: &[u8]) -> Result<Response, Bad
             min_ttl = Some(min_ttl.map_or(ttl, |m: u32| m.min(ttl)));
             if section == 1 && rtype == TYPE_SOA && negative_ttl.is_none() {
                 // SOA rdata: mname, rname, serial, refresh, retry, expire, minimum.
-                let minimum = rdata_soa_minimum(resp, rdata, rdlen).ok_or(BadResponse::Malformed)?;
+                let minimum =
+                    rdata_soa_minimum(resp, rdata, rdlen).ok_or(BadResponse::Malformed)?;
                 negative_ttl = Some(ttl.min(minimum));
                 soa_ttl_offset = Some(ttl_off as u16);
             }
@@ -590,7 +588,10 @@ mod tests {
             })
         );
         assert_eq!(q.max_udp_reply(1232), 1232);
-        assert_eq!(&p[12..q.question_end].to_ascii_lowercase()[..], q.question_lower());
+        assert_eq!(
+            &p[12..q.question_end].to_ascii_lowercase()[..],
+            q.question_lower()
+        );
     }
 
     #[test]
@@ -647,11 +648,23 @@ mod tests {
     #[test]
     fn zone_membership_follows_label_boundaries() {
         let zone = name_from_str("cluster.local").unwrap();
-        assert!(name_in_zone(&name_from_str("a.b.cluster.local.").unwrap(), &zone));
-        assert!(name_in_zone(&name_from_str("cluster.local").unwrap(), &zone));
-        assert!(!name_in_zone(&name_from_str("xcluster.local").unwrap(), &zone));
+        assert!(name_in_zone(
+            &name_from_str("a.b.cluster.local.").unwrap(),
+            &zone
+        ));
+        assert!(name_in_zone(
+            &name_from_str("cluster.local").unwrap(),
+            &zone
+        ));
+        assert!(!name_in_zone(
+            &name_from_str("xcluster.local").unwrap(),
+            &zone
+        ));
         assert!(!name_in_zone(&name_from_str("local").unwrap(), &zone));
-        assert!(name_in_zone(&name_from_str("anything").unwrap(), &name_from_str(".").unwrap()));
+        assert!(name_in_zone(
+            &name_from_str("anything").unwrap(),
+            &name_from_str(".").unwrap()
+        ));
     }
 
     #[test]

@@ -55,7 +55,10 @@ fn cluster_names_go_over_tcp_and_others_over_udp() {
     assert_eq!(cq.len(), 3, "{cq:?}");
     assert!(cq.iter().all(|(_, _, via)| *via == Via::Tcp), "{cq:?}");
     let vq = vpc.queries();
-    assert_eq!(vq, vec![("www.example.com".to_string(), RecordType::A, Via::Udp)]);
+    assert_eq!(
+        vq,
+        vec![("www.example.com".to_string(), RecordType::A, Via::Udp)]
+    );
 }
 
 #[test]
@@ -67,7 +70,11 @@ fn pooled_tcp_carries_many_queries_and_survives_upstream_close() {
         .map(|i| {
             let addr = nd.dns;
             std::thread::spawn(move || {
-                udp_query(addr, &format!("svc-{i}.ns.svc.cluster.local."), RecordType::A)
+                udp_query(
+                    addr,
+                    &format!("svc-{i}.ns.svc.cluster.local."),
+                    RecordType::A,
+                )
             })
         })
         .collect();
@@ -90,14 +97,20 @@ fn truncated_udp_answer_is_retried_over_tcp() {
     });
     let nd = start(&vpc, None, &[]);
     // A TCP client gets the whole answer.
-    let r = &tcp_pipeline(nd.dns, &[query_msg("big.example.", RecordType::TXT, 7, Some(1232))])[0];
+    let r = &tcp_pipeline(
+        nd.dns,
+        &[query_msg("big.example.", RecordType::TXT, 7, Some(1232))],
+    )[0];
     assert!(!r.metadata.truncation);
     assert_eq!(r.answers.len(), 1);
     let vias: Vec<Via> = vpc.queries().iter().map(|q| q.2).collect();
     assert_eq!(vias, vec![Via::Udp, Via::Tcp]);
     // A UDP client with a 1232-byte buffer gets TC=1 from the cache, and no new upstream query.
     let r = udp_query(nd.dns, "big.example.", RecordType::TXT);
-    assert!(r.metadata.truncation, "answer over the client's size must set TC");
+    assert!(
+        r.metadata.truncation,
+        "answer over the client's size must set TC"
+    );
     assert!(r.answers.is_empty());
     assert_eq!(vpc.queries().len(), 2);
 }
@@ -110,9 +123,16 @@ fn cache_hit_makes_no_upstream_query_and_ttl_falls() {
     assert_eq!(first_ttl(&first), 30, "TTL capped at 30 s");
     std::thread::sleep(Duration::from_millis(2100));
     let second = udp_query(nd.dns, "WWW.example.COM.", RecordType::A);
-    assert_eq!(vpc.count("www.example.com"), 1, "second query served from cache");
+    assert_eq!(
+        vpc.count("www.example.com"),
+        1,
+        "second query served from cache"
+    );
     let ttl = first_ttl(&second);
-    assert!((27..=28).contains(&ttl), "TTL decremented by age, got {ttl}");
+    assert!(
+        (27..=28).contains(&ttl),
+        "TTL decremented by age, got {ttl}"
+    );
     // Other types and the DO bit are other keys.
     udp_query(nd.dns, "www.example.com.", RecordType::AAAA);
     assert_eq!(vpc.count("www.example.com"), 2);
@@ -143,31 +163,56 @@ fn negative_answers_follow_the_soa() {
     }
     assert_eq!(vpc.count("nx.example"), 1, "NXDOMAIN with SOA is cached");
     assert_eq!(vpc.count("nodata.example"), 1, "NODATA with SOA is cached");
-    assert_eq!(vpc.count("nosoa.example"), 2, "no SOA: not cached (RFC 2308 §5)");
+    assert_eq!(
+        vpc.count("nosoa.example"),
+        2,
+        "no SOA: not cached (RFC 2308 §5)"
+    );
     let r = udp_query(nd.dns, "nx.example.", RecordType::A);
     assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
     assert!(r.authorities[0].ttl <= 2, "SOA TTL is the negative TTL");
     std::thread::sleep(Duration::from_millis(2300));
     udp_query(nd.dns, "nx.example.", RecordType::A);
-    assert_eq!(vpc.count("nx.example"), 2, "expired after min(SOA TTL, MINIMUM)");
+    assert_eq!(
+        vpc.count("nx.example"),
+        2,
+        "expired after min(SOA TTL, MINIMUM)"
+    );
 }
 
 #[test]
 fn case_and_id_are_echoed_and_edns_is_per_hop() {
     let vpc = answering(30);
     let nd = start(&vpc, None, &[]);
-    for (i, name) in ["MiXeD.ExAmPlE.oRg.", "mixed.example.org.", "MIXED.EXAMPLE.ORG."]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "MiXeD.ExAmPlE.oRg.",
+        "mixed.example.org.",
+        "MIXED.EXAMPLE.ORG.",
+    ]
+    .iter()
+    .enumerate()
     {
-        let q = query_msg(name, RecordType::A, 0x1000 + i as u16, if i == 1 { None } else { Some(4096) });
+        let q = query_msg(
+            name,
+            RecordType::A,
+            0x1000 + i as u16,
+            if i == 1 { None } else { Some(4096) },
+        );
         let raw = q.to_vec().unwrap();
         let r = udp_raw(nd.dns, &raw, Duration::from_secs(3)).unwrap();
         assert_eq!(&r[..2], &raw[..2], "ID echoed");
         let qlen = 4 + name.len() + 1;
-        assert_eq!(&r[12..12 + qlen], &raw[12..12 + qlen], "question bytes echoed exactly (0x20)");
+        assert_eq!(
+            &r[12..12 + qlen],
+            &raw[12..12 + qlen],
+            "question bytes echoed exactly (0x20)"
+        );
         let m = Message::from_vec(&r).unwrap();
-        assert_eq!(m.edns.is_some(), i != 1, "OPT only when the client sent one");
+        assert_eq!(
+            m.edns.is_some(),
+            i != 1,
+            "OPT only when the client sent one"
+        );
         if let Some(e) = &m.edns {
             assert_eq!(e.max_payload(), 1232, "our own OPT, not the upstream's");
         }
@@ -182,7 +227,11 @@ fn pipelined_tcp_queries_all_get_answers() {
     udp_query(nd.dns, "cached.example.", RecordType::A);
     let msgs: Vec<Message> = (0..30u16)
         .map(|i| {
-            let name = if i % 3 == 0 { "cached.example.".to_string() } else { format!("n{i}.example.") };
+            let name = if i % 3 == 0 {
+                "cached.example.".to_string()
+            } else {
+                format!("n{i}.example.")
+            };
             query_msg(&name, RecordType::A, 100 + i, None)
         })
         .collect();
@@ -191,7 +240,11 @@ fn pipelined_tcp_queries_all_get_answers() {
     ids.sort();
     assert_eq!(ids, (100..130).collect::<Vec<_>>());
     for a in &answers {
-        let want = if a.metadata.id % 3 == 1 { "cached.example." } else { "" };
+        let want = if a.metadata.id % 3 == 1 {
+            "cached.example."
+        } else {
+            ""
+        };
         if !want.is_empty() {
             assert_eq!(a.queries[0].name().to_ascii(), want);
         }
@@ -205,12 +258,18 @@ fn garbage_leaves_the_server_serving() {
     let nd = start(&vpc, None, &[]);
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut seed = 0x9E3779B97F4A7C15u64;
-    let valid = query_msg("ok.example.", RecordType::A, 5, Some(1232)).to_vec().unwrap();
+    let valid = query_msg("ok.example.", RecordType::A, 5, Some(1232))
+        .to_vec()
+        .unwrap();
     for i in 0..3000 {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let mut pkt = if i % 2 == 0 { valid.clone() } else { vec![0u8; (seed % 600) as usize] };
+        let mut pkt = if i % 2 == 0 {
+            valid.clone()
+        } else {
+            vec![0u8; (seed % 600) as usize]
+        };
         for (j, b) in pkt.iter_mut().enumerate() {
             if i % 2 == 1 || (seed >> (j % 64)) & 7 == 0 {
                 *b = (seed >> (j % 57)) as u8;
@@ -236,7 +295,12 @@ fn garbage_leaves_the_server_serving() {
     let mut t = std::net::TcpStream::connect(nd.dns).unwrap();
     std::io::Write::write_all(&mut t, &[0, 5, 1, 2, 3, 4, 5, 0xFF, 0xFF]).unwrap();
     drop(t);
-    assert_eq!(udp_query(nd.dns, "ok.example.", RecordType::A).answers.len(), 1);
+    assert_eq!(
+        udp_query(nd.dns, "ok.example.", RecordType::A)
+            .answers
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -245,8 +309,16 @@ fn silent_upstream_is_skipped_and_all_silent_gives_servfail_in_time() {
     let good = answering(30);
     let both = format!("{}", silent.addr);
     let nd = Nodedns::start(&[
-        "--listen", "127.0.0.1:0", "--upstream", &both, "--upstream", &good.arg(),
-        "--metrics", "off", "--health", "off",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &both,
+        "--upstream",
+        &good.arg(),
+        "--metrics",
+        "off",
+        "--health",
+        "off",
     ]);
     // Whichever upstream is tried first, the answer arrives within one attempt timeout (1 s).
     let t = Instant::now();
@@ -254,21 +326,40 @@ fn silent_upstream_is_skipped_and_all_silent_gives_servfail_in_time() {
         let r = udp_query(nd.dns, &format!("q{i}.example."), RecordType::A);
         assert_eq!(r.answers.len(), 1);
     }
-    assert!(t.elapsed() < Duration::from_millis(4 * 1300), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(4 * 1300),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(silent.queries().len() >= 1, "the silent upstream was tried");
     assert_eq!(good.queries().len(), 4);
 
     let silent2 = FakeUpstream::start(|_, _| Action::Silence);
     let nd = Nodedns::start(&[
-        "--listen", "127.0.0.1:0", "--upstream", &silent.arg(), "--upstream", &silent2.arg(),
-        "--metrics", "off", "--health", "off",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &silent.arg(),
+        "--upstream",
+        &silent2.arg(),
+        "--metrics",
+        "off",
+        "--health",
+        "off",
     ]);
     let t = Instant::now();
     let r = udp_query(nd.dns, "dead.example.", RecordType::A);
     let took = t.elapsed();
     assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
-    assert!(took >= Duration::from_millis(1900) && took < Duration::from_millis(3500), "{took:?}");
-    assert_eq!(silent2.count("dead.example"), 1, "the next upstream was tried");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3500),
+        "{took:?}"
+    );
+    assert_eq!(
+        silent2.count("dead.example"),
+        1,
+        "the next upstream was tried"
+    );
 }
 
 #[test]
@@ -278,7 +369,11 @@ fn servfail_tries_the_next_upstream_and_is_cached_briefly() {
     let r = udp_query(nd.dns, "broken.example.", RecordType::A);
     assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
     udp_query(nd.dns, "broken.example.", RecordType::A);
-    assert_eq!(failing.count("broken.example"), 1, "SERVFAIL cached for servfail_ttl");
+    assert_eq!(
+        failing.count("broken.example"),
+        1,
+        "SERVFAIL cached for servfail_ttl"
+    );
 }
 
 #[test]
@@ -287,7 +382,9 @@ fn sigterm_exits_zero_after_in_flight_queries() {
     let mut nd = start(&vpc, None, &["--lameduck", "0s"]);
     udp_query(nd.dns, "x.example.", RecordType::A);
     nd.signal(libc::SIGTERM);
-    let st = nd.wait_exit(Duration::from_secs(5)).expect("exits within the grace period");
+    let st = nd
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits within the grace period");
     assert!(st.success(), "{st:?}");
     // The ports are free again.
     UdpSocket::bind(nd.dns).expect("UDP port released");
@@ -300,12 +397,29 @@ fn a_second_instance_can_share_the_addresses() {
     let a = start(&vpc, None, &[]);
     let addr = a.dns.to_string();
     let b = Nodedns::start(&[
-        "--listen", &addr, "--upstream", &vpc.arg(), "--metrics", "off", "--health", "off",
+        "--listen",
+        &addr,
+        "--upstream",
+        &vpc.arg(),
+        "--metrics",
+        "off",
+        "--health",
+        "off",
     ]);
     assert_eq!(b.dns, a.dns);
-    assert_eq!(udp_query(a.dns, "shared.example.", RecordType::A).answers.len(), 1);
+    assert_eq!(
+        udp_query(a.dns, "shared.example.", RecordType::A)
+            .answers
+            .len(),
+        1
+    );
     drop(a);
-    assert_eq!(udp_query(b.dns, "shared2.example.", RecordType::A).answers.len(), 1);
+    assert_eq!(
+        udp_query(b.dns, "shared2.example.", RecordType::A)
+            .answers
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -314,28 +428,59 @@ fn check_config_names_the_key() {
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[forward]\ntimeout = \"soon\"\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodedns"))
-        .args(["--check-config", "--config", bad.to_str().unwrap(), "--upstream", "127.0.0.1:53"])
+        .args([
+            "--check-config",
+            "--config",
+            bad.to_str().unwrap(),
+            "--upstream",
+            "127.0.0.1:53",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("forward.timeout") && err.contains("invalid duration"), "{err}");
+    assert!(
+        err.contains("forward.timeout") && err.contains("invalid duration"),
+        "{err}"
+    );
     let unknown = dir.path().join("unknown.toml");
     std::fs::write(&unknown, "[cache]\nsize = 5\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodedns"))
-        .args(["--check-config", "--config", unknown.to_str().unwrap(), "--upstream", "127.0.0.1:53"])
+        .args([
+            "--check-config",
+            "--config",
+            unknown.to_str().unwrap(),
+            "--upstream",
+            "127.0.0.1:53",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `size`"));
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, "listen = [\"127.0.0.1:5399\"]\nupstreams = [\"127.0.0.1:53\"]\n").unwrap();
+    std::fs::write(
+        &good,
+        "listen = [\"127.0.0.1:5399\"]\nupstreams = [\"127.0.0.1:53\"]\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nodedns"))
-        .args(["--check-config", "--config", good.to_str().unwrap(), "--workers", "3"])
+        .args([
+            "--check-config",
+            "--config",
+            good.to_str().unwrap(),
+            "--workers",
+            "3",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(printed.contains("workers = 3") && printed.contains("127.0.0.1:5399"), "{printed}");
+    assert!(
+        printed.contains("workers = 3") && printed.contains("127.0.0.1:5399"),
+        "{printed}"
+    );
 }
-

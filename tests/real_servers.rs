@@ -31,7 +31,9 @@ impl Knot {
              ns A 127.0.0.1\nkubernetes.default.svc A 10.96.0.1\n",
         )
         .unwrap();
-        let big: String = (0..8).map(|i| format!(" \"{}\"", "x".repeat(190 + i))).collect();
+        let big: String = (0..8)
+            .map(|i| format!(" \"{}\"", "x".repeat(190 + i)))
+            .collect();
         std::fs::write(
             dir.path().join("example.com.zone"),
             format!(
@@ -63,7 +65,13 @@ impl Knot {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while kdig(k.addr, &["www.example.com", "+short", "+timeout=1", "+retry=0"]).trim().is_empty() {
+        while kdig(
+            k.addr,
+            &["www.example.com", "+short", "+timeout=1", "+retry=0"],
+        )
+        .trim()
+        .is_empty()
+        {
             assert!(Instant::now() < deadline, "knotd did not come up");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -92,8 +100,16 @@ fn kdig(server: SocketAddr, args: &[&str]) -> String {
 fn nodedns_in_front_of(knot: &Knot) -> Nodedns {
     let k = knot.addr.to_string();
     Nodedns::start(&[
-        "--listen", "127.0.0.1:0", "--upstream", &k, "--cluster-dns", &k, "--metrics", "off",
-        "--health", "off",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &k,
+        "--cluster-dns",
+        &k,
+        "--metrics",
+        "off",
+        "--health",
+        "off",
     ])
 }
 
@@ -108,7 +124,10 @@ fn kdig_through_nodedns_to_knot() {
         kdig(nd.dns, &["kubernetes.default.svc.cluster.local", "+short"]).trim(),
         "10.96.0.1"
     );
-    assert_eq!(kdig(nd.dns, &["www.example.com", "AAAA", "+short"]).trim(), "2001:db8::1");
+    assert_eq!(
+        kdig(nd.dns, &["www.example.com", "AAAA", "+short"]).trim(),
+        "2001:db8::1"
+    );
     // Served again from cache with the TTL capped at 30 s.
     let out = kdig(nd.dns, &["www.example.com", "+noall", "+answer"]);
     let ttl: u32 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -120,7 +139,11 @@ fn kdig_through_nodedns_to_knot() {
     let out = kdig(nd.dns, &["big.example.com", "TXT", "+noedns", "+ignore"]);
     assert!(out.contains(" tc"), "{out}");
     let out = kdig(nd.dns, &["big.example.com", "TXT", "+tcp", "+short"]);
-    assert_eq!(out.matches('"').count(), 16, "all eight strings arrive over TCP: {out}");
+    assert_eq!(
+        out.matches('"').count(),
+        16,
+        "all eight strings arrive over TCP: {out}"
+    );
 }
 
 #[test]
@@ -143,6 +166,12 @@ fn dig_with_dnssec_ok_and_0x20_case() {
         .unwrap();
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.contains("status: NOERROR"), "{out}");
-    assert!(out.contains(";WwW.ExAmPlE.CoM."), "question case echoed: {out}");
-    assert!(out.contains("flags: do; udp: 1232"), "our OPT with DO echoed: {out}");
+    assert!(
+        out.contains(";WwW.ExAmPlE.CoM."),
+        "question case echoed: {out}"
+    );
+    assert!(
+        out.contains("flags: do; udp: 1232"),
+        "our OPT with DO echoed: {out}"
+    );
 }

@@ -290,7 +290,15 @@ impl Forwarder {
         } = resp;
         let Some(ttl) = lifetime.filter(|&t| t > 0) else {
             // Served once, as received.
-            return Entry::new(wire, ttl_offsets, q.key_flags(), kind, zone_idx as u16, now, Duration::ZERO);
+            return Entry::new(
+                wire,
+                ttl_offsets,
+                q.key_flags(),
+                kind,
+                zone_idx as u16,
+                now,
+                Duration::ZERO,
+            );
         };
         for &off in &ttl_offsets {
             let off = off as usize;

@@ -170,7 +170,12 @@ impl TcpPool {
         Ok((conn, true))
     }
 
-    async fn query(&self, conn: &Arc<Conn>, q: &Query, udp_size: u16) -> Result<Response, UpstreamError> {
+    async fn query(
+        &self,
+        conn: &Arc<Conn>,
+        q: &Query,
+        udp_size: u16,
+    ) -> Result<Response, UpstreamError> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut p = conn.pending.lock();

@@ -27,6 +27,8 @@ pub struct Context {
 }
 
 /// The result of the synchronous part of handling one packet.
+// The Query travels by value on the stack: boxing it would allocate on every miss for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Handled {
     /// `out` holds the reply.
     Reply,
@@ -78,7 +80,13 @@ impl Context {
                     }
                     Reject::BadVers => {
                         let size = self.settings.edns_udp_size;
-                        dns::write_error_reply(pkt, dns::RCODE_BADVERS, None, Some((size, false)), out);
+                        dns::write_error_reply(
+                            pkt,
+                            dns::RCODE_BADVERS,
+                            None,
+                            Some((size, false)),
+                            out,
+                        );
                         Handled::Reply
                     }
                 };
@@ -134,10 +142,29 @@ impl Context {
         let question = &pkt[dns::HEADER_LEN..q.question_end];
         let zone = self.settings.route(q.qname_lower());
         let Some(_slot) = self.forwarder.try_acquire() else {
-            crate::log_limited!(warn, max_inflight = self.settings.max_inflight, "too many forwarded queries in flight, refusing");
-            dns::write_error_reply(pkt, dns::RCODE_REFUSED as u16, Some(question), edns, &mut out);
+            crate::log_limited!(
+                warn,
+                max_inflight = self.settings.max_inflight,
+                "too many forwarded queries in flight, refusing"
+            );
+            dns::write_error_reply(
+                pkt,
+                dns::RCODE_REFUSED as u16,
+                Some(question),
+                edns,
+                &mut out,
+            );
             let elapsed = start.elapsed();
-            stats.record(zone, proto, src.is_ipv6(), q, pkt.len(), &out, None, elapsed);
+            stats.record(
+                zone,
+                proto,
+                src.is_ipv6(),
+                q,
+                pkt.len(),
+                &out,
+                None,
+                elapsed,
+            );
             self.metrics.query_log(q, src, &out, false, None, elapsed);
             return out;
         };
@@ -148,13 +175,29 @@ impl Context {
             }
             Err(e) => {
                 crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL");
-                dns::write_error_reply(pkt, dns::RCODE_SERVFAIL as u16, Some(question), edns, &mut out);
+                dns::write_error_reply(
+                    pkt,
+                    dns::RCODE_SERVFAIL as u16,
+                    Some(question),
+                    edns,
+                    &mut out,
+                );
                 None
             }
         };
         let elapsed = start.elapsed();
-        stats.record(zone, proto, src.is_ipv6(), q, pkt.len(), &out, None, elapsed);
-        self.metrics.query_log(q, src, &out, false, upstream, elapsed);
+        stats.record(
+            zone,
+            proto,
+            src.is_ipv6(),
+            q,
+            pkt.len(),
+            &out,
+            None,
+            elapsed,
+        );
+        self.metrics
+            .query_log(q, src, &out, false, upstream, elapsed);
         out
     }
 }

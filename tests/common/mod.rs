@@ -239,7 +239,12 @@ impl FakeUpstream {
 
     /// Readiness probes (`. NS`) received.
     pub fn probes(&self) -> usize {
-        self.log.lock().unwrap().iter().filter(|(n, t, _)| n.is_empty() && *t == RecordType::NS).count()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, t, _)| n.is_empty() && *t == RecordType::NS)
+            .count()
     }
 
     pub fn count(&self, name: &str) -> usize {
