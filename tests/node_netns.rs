@@ -635,3 +635,325 @@ fn nftables_table_is_applied_restored_and_removed_atomically() {
     );
     assert!(errors.all().is_empty(), "{:?}", errors.all());
 }
+
+// ---------------------------------------------------------------------------------------------
+// End to end: the nodedns binary on a "node", queried from a "pod" through a veth pair, with
+// cluster and external upstreams in a namespace of their own.
+
+mod common;
+
+use common::{a_reply, negative_reply, reply, Action, FakeUpstream};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+
+const LOCAL_IP: &str = "169.254.20.10";
+const CLUSTER_DNS: &str = "10.201.0.2:53";
+const EXTERNAL_DNS: &str = "10.201.0.3:53";
+const SEARCH: &str = "default.svc.cluster.local svc.cluster.local cluster.local";
+
+/// Runs `f` in a thread that joined the namespace (sockets it opens live there).
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = Path::new("/var/run/netns").join(netns);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns file");
+        // SAFETY: as in call_in.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// node, pod and upstream namespaces, wired with veth pairs; the pod's resolv.conf points at
+/// nodedns with the Kubernetes search list.
+struct Cluster {
+    node: Netns,
+    pod: Netns,
+    /// Holds the upstream namespace for the cluster's lifetime.
+    _up: Netns,
+    etc: std::path::PathBuf,
+    cluster: FakeUpstream,
+    external: FakeUpstream,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.etc);
+    }
+}
+
+impl Cluster {
+    fn create(tag: &str) -> Result<Cluster, String> {
+        let node = Netns::create(&format!("{tag}n"))?;
+        let pod = Netns::create(&format!("{tag}p"))?;
+        let up = Netns::create(&format!("{tag}u"))?;
+        // Both ends are created inside the namespaces: nothing appears on the host.
+        for (a, b, peer_ns, a_ip, b_ip) in [
+            ("topod", "eth0", &pod, "10.200.0.1/24", "10.200.0.2/24"),
+            ("toup", "eth0", &up, "10.201.0.1/24", "10.201.0.2/24"),
+        ] {
+            let out = Command::new("ip")
+                .args([
+                    "-n", &node.name, "link", "add", a, "type", "veth", "peer", "name", b,
+                ])
+                .args(["netns", &peer_ns.name])
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                return Err(format!(
+                    "cannot create a veth pair: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            node.sh_ok(&format!("ip addr add {a_ip} dev {a} && ip link set {a} up"));
+            peer_ns.sh_ok(&format!(
+                "ip addr add {b_ip} dev {b} && ip link set {b} up && ip route add default via {}",
+                a_ip.trim_end_matches("/24")
+            ));
+        }
+        up.sh_ok("ip addr add 10.201.0.3/24 dev eth0");
+
+        // ip netns exec bind-mounts /etc/netns/<pod>/resolv.conf over /etc/resolv.conf.
+        let etc = Path::new("/etc/netns").join(&pod.name);
+        std::fs::create_dir_all(&etc).map_err(|e| format!("creating {}: {e}", etc.display()))?;
+        std::fs::write(
+            etc.join("resolv.conf"),
+            format!("nameserver {LOCAL_IP}\nsearch {SEARCH}\noptions ndots:5\n"),
+        )
+        .unwrap();
+
+        let cluster = in_netns(&up.name, || {
+            FakeUpstream::start_on(CLUSTER_DNS, |q, _| {
+                let qq = &q.queries[0];
+                let name = qq.name().to_ascii().to_lowercase();
+                if name == "web.default.svc.cluster.local." {
+                    if qq.query_type() == RecordType::A {
+                        Action::Answer(a_reply(q, 30, &[[10, 96, 1, 5]]))
+                    } else {
+                        Action::Answer(reply(q, ResponseCode::NoError))
+                    }
+                } else {
+                    Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5))))
+                }
+            })
+        });
+        let external = in_netns(&up.name, || {
+            FakeUpstream::start_on(EXTERNAL_DNS, |q, _| {
+                let qq = &q.queries[0];
+                let name = qq.name().to_ascii().to_lowercase();
+                match (name.as_str(), qq.query_type()) {
+                    ("example.org.", RecordType::A) => {
+                        Action::Answer(a_reply(q, 30, &[[192, 0, 2, 7]]))
+                    }
+                    ("example.org.", _) => Action::Answer(reply(q, ResponseCode::NoError)),
+                    _ => Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5)))),
+                }
+            })
+        });
+        Ok(Cluster {
+            node,
+            pod,
+            _up: up,
+            etc,
+            cluster,
+            external,
+        })
+    }
+
+    /// Starts nodedns in the node namespace with node setup on `lo`.
+    fn start_nodedns(&self, extra: &[&str]) -> Daemon {
+        let log = std::env::temp_dir().join(format!("{}-nodedns.log", self.node.name));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut args: Vec<String> = [
+            "netns",
+            "exec",
+            &self.node.name,
+            env!("CARGO_BIN_EXE_nodedns"),
+            "--listen",
+            "169.254.20.10:53",
+            "--health",
+            "169.254.20.10:8080",
+            "--metrics",
+            "127.0.0.1:9253",
+            "--cluster-dns",
+            CLUSTER_DNS,
+            "--upstream",
+            EXTERNAL_DNS,
+            "--setup-interface",
+            "--interface-name",
+            "lo",
+            "--setup-iptables",
+            "--sync-interval",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new("ip")
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn nodedns");
+        let d = Daemon { child, log };
+        // Ready once the pod gets an answer through the rules.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (ok, out) = self.pod.sh(&format!(
+                "kdig @{LOCAL_IP} +short +time=1 +retry=0 example.org A"
+            ));
+            if ok && out.contains("192.0.2.7") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodedns did not answer the pod within 20 s: {out}\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+}
+
+/// The nodedns process (`ip netns exec` execs it, so the pid is nodedns's own).
+struct Daemon {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "nodedns exited with {st}:\n{}", self.log());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodedns did not exit on SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- nodedns log ----\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+macro_rules! cluster {
+    ($tag:expr) => {
+        match Cluster::create($tag) {
+            Ok(c) => c,
+            Err(reason) => {
+                skip(&reason);
+                return;
+            }
+        }
+    };
+}
+
+#[test]
+fn pod_resolves_through_nodedns_and_sigterm_cleans_up() {
+    require!(
+        have("kdig") && have("getent") && have("iptables-nft-save"),
+        "needs kdig, getent and iptables-nft"
+    );
+    let c = cluster!("e2e");
+    let mut d = c.start_nodedns(&[]);
+
+    // The glibc resolver in the pod: search list + ndots:5, cluster and external names.
+    let out = c.pod.sh_ok("getent hosts web");
+    assert!(out.contains("10.96.1.5"), "getent hosts web: {out}");
+    let out = c.pod.sh_ok("getent hosts example.org");
+    assert!(out.contains("192.0.2.7"), "getent hosts example.org: {out}");
+    // kdig over UDP and TCP.
+    for tcp in ["", "+tcp"] {
+        let out = c.pod.sh_ok(&format!(
+            "kdig @{LOCAL_IP} {tcp} +short web.default.svc.cluster.local A"
+        ));
+        assert_eq!(out.trim(), "10.96.1.5", "kdig {tcp}");
+        let out = c
+            .pod
+            .sh_ok(&format!("kdig @{LOCAL_IP} {tcp} +short example.org A"));
+        assert_eq!(out.trim(), "192.0.2.7", "kdig {tcp}");
+    }
+    assert!(c.cluster.count("web.default.svc.cluster.local") >= 1);
+    assert!(c.external.count("example.org") >= 1);
+    // The search list walk went through nodedns to the cluster upstream.
+    assert!(c.cluster.count("example.org.default.svc.cluster.local") >= 1);
+
+    // Interface and rules in place on the node.
+    assert!(c.node.lo_addrs().contains("169.254.20.10/32"));
+    assert_eq!(c.node.our_rules("iptables-nft-save").len(), 12);
+
+    // A rule deleted by hand is back within one sync interval (1 s).
+    c.node.sh_ok(&format!(
+        "iptables-nft -t raw {}",
+        RAW_UDP_PREROUTING.replacen("-A", "-D", 1)
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.node.our_rules("iptables-nft-save").len() < 12 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        c.node.our_rules("iptables-nft-save").len(),
+        12,
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("added it back"), "{}", d.log());
+
+    // SIGTERM: every rule and our address go; lo stays.
+    d.terminate();
+    assert!(c.node.our_rules("iptables-nft-save").is_empty());
+    let addrs = c.node.lo_addrs();
+    assert!(!addrs.contains("169.254.20.10/32"), "{addrs}");
+    assert!(addrs.contains("127.0.0.1/8"), "{addrs}");
+}
+
+#[test]
+fn nftables_and_skip_teardown_end_to_end() {
+    require!(have("kdig") && have("nft"), "needs kdig and nft");
+    let c = cluster!("e2n");
+    let mut d = c.start_nodedns(&["--firewall", "nftables", "--skip-teardown"]);
+    let out = c.pod.sh_ok(&format!(
+        "kdig @{LOCAL_IP} +tcp +short web.default.svc.cluster.local A"
+    ));
+    assert_eq!(out.trim(), "10.96.1.5");
+    let table = c.node.sh_ok("nft list table inet nodedns");
+    assert_eq!(table.matches("comment \"nodedns").count(), 12, "{table}");
+    // Removed by hand: back within a sync interval.
+    c.node.sh_ok("nft delete table inet nodedns");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.node.sh("nft list table inet nodedns").0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.node.sh_ok("nft list table inet nodedns"), table);
+
+    // --skip-teardown: the table and the address survive the exit.
+    d.terminate();
+    assert_eq!(c.node.sh_ok("nft list table inet nodedns"), table);
+    assert!(c.node.lo_addrs().contains("169.254.20.10/32"));
+}
