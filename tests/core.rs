@@ -484,3 +484,40 @@ fn check_config_names_the_key() {
         "{printed}"
     );
 }
+
+#[test]
+fn silent_tcp_clients_neither_stall_others_nor_stay_forever() {
+    let vpc = answering(30);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[server]\ntcp_idle_timeout = \"1s\"\n").unwrap();
+    let nd = start(&vpc, None, &["--config", cfg.to_str().unwrap()]);
+    // Clients that connect and send nothing, or half a length prefix, or never read.
+    let mut idle: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(nd.dns).unwrap())
+        .collect();
+    std::io::Write::write_all(&mut idle[0], &[0]).unwrap();
+    let t = Instant::now();
+    let r = tcp_pipeline(
+        nd.dns,
+        &[query_msg("busy.example.", RecordType::A, 3, None)],
+    );
+    assert_eq!(r[0].answers.len(), 1);
+    assert_eq!(
+        udp_query(nd.dns, "busy2.example.", RecordType::A)
+            .answers
+            .len(),
+        1
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    // After the idle timeout the server has closed them: a read sees EOF.
+    let s = &mut idle[1];
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    let mut b = [0u8; 1];
+    let n = std::io::Read::read(s, &mut b).expect("closed, not timed out");
+    assert_eq!(n, 0, "server closed the idle connection");
+}
