@@ -4,9 +4,9 @@
 //! 2. bind every listener (UDP per worker, TCP), start the workers and the admin endpoints;
 //! 3. check that each listener answers, then install the firewall rules: a broken start never
 //!    blackholes the node's DNS;
-//! 4. on SIGTERM: /ready turns 503, DNS keeps answering for the lameduck period, then listeners
-//!    stop, in-flight queries get `server.grace_period` to finish, and the rules are removed
-//!    before the interface.
+//! 4. on SIGTERM: /ready turns 503, DNS keeps answering for the lameduck period, then the rules
+//!    are removed before the interface (while still answering), then listeners stop and in-flight
+//!    queries get `server.grace_period` to finish.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,14 +144,25 @@ pub async fn run(
     ready.listeners_bound.store(true, Ordering::Relaxed);
 
     // Rules only once every listener answers.
+    let mut started = Ok(());
     for &addr in &served {
-        self_check(addr).await.with_context(|| {
-            format!("listener {addr} does not answer; not installing firewall rules")
-        })?;
+        if let Err(e) = self_check(addr).await {
+            started = Err(e.context(format!(
+                "listener {addr} does not answer; not installing firewall rules"
+            )));
+            break;
+        }
     }
-    if let Err(e) = node.setup_rules().await {
+    if started.is_ok() {
+        started = node.setup_rules().await.context("firewall setup failed");
+    }
+    if let Err(e) = started {
+        // Leave nothing behind that would capture DNS with no one listening.
+        if let Err(t) = node.teardown().await {
+            warn!(error = %format!("{t:#}"), "teardown incomplete");
+        }
         stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
-        return Err(e.context("firewall setup failed"));
+        return Err(e);
     }
     ready.node_setup_done.store(true, Ordering::Relaxed);
     let probe = tokio::spawn(probe_upstreams(ctx.clone(), ready.clone()));
@@ -172,10 +183,12 @@ pub async fn run(
     }
     sync_cancel.cancel();
     let _ = sync.await;
-    stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
+    // Rules and addresses go while we still answer: traffic falls back to kube-dns (transparent
+    // mode) instead of hitting an address with nothing listening.
     if let Err(e) = node.teardown().await {
         warn!(error = %format!("{e:#}"), "teardown incomplete");
     }
+    stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
     admin_cancel.cancel();
     info!("stopped");
     Ok(())
