@@ -2,7 +2,7 @@
 #
 # nodedns container image.
 #
-#   docker build -t nodedns:dev .
+#   docker build -t nodedns:dev --build-arg REVISION=$(git rev-parse HEAD) .
 #
 # Three stages:
 #   build   Debian 12 + Rust: `cargo build --release --locked`, the same release
@@ -26,6 +26,9 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+# The git revision for coredns_build_info{revision} (.git is not in the context).
+ARG REVISION=unknown
+ENV NODEDNS_REVISION=${REVISION}
 WORKDIR /src
 # .dockerignore admits only the crate's sources, so this layer changes only when
 # the code does.
