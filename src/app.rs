@@ -73,7 +73,7 @@ pub async fn run(
     for b in bound {
         let label = format!("dns://{}", b.addr);
         for (i, sock) in b.udp.into_iter().enumerate() {
-            let stats = metrics.new_worker_for(label.clone());
+            let stats = metrics.new_udp_worker_for(label.clone());
             threads.push(
                 server::udp::spawn_worker(
                     format!("nodedns-udp-{i}"),
@@ -102,7 +102,7 @@ pub async fn run(
     }
     // Admin endpoints: metrics and health may share one address.
     match (settings.metrics, settings.health) {
-        (Some(m), Some(h)) if m == h => {
+        (Some(m), Some(h)) if m == h && m.port() != 0 => {
             let a = admin::spawn(
                 m,
                 true,
