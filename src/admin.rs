@@ -41,7 +41,10 @@ struct AppState {
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
@@ -80,7 +83,9 @@ pub async fn spawn(
         app = app.route("/metrics", get(metrics));
     }
     if health_routes {
-        app = app.route("/health", get(health)).route("/ready", get(ready));
+        app = app
+            .route("/health", get(health))
+            .route("/ready", get(ready));
     }
     let app = app.with_state(AppState {
         metrics: metrics_,

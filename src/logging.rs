@@ -81,3 +81,20 @@ pub fn init(json: bool) {
         builder.try_init()
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_a_burst_per_window() {
+        let l = RateLimit::new();
+        let allowed = (0..1000).filter(|_| l.allow().is_some()).count();
+        // BURST, or twice that if the test straddled a window boundary.
+        assert!(
+            (BURST as usize..=2 * BURST as usize).contains(&allowed),
+            "{allowed}"
+        );
+        assert!(l.suppressed.load(Ordering::Relaxed) >= 1000 - 2 * BURST);
+    }
+}

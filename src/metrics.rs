@@ -1,8 +1,10 @@
 //! Prometheus metrics under the names CoreDNS exports, so existing dashboards and alerts work.
 //!
-//! The per-query counters live in `WorkerStats`: one block of plain atomics per UDP worker and
-//! per TCP listener, written only with relaxed adds (no lock, no allocation, no label lookup) and
-//! folded into metric families when Prometheus scrapes (`QueryCollector`). Miss-path metrics
+//! The per-query counters live in `WorkerStats`: blocks of plain atomics per UDP worker and per
+//! TCP listener (no lock, no allocation, no label lookup per query), folded into metric families
+//! when Prometheus scrapes (`QueryCollector`). A UDP worker counts its cache hits with plain
+//! loads and stores on a block only its thread writes; queries answered elsewhere use relaxed
+//! `fetch_add` (benches/metrics_cost.rs measures both). Miss-path metrics
 //! (forwarding) use ordinary labelled prometheus vectors: a miss already costs an upstream
 //! round trip.
 
@@ -88,10 +90,8 @@ pub const SIZE_BUCKETS: [f64; 14] = [
 const ND: usize = DURATION_BUCKETS.len() + 1;
 const NS: usize = SIZE_BUCKETS.len() + 1;
 
-/// Per-worker query counters, indexed by zone, transport, family, type and rcode.
-pub struct WorkerStats {
-    server: String,
-    zones: usize,
+/// One block of query counters, indexed by zone, transport, family, type and rcode.
+struct Counters {
     /// [zone][proto][family][type]
     requests: Box<[AtomicU64]>,
     /// [zone][rcode]
@@ -114,9 +114,16 @@ fn atomics(n: usize) -> Box<[AtomicU64]> {
     (0..n).map(|_| AtomicU64::new(0)).collect()
 }
 
-#[inline]
-fn bump(a: &AtomicU64, v: u64) {
-    a.fetch_add(v, Ordering::Relaxed);
+/// Adds `v` to a counter. `SOLE` (one writing thread): a plain load and store, no locked
+/// read-modify-write; concurrent writers would lose counts (never memory safety), which is why
+/// only a counter block with a single writing thread uses it. Otherwise a relaxed `fetch_add`.
+#[inline(always)]
+fn bump<const SOLE: bool>(a: &AtomicU64, v: u64) {
+    if SOLE {
+        a.store(a.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+    } else {
+        a.fetch_add(v, Ordering::Relaxed);
+    }
 }
 
 fn bucket(buckets: &[f64], v: f64) -> usize {
@@ -126,11 +133,9 @@ fn bucket(buckets: &[f64], v: f64) -> usize {
         .unwrap_or(buckets.len())
 }
 
-impl WorkerStats {
-    fn new(server: String, zones: usize) -> Self {
-        WorkerStats {
-            server,
-            zones,
+impl Counters {
+    fn new(zones: usize) -> Self {
+        Counters {
             requests: atomics(zones * 2 * 2 * NTYPES),
             responses: atomics(zones * 16),
             duration: atomics(zones * NTYPES * ND),
@@ -145,7 +150,76 @@ impl WorkerStats {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn record<const SOLE: bool>(
+        &self,
+        z: usize,
+        proto: Proto,
+        ipv6: bool,
+        q: &Query,
+        req_len: usize,
+        reply: &[u8],
+        cached: Option<AnswerKind>,
+        elapsed: Duration,
+    ) {
+        let p = proto as usize;
+        let t = type_index(q.qtype);
+        let requests = &self.requests[((z * 2 + p) * 2 + ipv6 as usize) * NTYPES + t];
+        bump::<SOLE>(requests, 1);
+        let rcode = reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF);
+        bump::<SOLE>(&self.responses[z * 16 + rcode as usize], 1);
+        let b = bucket(&DURATION_BUCKETS, elapsed.as_secs_f64());
+        bump::<SOLE>(&self.duration[(z * NTYPES + t) * ND + b], 1);
+        let ns = elapsed.as_nanos() as u64;
+        bump::<SOLE>(&self.duration_sum_ns[z * NTYPES + t], ns);
+        let zp = z * 2 + p;
+        let b = bucket(&SIZE_BUCKETS, req_len as f64);
+        bump::<SOLE>(&self.req_size[zp * NS + b], 1);
+        bump::<SOLE>(&self.req_size_sum[zp], req_len as u64);
+        let b = bucket(&SIZE_BUCKETS, reply.len() as f64);
+        bump::<SOLE>(&self.resp_size[zp * NS + b], 1);
+        bump::<SOLE>(&self.resp_size_sum[zp], reply.len() as u64);
+        match cached {
+            Some(AnswerKind::Positive) => bump::<SOLE>(&self.hits[0], 1),
+            Some(_) => bump::<SOLE>(&self.hits[1], 1),
+            None => bump::<SOLE>(&self.misses, 1),
+        }
+    }
+}
+
+/// The query counters of one UDP worker or one TCP listener, folded with the others of the same
+/// `server` label at scrape time.
+///
+/// Two blocks: `owned` is written by one thread only (a UDP worker's own thread, which answers
+/// cache hits and rejects malformed packets), so counting there costs plain loads and stores;
+/// `shared` takes everything else (misses resolved on runtime threads, every TCP query) with
+/// relaxed `fetch_add`.
+pub struct WorkerStats {
+    server: String,
+    zones: usize,
+    /// True for a UDP worker's stats: `Context::handle` runs on one thread only for them.
+    sole_writer: bool,
+    owned: Counters,
+    shared: Counters,
+}
+
+impl WorkerStats {
+    fn new(server: String, zones: usize, sole_writer: bool) -> Self {
+        WorkerStats {
+            server,
+            zones,
+            sole_writer,
+            // Without a sole writer the owned block stays empty.
+            owned: Counters::new(if sole_writer { zones } else { 0 }),
+            shared: Counters::new(zones),
+        }
+    }
+
     /// Counts one answered query. `cached` is the kind of cache entry for a hit, None for a miss.
+    ///
+    /// For stats from [`Metrics::new_udp_worker_for`], hits must be recorded from the worker's
+    /// own thread only (misses may come from anywhere).
     #[allow(clippy::too_many_arguments)]
     #[inline]
     pub fn record(
@@ -160,45 +234,24 @@ impl WorkerStats {
         elapsed: Duration,
     ) {
         let z = zone.min(self.zones - 1);
-        let p = proto as usize;
-        let t = type_index(q.qtype);
-        bump(
-            &self.requests[((z * 2 + p) * 2 + ipv6 as usize) * NTYPES + t],
-            1,
-        );
-        let rcode = reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF);
-        bump(&self.responses[z * 16 + rcode as usize], 1);
-        let secs = elapsed.as_secs_f64();
-        bump(
-            &self.duration[(z * NTYPES + t) * ND + bucket(&DURATION_BUCKETS, secs)],
-            1,
-        );
-        bump(
-            &self.duration_sum_ns[z * NTYPES + t],
-            elapsed.as_nanos() as u64,
-        );
-        let zp = z * 2 + p;
-        bump(
-            &self.req_size[zp * NS + bucket(&SIZE_BUCKETS, req_len as f64)],
-            1,
-        );
-        bump(&self.req_size_sum[zp], req_len as u64);
-        bump(
-            &self.resp_size[zp * NS + bucket(&SIZE_BUCKETS, reply.len() as f64)],
-            1,
-        );
-        bump(&self.resp_size_sum[zp], reply.len() as u64);
-        match cached {
-            Some(AnswerKind::Positive) => bump(&self.hits[0], 1),
-            Some(_) => bump(&self.hits[1], 1),
-            None => bump(&self.misses, 1),
+        if self.sole_writer && cached.is_some() {
+            self.owned
+                .record::<true>(z, proto, ipv6, q, req_len, reply, cached, elapsed);
+        } else {
+            self.shared
+                .record::<false>(z, proto, ipv6, q, req_len, reply, cached, elapsed);
         }
     }
 
-    /// Counts a packet that could not be parsed as a query.
+    /// Counts a packet that could not be parsed as a query (from the receiving thread, like
+    /// hits).
     #[inline]
     pub fn malformed(&self, _proto: Proto) {
-        bump(&self.malformed, 1);
+        if self.sole_writer {
+            bump::<true>(&self.owned.malformed, 1);
+        } else {
+            bump::<false>(&self.shared.malformed, 1);
+        }
     }
 }
 
@@ -380,9 +433,25 @@ impl Metrics {
         })
     }
 
-    /// A new block of query counters for one worker or listener serving `server`.
+    /// A new block of query counters for a listener serving `server` whose queries may be
+    /// answered on any thread (TCP).
     pub fn new_worker_for(&self, server: String) -> Arc<WorkerStats> {
-        let w = Arc::new(WorkerStats::new(server, self.zone_names.len().max(1)));
+        self.add_worker(WorkerStats::new(
+            server,
+            self.zone_names.len().max(1),
+            false,
+        ))
+    }
+
+    /// A new block of query counters for one UDP worker serving `server`: its cache hits and
+    /// malformed packets must be counted on the worker's own thread only (as `Context::handle`
+    /// does when the worker calls it), which lets them skip atomic read-modify-writes.
+    pub fn new_udp_worker_for(&self, server: String) -> Arc<WorkerStats> {
+        self.add_worker(WorkerStats::new(server, self.zone_names.len().max(1), true))
+    }
+
+    fn add_worker(&self, w: WorkerStats) -> Arc<WorkerStats> {
+        let w = Arc::new(w);
         self.workers.lock().push(w.clone());
         w
     }
@@ -641,18 +710,18 @@ impl Collector for QueryCollector {
             let mut hits = [0u64; 2];
             let mut misses = 0;
             let mut malformed = 0;
-            for w in &ws {
-                sum_into(&mut req, &w.requests);
-                sum_into(&mut resp, &w.responses);
-                sum_into(&mut dur, &w.duration);
-                sum_into(&mut dur_sum, &w.duration_sum_ns);
-                sum_into(&mut rqs, &w.req_size);
-                sum_into(&mut rqs_sum, &w.req_size_sum);
-                sum_into(&mut rss, &w.resp_size);
-                sum_into(&mut rss_sum, &w.resp_size_sum);
-                sum_into(&mut hits, &w.hits);
-                misses += w.misses.load(Ordering::Relaxed);
-                malformed += w.malformed.load(Ordering::Relaxed);
+            for c in ws.iter().flat_map(|w| [&w.owned, &w.shared]) {
+                sum_into(&mut req, &c.requests);
+                sum_into(&mut resp, &c.responses);
+                sum_into(&mut dur, &c.duration);
+                sum_into(&mut dur_sum, &c.duration_sum_ns);
+                sum_into(&mut rqs, &c.req_size);
+                sum_into(&mut rqs_sum, &c.req_size_sum);
+                sum_into(&mut rss, &c.resp_size);
+                sum_into(&mut rss_sum, &c.resp_size_sum);
+                sum_into(&mut hits, &c.hits);
+                misses += c.misses.load(Ordering::Relaxed);
+                malformed += c.malformed.load(Ordering::Relaxed);
             }
             let s = server.as_str();
             for z in 0..zones {
@@ -754,5 +823,170 @@ impl Collector for QueryCollector {
         fams[12].mut_metric().push(counter(&[], panics() as f64));
         fams.retain(|f| !f.get_metric().is_empty());
         fams
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `example.com. IN A` with RD, no EDNS.
+    fn query() -> Query {
+        let mut pkt = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        pkt.extend_from_slice(b"\x07example\x03com\x00\x00\x01\x00\x01");
+        dns::parse_query(&pkt).expect("valid query")
+    }
+
+    fn value(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let fam = m.registry.gather().into_iter().find(|f| f.name() == name)?;
+        let mut total = None;
+        for metric in fam.get_metric() {
+            let has = |(k, v): &(&str, &str)| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            };
+            if labels.iter().all(has) {
+                let v = match fam.get_field_type() {
+                    MetricType::COUNTER => metric.get_counter().get_value(),
+                    MetricType::GAUGE => metric.get_gauge().get_value(),
+                    MetricType::HISTOGRAM => metric.get_histogram().get_sample_count() as f64,
+                    _ => unreachable!(),
+                };
+                *total.get_or_insert(0.0) += v;
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn workers_fold_into_one_series_per_server() {
+        let m = Metrics::new(vec![".".into()], 0.0);
+        let w1 = m.new_udp_worker_for("dns://a".into());
+        let w2 = m.new_worker_for("dns://a".into());
+        let w3 = m.new_worker_for("dns://b".into());
+        let q = query();
+        let noerror = [0x12, 0x34, 0x81, 0x80];
+        let nxdomain = [0x12, 0x34, 0x81, 0x83];
+        let fast = Duration::from_micros(20);
+        w1.record(
+            0,
+            Proto::Udp,
+            false,
+            &q,
+            29,
+            &noerror,
+            Some(AnswerKind::Positive),
+            fast,
+        );
+        w2.record(
+            0,
+            Proto::Udp,
+            false,
+            &q,
+            29,
+            &noerror,
+            None,
+            Duration::from_millis(3),
+        );
+        w2.record(
+            0,
+            Proto::Tcp,
+            true,
+            &q,
+            29,
+            &nxdomain,
+            Some(AnswerKind::NxDomain),
+            fast,
+        );
+        w3.malformed(Proto::Udp);
+        w1.malformed(Proto::Udp);
+
+        let a = [("server", "dns://a")];
+        assert_eq!(value(&m, "coredns_dns_requests_total", &a), Some(3.0));
+        let udp4 = [
+            ("server", "dns://a"),
+            ("proto", "udp"),
+            ("family", "1"),
+            ("type", "A"),
+        ];
+        assert_eq!(value(&m, "coredns_dns_requests_total", &udp4), Some(2.0));
+        let tcp6 = [("server", "dns://a"), ("proto", "tcp"), ("family", "2")];
+        assert_eq!(value(&m, "coredns_dns_requests_total", &tcp6), Some(1.0));
+        let nx = [("server", "dns://a"), ("rcode", "NXDOMAIN")];
+        assert_eq!(value(&m, "coredns_dns_responses_total", &nx), Some(1.0));
+        let hits = |t| {
+            value(
+                &m,
+                "coredns_cache_hits_total",
+                &[("server", "dns://a"), ("type", t)],
+            )
+        };
+        assert_eq!((hits("success"), hits("denial")), (Some(1.0), Some(1.0)));
+        assert_eq!(value(&m, "coredns_cache_misses_total", &a), Some(1.0));
+        assert_eq!(
+            value(&m, "coredns_dns_request_duration_seconds", &a),
+            Some(3.0)
+        );
+        let b = [("server", "dns://b")];
+        assert_eq!(value(&m, "nodedns_malformed_packets_total", &b), Some(1.0));
+        assert_eq!(value(&m, "nodedns_malformed_packets_total", &a), Some(1.0));
+        assert_eq!(value(&m, "coredns_dns_requests_total", &b), None);
+
+        // 20 µs lands in the 25 µs bucket, below CoreDNS's smallest (250 µs).
+        let fam = m.registry.gather();
+        let h = fam
+            .iter()
+            .find(|f| f.name() == "coredns_dns_request_duration_seconds")
+            .unwrap()
+            .get_metric()[0]
+            .get_histogram()
+            .clone();
+        let le = |b: f64| {
+            h.get_bucket()
+                .iter()
+                .find(|x| x.upper_bound() == b)
+                .unwrap()
+                .cumulative_count()
+        };
+        assert_eq!(
+            (le(0.00001), le(0.000025), le(0.004), le(8.192)),
+            (0, 2, 3, 3)
+        );
+    }
+
+    #[test]
+    fn setup_errors_build_info_and_panics_exist_from_the_start() {
+        let m = Metrics::new(vec![".".into()], 0.0);
+        for t in [
+            "iptables",
+            "iptables_lock",
+            "interface_add",
+            "interface_check",
+            "configmap",
+        ] {
+            let l = [("errortype", t)];
+            assert_eq!(
+                value(&m, "coredns_nodecache_setup_errors_total", &l),
+                Some(0.0)
+            );
+        }
+        let v = [("version", env!("CARGO_PKG_VERSION"))];
+        assert_eq!(value(&m, "coredns_build_info", &v), Some(1.0));
+        assert!(value(&m, "coredns_panics_total", &[]).is_some());
+        assert!(m.render().contains("\ncoredns_panics_total "));
+    }
+
+    #[test]
+    fn panic_hook_counts_panics() {
+        install_panic_hook();
+        install_panic_hook(); // idempotent: one count per panic
+        let m = Metrics::new(vec![".".into()], 0.0);
+        let before = value(&m, "coredns_panics_total", &[]).unwrap();
+        let r = std::panic::catch_unwind(|| panic!("deliberate panic, counted by the test"));
+        assert!(r.is_err());
+        // Other tests in this binary may panic concurrently (only when failing): at least one.
+        assert!(value(&m, "coredns_panics_total", &[]).unwrap() >= before + 1.0);
     }
 }
