@@ -331,7 +331,10 @@ fn silent_upstream_is_skipped_and_all_silent_gives_servfail_in_time() {
         "{:?}",
         t.elapsed()
     );
-    assert!(!silent.queries().is_empty(), "the silent upstream was tried");
+    assert!(
+        !silent.queries().is_empty(),
+        "the silent upstream was tried"
+    );
     assert_eq!(good.queries().len(), 4);
 
     let silent2 = FakeUpstream::start(|_, _| Action::Silence);
