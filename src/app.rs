@@ -78,6 +78,7 @@ pub async fn run(
                 server::udp::spawn_worker(
                     format!("nodedns-udp-{i}"),
                     sock,
+                    settings.udp_batch,
                     ctx.clone(),
                     rt.clone(),
                     tracker.clone(),

@@ -177,6 +177,7 @@ pub struct ServerSection {
     pub tcp_max_connections: usize,
     pub edns_udp_size: u16,
     pub grace_period: String,
+    pub udp_batch: usize,
 }
 
 impl Default for ServerSection {
@@ -186,6 +187,7 @@ impl Default for ServerSection {
             tcp_max_connections: 1024,
             edns_udp_size: 1232,
             grace_period: "5s".into(),
+            udp_batch: 32,
         }
     }
 }
@@ -280,6 +282,8 @@ pub struct Settings {
     pub tcp_max_connections: usize,
     pub edns_udp_size: u16,
     pub grace_period: Duration,
+    /// Datagrams read per `recvmmsg` by a UDP worker (1: one system call per packet).
+    pub udp_batch: usize,
     pub node: NodeConfig,
     /// Warnings to log once logging is up (e.g. no cluster DNS configured).
     pub warnings: Vec<String>,
@@ -492,6 +496,9 @@ impl FileConfig {
         if s.tcp_max_connections == 0 {
             return Err(invalid("server.tcp_max_connections", "must be at least 1"));
         }
+        if s.udp_batch == 0 || s.udp_batch > 256 {
+            return Err(invalid("server.udp_batch", "must be between 1 and 256"));
+        }
         if s.edns_udp_size < dns::MIN_UDP_SIZE {
             return Err(invalid("server.edns_udp_size", "must be at least 512"));
         }
@@ -700,6 +707,7 @@ impl FileConfig {
             tcp_idle_timeout,
             tcp_max_connections: s.tcp_max_connections,
             edns_udp_size: s.edns_udp_size,
+            udp_batch: s.udp_batch,
             grace_period,
             node,
             warnings,

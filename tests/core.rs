@@ -524,3 +524,53 @@ fn silent_tcp_clients_neither_stall_others_nor_stay_forever() {
     let n = std::io::Read::read(s, &mut b).expect("closed, not timed out");
     assert_eq!(n, 0, "server closed the idle connection");
 }
+
+#[test]
+fn a_burst_of_queries_is_answered_in_full_over_ipv4_and_ipv6() {
+    let vpc = answering(30);
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        let nd = Nodedns::start(&[
+            "--listen",
+            listen,
+            "--upstream",
+            &vpc.arg(),
+            "--workers",
+            "1",
+            "--metrics",
+            "off",
+            "--health",
+            "off",
+        ]);
+        udp_query(nd.dns, "warm.example.", RecordType::A);
+        let bind = if nd.dns.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        let s = UdpSocket::bind(bind).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // Sent back to back, so the worker reads them in batches: hits and misses mixed.
+        for i in 0..300u16 {
+            let name = if i % 2 == 0 {
+                "warm.example.".to_string()
+            } else {
+                format!("m{i}.{listen}.example.").replace([':', '[', ']'], "x")
+            };
+            s.send_to(
+                &query_msg(&name, RecordType::A, i, None).to_vec().unwrap(),
+                nd.dns,
+            )
+            .unwrap();
+        }
+        let mut seen = vec![false; 300];
+        let mut buf = [0u8; 4096];
+        for _ in 0..300 {
+            let (n, from) = s.recv_from(&mut buf).expect("every query answered");
+            assert_eq!(from, nd.dns);
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(m.answers.len(), 1);
+            seen[m.metadata.id as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "{listen}");
+    }
+}

@@ -1,8 +1,12 @@
-//! UDP workers: one OS thread per SO_REUSEPORT socket, blocking in `recv_from`. A cache hit is
-//! answered on that thread with no allocation, spawn or channel hop; a miss is copied and spawned
-//! onto the tokio runtime, which sends the answer on a clone of the same socket.
+//! UDP workers: one OS thread per SO_REUSEPORT socket. Each wakes in `recvmmsg` with up to
+//! `server.udp_batch` datagrams (MSG_WAITFORONE: it returns as soon as one is there, so batching
+//! adds no latency), answers the cache hits among them on this thread with no allocation, spawn or
+//! channel hop, and sends every reply of the batch with one `sendmmsg`. A miss is copied and
+//! spawned onto the tokio runtime, which sends its answer on a clone of the same socket.
 
-use std::net::UdpSocket;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,75 +18,258 @@ use tokio_util::task::TaskTracker;
 use super::{Context, Handled};
 use crate::metrics::{Proto, WorkerStats};
 
-/// Largest datagram read. Anything longer is cut and fails to parse as a query.
-const RECV_BUF: usize = 65535;
+/// Largest query read into a batch slot. A longer datagram (MSG_TRUNC) is not a query we serve:
+/// real queries are a few hundred bytes at most.
+const SLOT_LEN: usize = 4096;
 
-/// Starts a worker thread serving `sock` until `stop` is set.
+/// Starts a worker thread serving `sock` until `stop` is set, reading up to `batch` datagrams
+/// per system call.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_worker(
     name: String,
     sock: UdpSocket,
+    batch: usize,
     ctx: Arc<Context>,
     rt: Handle,
     tracker: TaskTracker,
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || run_worker(Arc::new(sock), ctx, rt, tracker, stop, stats))
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        let mut w = Worker {
+            sock: Arc::new(sock),
+            ctx,
+            rt,
+            tracker,
+            stats,
+            batch: Batch::new(batch.clamp(1, 256)),
+        };
+        w.run(&stop)
+    })
 }
 
-fn run_worker(
+struct Worker {
     sock: Arc<UdpSocket>,
     ctx: Arc<Context>,
     rt: Handle,
     tracker: TaskTracker,
-    stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
-) {
-    let mut buf = vec![0u8; RECV_BUF];
-    let mut out = Vec::with_capacity(RECV_BUF);
-    while !stop.load(Ordering::Relaxed) {
-        let (n, src) = match sock.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
+    batch: Batch,
+}
+
+/// Buffers for one `recvmmsg`/`sendmmsg` round, allocated once per worker.
+struct Batch {
+    bufs: Vec<[u8; SLOT_LEN]>,
+    peers: Vec<libc::sockaddr_storage>,
+    iov: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    /// Replies of this round, one per slot (capacity kept between rounds).
+    out: Vec<Vec<u8>>,
+    /// Send descriptors: reply iovecs and headers pointing at `out` and `peers`.
+    out_iov: Vec<libc::iovec>,
+    out_hdrs: Vec<libc::mmsghdr>,
+}
+
+fn zeroed<T>() -> T {
+    // SAFETY: only used for libc C structs (iovec, mmsghdr, sockaddr_storage), for which all-zero
+    // bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+impl Batch {
+    fn new(n: usize) -> Self {
+        Batch {
+            bufs: vec![[0u8; SLOT_LEN]; n],
+            peers: vec![zeroed(); n],
+            iov: vec![zeroed(); n],
+            hdrs: vec![zeroed(); n],
+            out: (0..n).map(|_| Vec::with_capacity(1232)).collect(),
+            out_iov: vec![zeroed(); n],
+            out_hdrs: vec![zeroed(); n],
+        }
+    }
+
+    /// Receives up to a batch of datagrams; blocks (up to the socket's read timeout) for the first.
+    fn recv(&mut self, fd: i32) -> io::Result<usize> {
+        let n = self.bufs.len();
+        for i in 0..n {
+            self.iov[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: SLOT_LEN,
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.peers[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points at live buffers of the stated sizes owned by `self`, which
+        // outlives the call; the kernel writes at most those sizes.
+        let r = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
+    /// The sender of slot `i`.
+    fn peer(&self, i: usize) -> Option<SocketAddr> {
+        let len = self.hdrs[i].msg_hdr.msg_namelen as usize;
+        let ss = &self.peers[i];
+        match ss.ss_family as libc::c_int {
+            libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+                // SAFETY: the kernel wrote a sockaddr_in (family AF_INET, length checked) and
+                // sockaddr_storage is large and aligned enough for it.
+                let a =
+                    unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
             }
-            Err(e) => {
-                crate::log_limited!(warn, error = %e, "UDP receive failed");
+            libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+                // SAFETY: as above, for a sockaddr_in6.
+                let a =
+                    unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    ip,
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    /// Sends `out[i]` to `peers[i]` for every slot in `slots` with one `sendmmsg` (more calls only
+    /// if the kernel takes part of the batch).
+    fn send(&mut self, fd: i32, slots: &[usize]) -> io::Result<()> {
+        for (k, &i) in slots.iter().enumerate() {
+            self.out_iov[k] = libc::iovec {
+                iov_base: self.out[i].as_mut_ptr().cast(),
+                iov_len: self.out[i].len(),
+            };
+            let h = &mut self.out_hdrs[k].msg_hdr;
+            h.msg_name = (&mut self.peers[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = self.hdrs[i].msg_hdr.msg_namelen;
+            h.msg_iov = &mut self.out_iov[k];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+        }
+        let mut sent = 0;
+        while sent < slots.len() {
+            // SAFETY: headers [sent, len) point at live reply buffers and peer addresses owned by
+            // `self`, unchanged during the call.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.out_hdrs[sent..].as_mut_ptr(),
+                    (slots.len() - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Skip the datagram the kernel refused (e.g. an unreachable peer) and go on.
+                sent += 1;
+                if sent >= slots.len() {
+                    return Err(e);
+                }
                 continue;
             }
-        };
-        let pkt = &buf[..n];
-        match ctx.handle(pkt, src, Proto::Udp, &stats, &mut out) {
-            Handled::Reply => {
-                if let Err(e) = sock.send_to(&out, src) {
-                    crate::log_limited!(debug, client = %src, error = %e, "UDP send failed");
+            sent += r as usize;
+        }
+        Ok(())
+    }
+}
+
+impl Worker {
+    fn run(&mut self, stop: &AtomicBool) {
+        let fd = self.sock.as_raw_fd();
+        let mut replies: Vec<usize> = Vec::with_capacity(self.batch.bufs.len());
+        while !stop.load(Ordering::Relaxed) {
+            let n = match self.batch.recv(fd) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    crate::log_limited!(warn, error = %e, "UDP receive failed");
+                    continue;
+                }
+            };
+            replies.clear();
+            for i in 0..n {
+                if self.handle_slot(i) {
+                    replies.push(i);
                 }
             }
-            Handled::Drop => {}
+            if !replies.is_empty() {
+                if let Err(e) = self.batch.send(fd, &replies) {
+                    crate::log_limited!(debug, error = %e, "UDP send failed");
+                }
+            }
+        }
+    }
+
+    /// Handles datagram `i` of the batch; true when `out[i]` holds a reply to send now.
+    #[inline]
+    fn handle_slot(&mut self, i: usize) -> bool {
+        let b = &mut self.batch;
+        let Some(src) = b.peer(i) else {
+            return false;
+        };
+        if b.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            self.stats.malformed(Proto::Udp);
+            return false;
+        }
+        let pkt = &b.bufs[i][..b.hdrs[i].msg_len as usize];
+        match self
+            .ctx
+            .handle(pkt, src, Proto::Udp, &self.stats, &mut b.out[i])
+        {
+            Handled::Reply => true,
+            Handled::Drop => false,
             Handled::Miss(q) => {
                 let start = Instant::now();
                 let pkt = pkt.to_vec();
-                let ctx = ctx.clone();
-                let sock = sock.clone();
-                let stats = stats.clone();
-                tracker.spawn_on(
+                let ctx = self.ctx.clone();
+                let sock = self.sock.clone();
+                let stats = self.stats.clone();
+                self.tracker.spawn_on(
                     async move {
                         let reply = ctx.resolve(&q, &pkt, src, Proto::Udp, &stats, start).await;
                         if let Err(e) = sock.send_to(&reply, src) {
                             crate::log_limited!(debug, client = %src, error = %e, "UDP send failed");
                         }
                     },
-                    &rt,
+                    &self.rt,
                 );
+                false
             }
         }
     }
