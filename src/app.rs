@@ -30,6 +30,9 @@ impl SetupErrorSink for Metrics {
     }
 }
 
+/// How often expired cache entries are swept out.
+const PURGE_EVERY: Duration = Duration::from_secs(10);
+
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -173,11 +176,23 @@ pub async fn run(
         let c = sync_cancel.clone();
         tokio::spawn(async move { node.run_sync_loop(async move { c.cancelled().await }).await })
     };
+    // Expired answers leave memory within PURGE_EVERY even when nothing new pushes them out.
+    let purge = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PURGE_EVERY);
+            loop {
+                tick.tick().await;
+                ctx.cache.purge_expired(std::time::Instant::now());
+            }
+        })
+    };
     info!("nodedns {} serving", env!("CARGO_PKG_VERSION"));
 
     shutdown.await;
     ready.shutting_down.store(true, Ordering::Relaxed);
     probe.abort();
+    purge.abort();
     if !settings.lameduck.is_zero() {
         info!(lameduck = ?settings.lameduck, "not ready; still answering during lameduck");
         tokio::time::sleep(settings.lameduck).await;
