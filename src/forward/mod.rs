@@ -288,28 +288,22 @@ impl Forwarder {
             soa_ttl_offset,
             ..
         } = resp;
-        let Some(ttl) = lifetime.filter(|&t| t > 0) else {
-            // Served once, as received.
-            return Entry::new(
-                wire,
-                ttl_offsets,
-                q.key_flags(),
-                kind,
-                zone_idx as u16,
-                now,
-                Duration::ZERO,
-            );
-        };
-        for &off in &ttl_offsets {
-            let off = off as usize;
-            let own = dns::u32_at(&wire, off);
-            let v = if Some(off as u16) == soa_ttl_offset {
-                ttl
-            } else {
-                own.min(ttl).max(ttl.min(secs(min_ttl)))
-            };
-            wire[off..off + 4].copy_from_slice(&v.to_be_bytes());
+        let ttl = lifetime.filter(|&t| t > 0);
+        if let Some(ttl) = ttl {
+            // Every record shows the entry's lifetime (the SOA of a negative answer included), so a
+            // hit only subtracts the age.
+            for &off in &ttl_offsets {
+                let off = off as usize;
+                let own = dns::u32_at(&wire, off);
+                let v = if Some(off as u16) == soa_ttl_offset {
+                    ttl
+                } else {
+                    own.min(ttl).max(ttl.min(secs(min_ttl)))
+                };
+                wire[off..off + 4].copy_from_slice(&v.to_be_bytes());
+            }
         }
+        // Not cacheable: served once, as received (lifetime zero).
         let entry = Entry::new(
             wire,
             ttl_offsets,
@@ -317,10 +311,12 @@ impl Forwarder {
             kind,
             zone_idx as u16,
             now,
-            Duration::from_secs(ttl as u64),
+            Duration::from_secs(ttl.unwrap_or(0) as u64),
         );
-        let key = self.cache.key(q.question_lower(), q.key_flags());
-        self.cache.insert(key, entry.clone());
+        if ttl.is_some() {
+            let key = self.cache.key(q.question_lower(), q.key_flags());
+            self.cache.insert(key, entry.clone());
+        }
         entry
     }
 }

@@ -141,49 +141,40 @@ impl Context {
         let edns = q.edns.map(|e| (self.settings.edns_udp_size, e.dnssec_ok));
         let question = &pkt[dns::HEADER_LEN..q.question_end];
         let zone = self.settings.route(q.qname_lower());
-        let Some(_slot) = self.forwarder.try_acquire() else {
-            crate::log_limited!(
-                warn,
-                max_inflight = self.settings.max_inflight,
-                "too many forwarded queries in flight, refusing"
-            );
-            dns::write_error_reply(
-                pkt,
-                dns::RCODE_REFUSED as u16,
-                Some(question),
-                edns,
-                &mut out,
-            );
-            let elapsed = start.elapsed();
-            stats.record(
-                zone,
-                proto,
-                src.is_ipv6(),
-                q,
-                pkt.len(),
-                &out,
-                None,
-                elapsed,
-            );
-            self.metrics.query_log(q, src, &out, false, None, elapsed);
-            return out;
-        };
-        let upstream = match self.forwarder.resolve_via(q).await {
-            Ok((entry, upstream)) => {
-                entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
-                Some(upstream)
-            }
-            Err(e) => {
-                crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL");
+        let upstream = match self.forwarder.try_acquire() {
+            None => {
+                crate::log_limited!(
+                    warn,
+                    max_inflight = self.settings.max_inflight,
+                    "too many forwarded queries in flight, refusing"
+                );
                 dns::write_error_reply(
                     pkt,
-                    dns::RCODE_SERVFAIL as u16,
+                    dns::RCODE_REFUSED as u16,
                     Some(question),
                     edns,
                     &mut out,
                 );
                 None
             }
+            // The slot is held until the upstream answers.
+            Some(_slot) => match self.forwarder.resolve_via(q).await {
+                Ok((entry, upstream)) => {
+                    entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
+                    Some(upstream)
+                }
+                Err(e) => {
+                    crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL");
+                    dns::write_error_reply(
+                        pkt,
+                        dns::RCODE_SERVFAIL as u16,
+                        Some(question),
+                        edns,
+                        &mut out,
+                    );
+                    None
+                }
+            },
         };
         let elapsed = start.elapsed();
         stats.record(
