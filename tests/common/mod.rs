@@ -347,7 +347,12 @@ pub fn query_msg(name: &str, qtype: RecordType, id: u16, edns: Option<u16>) -> M
 
 /// Sends raw bytes over UDP and returns the raw reply (None on timeout).
 pub fn udp_raw(server: SocketAddr, pkt: &[u8], timeout: Duration) -> Option<Vec<u8>> {
-    let s = UdpSocket::bind(if server.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }).unwrap();
+    let s = UdpSocket::bind(if server.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    })
+    .unwrap();
     s.set_read_timeout(Some(timeout)).unwrap();
     s.send_to(pkt, server).unwrap();
     let mut buf = vec![0u8; 65535];
