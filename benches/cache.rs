@@ -253,7 +253,7 @@ fn bench_lookup(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % KEYS;
             w.cache.lookup(w.keys[i], &w.queries[i], w.now, |e, age| {
-                e.wire.len() as u32 + age
+                e.wire().len() as u32 + age
             })
         })
     });
@@ -431,7 +431,9 @@ impl HitCache for Cache {
 #[inline]
 fn check_render(e: &Entry, q: &Query, pkt: &[u8], now: Instant, out: &mut Vec<u8>) -> bool {
     let qb = q.question_lower();
-    if now >= e.expires || e.key_flags != q.key_flags() || e.wire.get(12..12 + qb.len()) != Some(qb)
+    if now >= e.expires()
+        || e.key_flags != q.key_flags()
+        || e.wire().get(12..12 + qb.len()) != Some(qb)
     {
         return false;
     }

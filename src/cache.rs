@@ -22,23 +22,27 @@ use parking_lot::RwLock;
 
 use crate::dns::{self, AnswerKind, Query, FLAG_RD, HEADER_LEN, OPT_LEN};
 
-/// A cached answer.
+/// A cached answer. Kept small (one heap block, 56 bytes inline) because a node may hold
+/// hundreds of thousands; `benches/memory.rs` measures the bytes per entry.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// Answer wire bytes without OPT; question lowercased; TTLs as stored (capped).
-    pub wire: Box<[u8]>,
-    /// Offset of every TTL field in `wire`.
-    pub ttl_offsets: Box<[u16]>,
+    /// The answer wire bytes (without OPT; question lowercased; TTLs as stored), followed by
+    /// the offset of every TTL field as native-endian u16s: one allocation instead of two.
+    data: Box<[u8]>,
+    /// Length of the wire part of `data`.
+    wire_len: u16,
     /// DO and CD bits of the query this answers (part of the key).
     pub key_flags: u8,
     pub kind: AnswerKind,
     /// Index of the zone (config order) the name routed to; used for per-zone accounting.
     pub zone: u16,
-    pub stored: Instant,
-    pub expires: Instant,
-    /// Last instant a stale copy may be served (== `expires` while serve-stale is off).
-    pub stale_until: Instant,
     generation: u32,
+    /// Lifetime in seconds from `stored`.
+    ttl: u32,
+    /// Seconds from `stored` during which a stale copy may still be served (== `ttl` while
+    /// serve-stale is off).
+    stale: u32,
+    pub stored: Instant,
 }
 
 impl Entry {
@@ -51,30 +55,61 @@ impl Entry {
         stored: Instant,
         ttl: Duration,
     ) -> Self {
+        let wire_len = wire.len().min(u16::MAX as usize) as u16;
+        let mut data = wire;
+        data.truncate(wire_len as usize);
+        data.reserve_exact(ttl_offsets.len() * 2);
+        for off in ttl_offsets {
+            data.extend_from_slice(&off.to_ne_bytes());
+        }
+        let ttl = ttl.as_secs().min(u32::MAX as u64) as u32;
         Entry {
-            wire: wire.into_boxed_slice(),
-            ttl_offsets: ttl_offsets.into_boxed_slice(),
+            data: data.into_boxed_slice(),
+            wire_len,
             key_flags,
             kind,
             zone,
-            stored,
-            expires: stored + ttl,
-            stale_until: stored + ttl,
             generation: 0,
+            ttl,
+            stale: ttl,
+            stored,
         }
     }
 
-    /// Memory this entry is charged for: its buffers plus the fixed overhead of map and queue slots.
+    /// The answer wire bytes.
+    #[inline]
+    pub fn wire(&self) -> &[u8] {
+        &self.data[..self.wire_len as usize]
+    }
+
+    /// Offsets of every TTL field in `wire()`.
+    #[inline]
+    pub fn ttl_offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        self.data[self.wire_len as usize..]
+            .chunks_exact(2)
+            .map(|c| u16::from_ne_bytes([c[0], c[1]]) as usize)
+    }
+
+    pub fn expires(&self) -> Instant {
+        self.stored + Duration::from_secs(self.ttl as u64)
+    }
+
+    pub fn stale_until(&self) -> Instant {
+        self.stored + Duration::from_secs(self.stale as u64)
+    }
+
+    /// Memory this entry is charged for: its heap block plus the fixed overhead of its map slot
+    /// and FIFO record.
     pub fn charge(&self) -> usize {
-        self.wire.len() + self.ttl_offsets.len() * 2 + std::mem::size_of::<Entry>() + 32
+        self.data.len() + std::mem::size_of::<Entry>() + 32
     }
 
     fn question(&self, len: usize) -> Option<&[u8]> {
-        self.wire.get(HEADER_LEN..HEADER_LEN + len)
+        self.data.get(HEADER_LEN..HEADER_LEN + len)
     }
 
     pub fn rcode(&self) -> u8 {
-        self.wire[3] & 0xF
+        self.data[3] & 0xF
     }
 
     /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds.
@@ -94,17 +129,17 @@ impl Entry {
         out.clear();
         let opt = if q.edns.is_some() { OPT_LEN } else { 0 };
         let qend = q.question_end;
-        if self.wire.len() + opt > max_len {
-            out.extend_from_slice(&self.wire[..HEADER_LEN]);
+        let wire = self.wire();
+        if wire.len() + opt > max_len {
+            out.extend_from_slice(&wire[..HEADER_LEN]);
             out[2] |= (dns::FLAG_TC >> 8) as u8;
             out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
             out.extend_from_slice(&pkt[HEADER_LEN..qend]);
         } else {
-            out.extend_from_slice(&self.wire);
+            out.extend_from_slice(wire);
             out[HEADER_LEN..qend].copy_from_slice(&pkt[HEADER_LEN..qend]);
-            for &off in self.ttl_offsets.iter() {
-                let off = off as usize;
-                let ttl = dns::u32_at(&self.wire, off).saturating_sub(age);
+            for off in self.ttl_offsets() {
+                let ttl = dns::u32_at(wire, off).saturating_sub(age);
                 out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
             }
         }
@@ -229,11 +264,11 @@ impl Cache {
         let shard = self.shard(key).read();
         let e = shard.map.get(&key)?;
         let qb = q.question_lower();
-        if now >= e.expires || e.key_flags != q.key_flags() || e.question(qb.len()) != Some(qb) {
+        let age = now.saturating_duration_since(e.stored).as_secs();
+        if age >= e.ttl as u64 || e.key_flags != q.key_flags() || e.question(qb.len()) != Some(qb) {
             return None;
         }
-        let age = now.saturating_duration_since(e.stored).as_secs() as u32;
-        Some(f(e, age))
+        Some(f(e, age as u32))
     }
 
     /// Stores `entry` under `key`, evicting expired then oldest entries to stay in bounds.
@@ -268,7 +303,7 @@ impl Cache {
             {
                 let old = shard.map.remove(&k).expect("present");
                 shard.bytes -= old.charge();
-                let counter = if old.stale_until <= now {
+                let counter = if old.stale_until() <= now {
                     &self.counters.expired_removed
                 } else {
                     &self.counters.evictions
@@ -297,7 +332,7 @@ impl Cache {
             let before = shard.map.len();
             let mut freed = 0;
             shard.map.retain(|_, e| {
-                let keep = e.stale_until > now;
+                let keep = e.stale_until() > now;
                 if !keep {
                     freed += e.charge();
                 }
