@@ -715,6 +715,29 @@ impl FileConfig {
     }
 }
 
+impl FileConfig {
+    /// This configuration with the defaults taken from the machine filled in (upstreams from
+    /// resolv.conf, cluster DNS from the Service environment), for `--check-config` to print.
+    pub fn resolved(&self, s: &Settings) -> FileConfig {
+        let mut out = self.clone();
+        let names = |v: &[SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        if out.upstreams.is_empty() {
+            if let Some(root) = s.zones.iter().find(|z| z.wire == [0]) {
+                out.upstreams = names(&root.upstreams);
+            }
+        }
+        if out.cluster_dns.is_empty() {
+            if let Some(cl) = s.zones.iter().find(|z| {
+                z.transport == Transport::Tcp
+                    && z.name.starts_with(out.cluster_domain.trim_end_matches('.'))
+            }) {
+                out.cluster_dns = names(&cl.upstreams);
+            }
+        }
+        out
+    }
+}
+
 impl Settings {
     /// The zone a lowercased wire name routes to (longest suffix match).
     pub fn route(&self, qname: &[u8]) -> usize {
@@ -816,6 +839,16 @@ mod tests {
         apply_flags(&mut c, &a);
         assert_eq!(c.listen, vec!["127.0.0.2:5353"]);
         assert_eq!(c.workers, 1);
+    }
+
+    #[test]
+    fn check_config_prints_machine_defaults_resolved() {
+        let (_d, mut e) = env("nameserver 127.0.0.53\n");
+        e.kube_dns_upstream = Some(("10.96.0.11".into(), None));
+        let f = FileConfig::default();
+        let r = f.resolved(&f.validate(&e).unwrap());
+        assert_eq!(r.upstreams, vec!["127.0.0.53:53"]);
+        assert_eq!(r.cluster_dns, vec!["10.96.0.11:53"]);
     }
 
     #[test]

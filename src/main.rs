@@ -25,7 +25,11 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
-        print!("{}", toml::to_string(&file).expect("config serializes"));
+        let effective = file.resolved(&settings);
+        print!(
+            "{}",
+            toml::to_string(&effective).expect("config serializes")
+        );
         for w in &settings.warnings {
             eprintln!("warning: {w}");
         }
