@@ -151,10 +151,15 @@ pub async fn run(
     let mut started = Ok(());
     for &addr in &served {
         if let Err(e) = self_check(addr).await {
-            started = Err(e.context(format!(
-                "listener {addr} does not answer; not installing firewall rules"
-            )));
-            break;
+            if settings.node.setup_iptables {
+                started = Err(e.context(format!(
+                    "listener {addr} does not answer; not installing firewall rules"
+                )));
+                break;
+            }
+            // Without rules to protect, an address this host cannot reach itself (e.g. a
+            // link-local IP that lives in another namespace) is no reason to stop serving.
+            warn!(%addr, error = %format!("{e:#}"), "self-check got no answer from this listener");
         }
     }
     if started.is_ok() {

@@ -62,7 +62,7 @@ fn cluster_names_go_over_tcp_and_others_over_udp() {
 }
 
 #[test]
-fn pooled_tcp_carries_many_queries_and_survives_upstream_close() {
+fn pooled_tcp_carries_concurrent_queries() {
     let coredns = answering(30);
     let vpc = answering(30);
     let nd = start(&vpc, Some(&coredns), &[]);
@@ -573,4 +573,73 @@ fn a_burst_of_queries_is_answered_in_full_over_ipv4_and_ipv6() {
         }
         assert!(seen.iter().all(|&s| s), "{listen}");
     }
+}
+
+#[test]
+fn pooled_tcp_reconnects_when_the_upstream_closes_and_closes_when_idle() {
+    // A CoreDNS stand-in that closes every connection right after answering.
+    let coredns =
+        FakeUpstream::start(|m, _| Action::AnswerThenClose(a_reply(m, 30, &[[10, 1, 0, 1]])));
+    let vpc = answering(30);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[forward]\ntcp_idle_timeout = \"1s\"\ntcp_pool_size = 1\n",
+    )
+    .unwrap();
+    let nd = start(&vpc, Some(&coredns), &["--config", cfg.to_str().unwrap()]);
+    for i in 0..8 {
+        let r = udp_query(
+            nd.dns,
+            &format!("s{i}.ns.svc.cluster.local."),
+            RecordType::A,
+        );
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError, "query {i}");
+        assert_eq!(r.answers.len(), 1, "query {i}");
+    }
+    assert!(coredns.queries().iter().all(|q| q.2 == Via::Tcp));
+
+    // A well-behaved upstream: one pooled connection carries the queries, and nodedns closes it
+    // after forward.tcp_idle_timeout without queries (before CoreDNS's own 10 s).
+    let coredns2 = answering(30);
+    let nd2 = start(&vpc, Some(&coredns2), &["--config", cfg.to_str().unwrap()]);
+    for i in 0..3 {
+        udp_query(
+            nd2.dns,
+            &format!("t{i}.ns.svc.cluster.local."),
+            RecordType::A,
+        );
+    }
+    let open = || tcp_conns(coredns2.addr);
+    assert_eq!(open(), 1, "one pooled connection carried the queries");
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while open() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle pooled connection not closed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And a new query opens a new one.
+    assert_eq!(
+        udp_query(nd2.dns, "u.ns.svc.cluster.local.", RecordType::A)
+            .answers
+            .len(),
+        1
+    );
+}
+
+/// Established TCP connections whose local end is `server` (read from /proc/net/tcp).
+fn tcp_conns(server: std::net::SocketAddr) -> usize {
+    let port = format!("{:04X}", server.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1].ends_with(&format!(":{port}")) && f[3] == "01"
+        })
+        .count()
 }

@@ -230,13 +230,10 @@ async fn read_loop(
                 }
             }
             Ok(Err(_)) => break,
-            Err(_) => {
-                let mut p = conn.pending.lock();
-                if p.waiting.is_empty() {
-                    p.closed = true;
-                    break;
-                }
-            }
+            // Nothing read for `idle`: close. Any query still waiting has outlived its own
+            // timeout or was just sent (it fails with Closed and is retried on a fresh
+            // connection); and a read cut by the timeout may have left the stream mid-frame.
+            Err(_) => break,
         }
     }
     conn.close();

@@ -127,6 +127,9 @@ impl Drop for Nodedns {
 /// What a fake upstream does with a query.
 pub enum Action {
     Answer(Message),
+    /// Answer, then close the TCP connection (over UDP: just answer), as CoreDNS does when it
+    /// closes an idle connection right after a reply.
+    AnswerThenClose(Message),
     /// Never answer.
     Silence,
 }
@@ -178,7 +181,7 @@ impl FakeUpstream {
                         continue;
                     };
                     record(&log, &m, Via::Udp);
-                    if let Action::Answer(r) = h(&m, Via::Udp) {
+                    if let Action::Answer(r) | Action::AnswerThenClose(r) = h(&m, Via::Udp) {
                         let _ = udp.send_to(&r.to_vec().unwrap(), src);
                     }
                 }
@@ -213,13 +216,16 @@ impl FakeUpstream {
                                 .unwrap();
                             let Ok(m) = Message::from_vec(&q) else { return };
                             record(&log, &m, Via::Tcp);
-                            if let Action::Answer(r) = h(&m, Via::Tcp) {
-                                let w = r.to_vec().unwrap();
-                                let mut framed = (w.len() as u16).to_be_bytes().to_vec();
-                                framed.extend_from_slice(&w);
-                                if s.write_all(&framed).is_err() {
-                                    return;
-                                }
+                            let (r, close) = match h(&m, Via::Tcp) {
+                                Action::Answer(r) => (r, false),
+                                Action::AnswerThenClose(r) => (r, true),
+                                Action::Silence => continue,
+                            };
+                            let w = r.to_vec().unwrap();
+                            let mut framed = (w.len() as u16).to_be_bytes().to_vec();
+                            framed.extend_from_slice(&w);
+                            if s.write_all(&framed).is_err() || close {
+                                return;
                             }
                         }
                     });
