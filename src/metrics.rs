@@ -456,11 +456,6 @@ impl Metrics {
         w
     }
 
-    /// A new block of query counters for the default server label.
-    pub fn new_worker(&self) -> Arc<WorkerStats> {
-        self.new_worker_for("dns://:53".into())
-    }
-
     pub fn set_cache(&self, cache: Arc<Cache>) {
         *self.cache.lock() = Some(cache);
     }

@@ -122,10 +122,6 @@ impl Forwarder {
         Some(InflightGuard(self))
     }
 
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
     /// The zone's upstreams, those without recent failures first, rotating the first pick.
     fn ordered(&self, upstreams: &[SocketAddr]) -> Vec<SocketAddr> {
         let n = upstreams.len();
