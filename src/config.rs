@@ -571,6 +571,17 @@ impl FileConfig {
             addrs("cluster_dns", &self.cluster_dns, 53)?
         };
 
+        if let Some(own) = cluster_dns.iter().find(|c| listen.contains(c)) {
+            // Transparent mode binds the kube-dns IP: CoreDNS must then be reached through
+            // another address (the kube-dns-upstream Service), or we would query ourselves.
+            return Err(invalid(
+                "cluster_dns",
+                format!(
+                    "{own} is one of our listen addresses; point it at the kube-dns-upstream \
+                     Service, not at the address nodedns serves"
+                ),
+            ));
+        }
         let (cluster_name, cluster_wire) = zone_name("cluster_domain", &self.cluster_domain)?;
         if cluster_wire.len() == 1 {
             return Err(invalid("cluster_domain", "must not be the root"));
@@ -830,6 +841,10 @@ mod tests {
         );
         assert!(err("[node]\nfirewall = \"pf\"").starts_with("node.firewall:"));
         assert!(err("[cache]\nservfail_ttl = \"1h\"").contains("RFC 2308"));
+        assert!(
+            err("listen = [\"10.96.0.10:53\"]\ncluster_dns = [\"10.96.0.10\"]")
+                .starts_with("cluster_dns: 10.96.0.10:53 is one of our listen addresses")
+        );
     }
 
     #[test]

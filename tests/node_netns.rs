@@ -816,6 +816,16 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        // Answering comes before the firewall rules; "serving" is logged once they are in.
+        let serving = format!("nodedns {} serving", env!("CARGO_PKG_VERSION"));
+        while !d.log().contains(&serving) {
+            assert!(
+                Instant::now() < deadline,
+                "rules not installed within 20 s:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         d
     }
 }
@@ -956,4 +966,49 @@ fn nftables_and_skip_teardown_end_to_end() {
     d.terminate();
     assert_eq!(c.node.sh_ok("nft list table inet nodedns"), table);
     assert!(c.node.lo_addrs().contains("169.254.20.10/32"));
+}
+
+#[test]
+fn transparent_mode_serves_the_kube_dns_ip_too_and_releases_it() {
+    require!(
+        have("kdig") && have("getent") && have("iptables-nft-save"),
+        "needs kdig, getent and iptables-nft"
+    );
+    const KUBE_DNS_IP: &str = "10.96.0.10";
+    let c = cluster!("e2t");
+    let mut d = c.start_nodedns(&["--listen", "10.96.0.10:53"]);
+    // Pods keep the kube-dns IP in resolv.conf (no kubelet change): nodedns answers it locally.
+    for tcp in ["", "+tcp"] {
+        let out = c.pod.sh_ok(&format!(
+            "kdig @{KUBE_DNS_IP} {tcp} +short web.default.svc.cluster.local A"
+        ));
+        assert_eq!(out.trim(), "10.96.1.5", "kdig {tcp} via the kube-dns IP");
+    }
+    let out = c
+        .pod
+        .sh_ok(&format!("kdig @{KUBE_DNS_IP} +short example.org A"));
+    assert_eq!(out.trim(), "192.0.2.7");
+    // Both addresses on the link, the rules cover both (12 each), and the cluster upstream
+    // (the kube-dns-upstream stand-in, another address) got the cluster query.
+    let addrs = c.node.lo_addrs();
+    assert!(
+        addrs.contains("169.254.20.10/32") && addrs.contains("10.96.0.10/32"),
+        "{addrs}"
+    );
+    let rules = c.node.our_rules("iptables-nft-save");
+    assert_eq!(rules.len(), 24, "{rules:?}");
+    assert_eq!(
+        rules.iter().filter(|r| r.contains("10.96.0.10")).count(),
+        12
+    );
+    assert!(c.cluster.count("web.default.svc.cluster.local") >= 1);
+    // On SIGTERM both addresses and all rules go, so traffic to the kube-dns IP falls back to
+    // kube-proxy's service path.
+    d.terminate();
+    assert!(c.node.our_rules("iptables-nft-save").is_empty());
+    let addrs = c.node.lo_addrs();
+    assert!(
+        !addrs.contains("10.96.0.10/32") && !addrs.contains("169.254.20.10/32"),
+        "{addrs}"
+    );
 }
