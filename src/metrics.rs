@@ -94,7 +94,7 @@ const NS: usize = SIZE_BUCKETS.len() + 1;
 struct Counters {
     /// [zone][proto][family][type]
     requests: Box<[AtomicU64]>,
-    /// [zone][rcode]
+    /// [zone][rcode][plugin: cache, forward]
     responses: Box<[AtomicU64]>,
     /// [zone][type][bucket] (non-cumulative), plus sums in ns per [zone][type]
     duration: Box<[AtomicU64]>,
@@ -137,7 +137,7 @@ impl Counters {
     fn new(zones: usize) -> Self {
         Counters {
             requests: atomics(zones * 2 * 2 * NTYPES),
-            responses: atomics(zones * 16),
+            responses: atomics(zones * 16 * 2),
             duration: atomics(zones * NTYPES * ND),
             duration_sum_ns: atomics(zones * NTYPES),
             req_size: atomics(zones * 2 * NS),
@@ -168,7 +168,10 @@ impl Counters {
         let requests = &self.requests[((z * 2 + p) * 2 + ipv6 as usize) * NTYPES + t];
         bump::<SOLE>(requests, 1);
         let rcode = reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF);
-        bump::<SOLE>(&self.responses[z * 16 + rcode as usize], 1);
+        // `plugin` as CoreDNS labels it: "cache" for a hit, "forward" for everything resolved
+        // (or refused) on the miss path.
+        let plugin = cached.is_none() as usize;
+        bump::<SOLE>(&self.responses[(z * 16 + rcode as usize) * 2 + plugin], 1);
         let b = bucket(&DURATION_BUCKETS, elapsed.as_secs_f64());
         bump::<SOLE>(&self.duration[(z * NTYPES + t) * ND + b], 1);
         let ns = elapsed.as_nanos() as u64;
@@ -695,7 +698,7 @@ impl Collector for QueryCollector {
             let ws: Vec<&Arc<WorkerStats>> =
                 workers.iter().filter(|w| &w.server == server).collect();
             let mut req = vec![0u64; zones * 2 * 2 * NTYPES];
-            let mut resp = vec![0u64; zones * 16];
+            let mut resp = vec![0u64; zones * 16 * 2];
             let mut dur = vec![0u64; zones * NTYPES * ND];
             let mut dur_sum = vec![0u64; zones * NTYPES];
             let mut rqs = vec![0u64; zones * 2 * NS];
@@ -758,12 +761,19 @@ impl Collector for QueryCollector {
                     }
                 }
                 for (rc, name) in RCODES.iter().enumerate() {
-                    let v = resp[z * 16 + rc];
-                    if v > 0 {
-                        fams[1].mut_metric().push(counter(
-                            &[("server", s), ("zone", zn), ("rcode", name), ("plugin", "")],
-                            v as f64,
-                        ));
+                    for (pi, plugin) in ["cache", "forward"].iter().enumerate() {
+                        let v = resp[(z * 16 + rc) * 2 + pi];
+                        if v > 0 {
+                            fams[1].mut_metric().push(counter(
+                                &[
+                                    ("server", s),
+                                    ("zone", zn),
+                                    ("rcode", name),
+                                    ("plugin", plugin),
+                                ],
+                                v as f64,
+                            ));
+                        }
                     }
                 }
                 for (t, (_, tn)) in TYPES.iter().enumerate() {

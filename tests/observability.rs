@@ -222,6 +222,17 @@ fn metrics_follow_hits_misses_nxdomain_and_servfail() {
     assert_eq!(rc("NOERROR"), 3.0);
     assert_eq!(rc("NXDOMAIN"), 2.0);
     assert_eq!(rc("SERVFAIL"), 1.0);
+    // `plugin` names who answered, as CoreDNS labels it: the cache or the forwarder.
+    let by = |rcode, plugin| {
+        d(
+            "coredns_dns_responses_total",
+            &[srv, ("rcode", rcode), ("plugin", plugin)],
+        )
+    };
+    assert_eq!(by("NOERROR", "cache"), 2.0);
+    assert_eq!(by("NOERROR", "forward"), 1.0);
+    assert_eq!(by("NXDOMAIN", "cache"), 1.0);
+    assert_eq!(by("SERVFAIL", "forward"), 1.0);
     assert_eq!(
         d("coredns_cache_hits_total", &[srv, ("type", "success")]),
         2.0
