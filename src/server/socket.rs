@@ -55,22 +55,47 @@ pub struct Bound {
 
 /// Binds every listen address, failing with the address named on any error.
 pub fn bind_all(listen: &[SocketAddr], workers: usize) -> anyhow::Result<Vec<Bound>> {
-    use anyhow::Context as _;
     let mut out = Vec::new();
     for &want in listen {
-        let first = build_udp_socket(want)
-            .with_context(|| format!("failed to bind UDP socket on {want}"))?;
-        let addr = first.local_addr()?;
-        let mut udp = vec![first];
-        for _ in 1..workers.max(1) {
-            udp.push(
-                build_udp_socket(addr)
-                    .with_context(|| format!("failed to bind UDP socket on {addr}"))?,
-            );
+        // Port 0 (tests, local trials): the kernel picks a free UDP port, which TCP may already
+        // use; pick again a few times rather than fail.
+        let tries = if want.port() == 0 { 20 } else { 1 };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match bind_one(want, workers) {
+                Ok(b) => {
+                    out.push(b);
+                    break;
+                }
+                Err(e) if attempt < tries && is_addr_in_use(&e) => continue,
+                Err(e) => return Err(e),
+            }
         }
-        let tcp = build_tcp_listener(addr)
-            .with_context(|| format!("failed to bind TCP listener on {addr}"))?;
-        out.push(Bound { addr, udp, tcp });
     }
     Ok(out)
+}
+
+fn is_addr_in_use(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::AddrInUse)
+    })
+}
+
+fn bind_one(want: SocketAddr, workers: usize) -> anyhow::Result<Bound> {
+    use anyhow::Context as _;
+    let first =
+        build_udp_socket(want).with_context(|| format!("failed to bind UDP socket on {want}"))?;
+    let addr = first.local_addr()?;
+    let mut udp = vec![first];
+    for _ in 1..workers.max(1) {
+        udp.push(
+            build_udp_socket(addr)
+                .with_context(|| format!("failed to bind UDP socket on {addr}"))?,
+        );
+    }
+    let tcp = build_tcp_listener(addr)
+        .with_context(|| format!("failed to bind TCP listener on {addr}"))?;
+    Ok(Bound { addr, udp, tcp })
 }
