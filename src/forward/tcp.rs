@@ -68,7 +68,9 @@ pub async fn exchange_once(
 /// A pool of persistent connections to one upstream.
 pub struct TcpPool {
     addr: SocketAddr,
-    slots: Vec<Mutex<Option<Arc<Conn>>>>,
+    /// One connection per slot. The async lock is held while a slot's connection is opened, so
+    /// concurrent queries wait for it instead of each opening their own.
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
     next: AtomicUsize,
     idle: Duration,
     metrics: Arc<Metrics>,
@@ -103,7 +105,9 @@ impl TcpPool {
     pub fn new(addr: SocketAddr, size: usize, idle: Duration, metrics: Arc<Metrics>) -> Self {
         TcpPool {
             addr,
-            slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
+            slots: (0..size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
             next: AtomicUsize::new(0),
             idle,
             metrics,
@@ -139,7 +143,8 @@ impl TcpPool {
 
     async fn conn(&self) -> Result<(Arc<Conn>, bool), UpstreamError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        if let Some(c) = self.slots[i].lock().as_ref() {
+        let mut slot = self.slots[i].lock().await;
+        if let Some(c) = slot.as_ref() {
             if !c.is_closed() {
                 return Ok((c.clone(), false));
             }
@@ -162,11 +167,7 @@ impl TcpPool {
             self.metrics.clone(),
             self.addr,
         ));
-        if let Some(old) = self.slots[i].lock().replace(conn.clone()) {
-            // Lost a race with another query that opened a connection for this slot: the old one
-            // stays usable by whoever holds it and closes when idle.
-            drop(old);
-        }
+        *slot = Some(conn.clone());
         Ok((conn, true))
     }
 

@@ -160,9 +160,14 @@ impl FakeUpstream {
         bind: &str,
         handler: impl Fn(&Message, Via) -> Action + Send + Sync + 'static,
     ) -> Self {
-        let udp = UdpSocket::bind(bind).unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).unwrap();
+        // With port 0 the kernel's free UDP port may be taken for TCP: pick again.
+        let (udp, addr, tcp) = (0..20)
+            .find_map(|_| {
+                let udp = UdpSocket::bind(bind).unwrap();
+                let addr = udp.local_addr().unwrap();
+                TcpListener::bind(addr).ok().map(|tcp| (udp, addr, tcp))
+            })
+            .expect("a port free for both UDP and TCP");
         udp.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         tcp.set_nonblocking(true).unwrap();
