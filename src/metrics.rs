@@ -316,12 +316,18 @@ impl Metrics {
     /// `zone_names` in the order of `Settings::zones` (labels of the `zone` dimension).
     pub fn new(zone_names: Vec<String>, query_log_rate: f64) -> Arc<Self> {
         let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        /// Registers `c` on our registry and hands it back. Names are constants: a clash is a bug.
+        fn reg<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
+        }
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let forward_requests = counter_vec(
             "coredns_forward_requests_total",
@@ -357,37 +363,37 @@ impl Metrics {
         ] {
             setup_errors.with_label_values(&[t]);
         }
-        let forward_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "coredns_forward_request_duration_seconds",
-                "Histogram of the time each upstream request took.",
+        let forward_duration = reg(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "coredns_forward_request_duration_seconds",
+                    "Histogram of the time each upstream request took.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["to", "rcode"],
             )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["to", "rcode"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(forward_duration.clone()))
-            .expect("unique metric");
-        let inflight = IntGauge::new(
-            "nodedns_forward_inflight",
-            "Forwarded queries waiting for an upstream.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(inflight.clone()))
-            .expect("unique");
-        let tcp_conns = IntGaugeVec::new(
-            Opts::new(
-                "nodedns_upstream_tcp_connections",
-                "Open pooled TCP connections per upstream.",
-            ),
-            &["to"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(tcp_conns.clone()))
-            .expect("unique");
+            .expect("valid metric"),
+        );
+        let inflight = reg(
+            &registry,
+            IntGauge::new(
+                "nodedns_forward_inflight",
+                "Forwarded queries waiting for an upstream.",
+            )
+            .expect("valid metric"),
+        );
+        let tcp_conns = reg(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "nodedns_upstream_tcp_connections",
+                    "Open pooled TCP connections per upstream.",
+                ),
+                &["to"],
+            )
+            .expect("valid metric"),
+        );
         let build = IntGaugeVec::new(
             Opts::new(
                 "coredns_build_info",
