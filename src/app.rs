@@ -104,45 +104,30 @@ pub async fn run(
         info!(addr = %b.addr, "listening for TCP on {}", b.addr);
         served.push(b.addr);
     }
-    // Admin endpoints: metrics and health may share one address.
-    match (settings.metrics, settings.health) {
-        (Some(m), Some(h)) if m == h && m.port() != 0 => {
-            let a = admin::spawn(
-                m,
-                true,
-                true,
-                metrics.clone(),
-                ready.clone(),
-                admin_cancel.clone(),
-            )
-            .await?;
-            info!(addr = %a, "serving metrics and health on http://{a}");
-        }
-        (m, h) => {
-            if let Some(m) = m {
-                let a = admin::spawn(
-                    m,
-                    true,
-                    false,
-                    metrics.clone(),
-                    ready.clone(),
-                    admin_cancel.clone(),
-                )
-                .await?;
-                info!(addr = %a, "serving metrics on http://{a}/metrics");
-            }
-            if let Some(h) = h {
-                let a = admin::spawn(
-                    h,
-                    false,
-                    true,
-                    metrics.clone(),
-                    ready.clone(),
-                    admin_cancel.clone(),
-                )
-                .await?;
-                info!(addr = %a, "serving health on http://{a}/health and /ready");
-            }
+    // Admin endpoints: metrics and health may share one address (a fixed port).
+    let endpoints: Vec<(SocketAddr, bool, bool)> = match (settings.metrics, settings.health) {
+        (Some(m), Some(h)) if m == h && m.port() != 0 => vec![(m, true, true)],
+        (m, h) => m
+            .map(|m| (m, true, false))
+            .into_iter()
+            .chain(h.map(|h| (h, false, true)))
+            .collect(),
+    };
+    for (addr, with_metrics, with_health) in endpoints {
+        let a = admin::spawn(
+            addr,
+            with_metrics,
+            with_health,
+            metrics.clone(),
+            ready.clone(),
+            admin_cancel.clone(),
+        )
+        .await?;
+        // Tests and operators read these lines for the bound addresses.
+        match (with_metrics, with_health) {
+            (true, true) => info!(addr = %a, "serving metrics and health on http://{a}"),
+            (true, false) => info!(addr = %a, "serving metrics on http://{a}/metrics"),
+            _ => info!(addr = %a, "serving health on http://{a}/health and /ready"),
         }
     }
     ready.listeners_bound.store(true, Ordering::Relaxed);

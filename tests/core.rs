@@ -646,3 +646,39 @@ fn tcp_conns(server: std::net::SocketAddr) -> usize {
         })
         .count()
 }
+
+#[test]
+fn metrics_and_health_can_share_one_port() {
+    let vpc = answering(30);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("127.0.0.1:{port}");
+    let nd = Nodedns::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &vpc.arg(),
+        "--metrics",
+        &admin,
+        "--health",
+        &admin,
+    ]);
+    assert_eq!(nd.metrics, nd.health);
+    assert_eq!(nd.metrics.unwrap().port(), port);
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+        body
+    };
+    assert!(get("/health").starts_with("HTTP/1.1 200"));
+    assert!(get("/metrics").contains("coredns_build_info"));
+}
