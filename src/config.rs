@@ -539,7 +539,12 @@ impl FileConfig {
             .filter(|u| {
                 !listen
                     .iter()
-                    .any(|l| l.ip() == u.ip() && l.port() == u.port())
+                    // A wildcard listener also answers on loopback.
+                    .any(|l| {
+                        l.port() == u.port()
+                            && (l.ip() == u.ip()
+                                || (l.ip().is_unspecified() && u.ip().is_loopback()))
+                    })
             })
             .collect();
         if upstreams.is_empty() {
@@ -800,6 +805,22 @@ mod tests {
         assert_eq!(
             s.zones[s.route(&dns::name_from_str("example.com").unwrap())].name,
             "."
+        );
+    }
+
+    #[test]
+    fn a_wildcard_listener_never_forwards_to_loopback_on_its_port() {
+        let c: FileConfig = toml::from_str("listen = [\"0.0.0.0:53\"]").unwrap();
+        // Both resolv.conf entries are loopback on port 53: both would be ourselves.
+        let (_d, e) = env("nameserver 127.0.0.1\nnameserver 127.0.0.53\n");
+        let err = c.validate(&e).unwrap_err().to_string();
+        assert!(err.starts_with("upstreams: no upstream resolvers"), "{err}");
+        // A resolver elsewhere is kept (validation only: nothing is sent).
+        let (_d, e) = env("nameserver 127.0.0.1\nnameserver 10.0.0.2\n");
+        let s = c.validate(&e).unwrap();
+        assert_eq!(
+            s.zones.last().unwrap().upstreams,
+            vec!["10.0.0.2:53".parse().unwrap()]
         );
     }
 
