@@ -431,6 +431,14 @@ fn zone_name(key: &str, name: &str) -> Result<(String, Vec<u8>), ConfigError> {
     Ok((dns::name_to_string(&wire), wire))
 }
 
+/// True when `addr` reaches one of our own listeners (a wildcard listener answers on loopback).
+fn is_own(listen: &[SocketAddr], addr: &SocketAddr) -> bool {
+    listen.iter().any(|l| {
+        l.port() == addr.port()
+            && (l.ip() == addr.ip() || (l.ip().is_unspecified() && addr.ip().is_loopback()))
+    })
+}
+
 /// CPUs this process may use (cgroup quota and affinity aware).
 pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -536,16 +544,7 @@ impl FileConfig {
         // Never forward to ourselves.
         let upstreams: Vec<SocketAddr> = upstreams
             .into_iter()
-            .filter(|u| {
-                !listen
-                    .iter()
-                    // A wildcard listener also answers on loopback.
-                    .any(|l| {
-                        l.port() == u.port()
-                            && (l.ip() == u.ip()
-                                || (l.ip().is_unspecified() && u.ip().is_loopback()))
-                    })
-            })
+            .filter(|u| !is_own(&listen, u))
             .collect();
         if upstreams.is_empty() {
             return Err(invalid(
@@ -576,7 +575,7 @@ impl FileConfig {
             addrs("cluster_dns", &self.cluster_dns, 53)?
         };
 
-        if let Some(own) = cluster_dns.iter().find(|c| listen.contains(c)) {
+        if let Some(own) = cluster_dns.iter().find(|c| is_own(&listen, c)) {
             // Transparent mode binds the kube-dns IP: CoreDNS must then be reached through
             // another address (the kube-dns-upstream Service), or we would query ourselves.
             return Err(invalid(
