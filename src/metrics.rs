@@ -295,6 +295,16 @@ impl std::fmt::Display for Upstream {
     }
 }
 
+/// The `errortype` labels of `coredns_nodecache_setup_errors_total`, as node-cache names them;
+/// all are exported from the start.
+pub const SETUP_ERROR_TYPES: [&str; 5] = [
+    "iptables",
+    "iptables_lock",
+    "interface_add",
+    "interface_check",
+    "configmap",
+];
+
 /// Every metric nodedns exports, on its own registry.
 pub struct Metrics {
     pub registry: Registry,
@@ -354,13 +364,7 @@ impl Metrics {
             "The number of errors during periodic network setup for node-cache.",
             &["errortype"],
         );
-        for t in [
-            "iptables",
-            "iptables_lock",
-            "interface_add",
-            "interface_check",
-            "configmap",
-        ] {
+        for t in SETUP_ERROR_TYPES {
             setup_errors.with_label_values(&[t]);
         }
         let forward_duration = reg(
@@ -970,13 +974,7 @@ mod tests {
     #[test]
     fn setup_errors_build_info_and_panics_exist_from_the_start() {
         let m = Metrics::new(vec![".".into()], 0.0);
-        for t in [
-            "iptables",
-            "iptables_lock",
-            "interface_add",
-            "interface_check",
-            "configmap",
-        ] {
+        for t in SETUP_ERROR_TYPES {
             let l = [("errortype", t)];
             assert_eq!(
                 value(&m, "coredns_nodecache_setup_errors_total", &l),
