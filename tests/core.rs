@@ -394,6 +394,33 @@ fn sigterm_exits_zero_after_in_flight_queries() {
     std::net::TcpListener::bind(nd.dns).expect("TCP port released");
 }
 
+/// A miss still waiting for its upstream when SIGTERM comes is answered before the process exits:
+/// the worker that took it keeps its runtime going for the grace period.
+#[test]
+fn sigterm_answers_misses_still_in_flight() {
+    let slow = FakeUpstream::start(|m, _| {
+        // Only the test's name is slow (not the readiness probe).
+        if m.queries.first().is_some_and(|q| q.name().to_ascii().starts_with("slow")) {
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        Action::Answer(a_reply(m, 30, &[[10, 0, 0, 7]]))
+    });
+    let mut nd = start(&slow, None, &["--lameduck", "0s"]);
+    let dns = nd.dns;
+    let client = std::thread::spawn(move || udp_query(dns, "slow.example.", RecordType::A));
+    // The query is out to the upstream (which answers after 800 ms) when the signal comes.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(slow.count("slow.example"), 1);
+    nd.signal(libc::SIGTERM);
+    let r = client.join().expect("client thread");
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(r.answers.len(), 1, "the upstream's answer was relayed");
+    let st = nd
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits within the grace period");
+    assert!(st.success(), "{st:?}");
+}
+
 #[test]
 fn a_second_instance_can_share_the_addresses() {
     let vpc = answering(30);

@@ -1,8 +1,15 @@
 //! UDP workers: one OS thread per SO_REUSEPORT socket. Each wakes in `recvmmsg` with up to
 //! `server.udp_batch` datagrams (MSG_WAITFORONE: it returns as soon as one is there, so batching
 //! adds no latency), answers the cache hits among them on this thread with no allocation, spawn or
-//! channel hop, and sends every reply of the batch with one `sendmmsg`. A miss is copied and
-//! spawned onto the tokio runtime, which sends its answer on a clone of the same socket.
+//! channel hop, and sends every reply of the batch with one `sendmmsg`.
+//!
+//! A miss for a UDP zone stays on the thread too: every worker drives its own current-thread tokio
+//! runtime, and the miss becomes a task there, so the upstream exchange and the reply cost no
+//! thread hop (no futex wake of another thread, no cross-core cache traffic). The worker blocks in
+//! `recvmmsg` while none of its misses is in flight, the cheapest wait for a pure cache workload;
+//! with misses in flight it waits on epoll through the runtime, so replies from upstreams, timers
+//! and new queries are served in one loop. A miss for a TCP zone goes to the shared runtime,
+//! which owns the pooled connections.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -12,10 +19,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 
+use super::socket::UDP_POLL;
 use super::{Context, Handled};
+use crate::config::Transport;
 use crate::metrics::{Proto, WorkerStats};
 
 /// Largest query read into a batch slot. A longer datagram (MSG_TRUNC) is not a query we serve:
@@ -36,23 +47,37 @@ pub fn spawn_worker(
     stats: Arc<WorkerStats>,
 ) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name(name).spawn(move || {
+        let local = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a UDP worker's runtime");
+                return;
+            }
+        };
         let mut w = Worker {
             sock: Arc::new(sock),
             ctx,
             rt,
             tracker,
+            local_tasks: TaskTracker::new(),
             stats,
             batch: Batch::new(batch.clamp(1, 256)),
         };
-        w.run(&stop)
+        local.block_on(w.run(&stop));
     })
 }
 
 struct Worker {
     sock: Arc<UdpSocket>,
     ctx: Arc<Context>,
+    /// The shared runtime (TCP zones, whose pooled connections live there).
     rt: Handle,
     tracker: TaskTracker,
+    /// Misses resolved on this thread's own runtime.
+    local_tasks: TaskTracker,
     stats: Arc<WorkerStats>,
     batch: Batch,
 }
@@ -89,8 +114,9 @@ impl Batch {
         }
     }
 
-    /// Receives up to a batch of datagrams; blocks (up to the socket's read timeout) for the first.
-    fn recv(&mut self, fd: i32) -> io::Result<usize> {
+    /// Receives up to a batch of datagrams; blocks (up to the socket's read timeout) for the first
+    /// unless `flags` has `MSG_DONTWAIT`.
+    fn recv(&mut self, fd: i32, flags: libc::c_int) -> io::Result<usize> {
         let n = self.bufs.len();
         for i in 0..n {
             self.iov[i] = libc::iovec {
@@ -114,7 +140,7 @@ impl Batch {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 n as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                libc::MSG_WAITFORONE | flags,
                 std::ptr::null_mut(),
             )
         };
@@ -201,11 +227,44 @@ impl Batch {
 }
 
 impl Worker {
-    fn run(&mut self, stop: &AtomicBool) {
+    async fn run(&mut self, stop: &AtomicBool) {
         let fd = self.sock.as_raw_fd();
+        // SAFETY: the AsyncFd owns a clone of the Arc, so the socket stays open and keeps its
+        // descriptor for as long as the registration lives.
+        let afd =
+            match unsafe { AsyncFd::register_with_interest(self.sock.clone(), Interest::READABLE) }
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    let e = io::Error::from(e);
+                    tracing::error!(error = %e, "cannot register a UDP worker socket");
+                    return;
+                }
+            };
         let mut replies: Vec<usize> = Vec::with_capacity(self.batch.bufs.len());
         while !stop.load(Ordering::Relaxed) {
-            let n = match self.batch.recv(fd) {
+            let r = if self.local_tasks.is_empty() {
+                // Nothing of ours in flight: block in the kernel (up to UDP_POLL).
+                self.batch.recv(fd, 0)
+            } else {
+                // Let the misses just spawned send their queries, and collect upstream replies
+                // already there, before reading more clients.
+                tokio::task::yield_now().await;
+                // Bounded like the blocking read, so a stop is seen while misses are out.
+                let mut ready = match tokio::time::timeout(UDP_POLL, afd.readable()).await {
+                    Err(_elapsed) => continue,
+                    Ok(Ok(g)) => g,
+                    Ok(Err(e)) => {
+                        crate::log_limited!(warn, error = %e, "UDP readiness failed");
+                        continue;
+                    }
+                };
+                match ready.try_io(|_| self.batch.recv(fd, libc::MSG_DONTWAIT)) {
+                    Ok(r) => r,
+                    Err(_would_block) => continue,
+                }
+            };
+            let n = match r {
                 Ok(n) => n,
                 Err(e)
                     if matches!(
@@ -234,6 +293,15 @@ impl Worker {
                 }
             }
         }
+        // Stopped listening: answer the misses already taken, within the grace period.
+        self.local_tasks.close();
+        let grace = self.ctx.settings.grace_period;
+        if tokio::time::timeout(grace, self.local_tasks.wait())
+            .await
+            .is_err()
+        {
+            crate::log_limited!(warn, ?grace, "grace period over with UDP queries in flight");
+        }
     }
 
     /// Handles datagram `i` of the batch; true when `out[i]` holds a reply to send now.
@@ -260,15 +328,21 @@ impl Worker {
                 let ctx = self.ctx.clone();
                 let sock = self.sock.clone();
                 let stats = self.stats.clone();
-                self.tracker.spawn_on(
-                    async move {
-                        let reply = ctx.resolve(&q, &pkt, src, Proto::Udp, &stats, start).await;
-                        if let Err(e) = sock.send_to(&reply, src) {
-                            crate::log_limited!(debug, client = %src, error = %e, "UDP send failed");
-                        }
-                    },
-                    &self.rt,
-                );
+                let settings = &self.ctx.settings;
+                let tcp_zone =
+                    settings.zones[settings.route(q.qname_lower())].transport == Transport::Tcp;
+                let task = async move {
+                    let reply = ctx.resolve(&q, &pkt, src, Proto::Udp, &stats, start).await;
+                    if let Err(e) = sock.send_to(&reply, src) {
+                        crate::log_limited!(debug, client = %src, error = %e, "UDP send failed");
+                    }
+                };
+                if tcp_zone {
+                    self.tracker.spawn_on(task, &self.rt);
+                } else {
+                    // This thread's runtime (we are inside its block_on).
+                    self.local_tasks.spawn(task);
+                }
                 false
             }
         }
