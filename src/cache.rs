@@ -1,33 +1,42 @@
-//! The answer cache: a fixed set of shards, each an `RwLock`ed map from a 64-bit question hash
-//! to the answer's wire bytes, bounded in entries and bytes.
+//! The answer cache: a fixed set of shards, each an `RwLock` over a hash table of handles into
+//! an append-only arena of answers, bounded in entries and bytes.
 //!
 //! Entries hold the upstream answer as wire bytes (OPT stripped, question lowercased, TTLs already
 //! capped) plus the offsets of every TTL field, so a hit is one copy and a few in-place patches:
 //! the client's ID, RD bit and question bytes (0x20 case), and each TTL minus the entry's age.
-//! Entries keep an absolute expiry and a stale horizon so serve-stale (RFC 8767) can be added
-//! without changing the layout.
+//! Entries keep an absolute store time, a lifetime and a stale horizon so serve-stale (RFC 8767)
+//! can be added without changing the layout.
 //!
-//! Eviction is FIFO per shard, O(1) per insert: every entry lives at most the zone's max TTL
-//! (30 s by default), so insertion order is close to expiry order and an LRU's bookkeeping (a
-//! write on every hit) would buy little. `purge_expired`, run every 10 s by the app, sweeps out
-//! expired entries so they do not wait for new inserts to push them out. (A sweep inside
-//! `insert` once cost 25 µs per insert on a full 100k cache: see BENCHMARKS.md.)
+//! Memory layout (issue 6: at most 1.5x the answer bytes). A shard appends each entry, a 36-byte
+//! header followed by the answer and its TTL offsets, to the newest of its arena blocks (16 KiB, or
+//! one block of its own for a bigger answer). Its hash table holds only 8-byte handles (block,
+//! offset); the key lives in the entry header. No per-entry allocation, so no allocator overhead,
+//! and no separate eviction queue: the arena *is* the insertion order.
+//!
+//! Eviction is FIFO per shard, O(1) per insert: the oldest entry is at the head of the oldest
+//! block, and a block is freed once the head passes its end. Every entry lives at most the zone's
+//! max TTL (30 s by default), so insertion order is close to expiry order and an LRU's bookkeeping
+//! (a write on every hit) would buy little. An entry replaced by a newer answer, or removed by
+//! `purge_expired` (every 10 s from the app), leaves its bytes in place until the head passes them;
+//! they count against `max_bytes`, so the bound holds. (A sweep inside `insert` once cost 25 µs per
+//! insert on a full 100k cache: see BENCHMARKS.md.)
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use hashbrown::HashTable;
 use parking_lot::RwLock;
 
 use crate::dns::{self, AnswerKind, Query, FLAG_RD, HEADER_LEN, OPT_LEN};
 
-/// A cached answer. Kept small (one heap block, 56 bytes inline) because a node may hold
-/// hundreds of thousands; `benches/memory.rs` measures the bytes per entry.
+/// An answer ready to be cached or sent: what the forwarder builds from an upstream response.
+/// The cache copies it into its arena; a miss's reply is rendered from it directly.
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// The answer wire bytes (without OPT; question lowercased; TTLs as stored), followed by
-    /// the offset of every TTL field as native-endian u16s: one allocation instead of two.
+    /// the offset of every TTL field as native-endian u16s (the arena stores the same layout).
     data: Box<[u8]>,
     /// Length of the wire part of `data`.
     wire_len: u16,
@@ -36,7 +45,6 @@ pub struct Entry {
     pub kind: AnswerKind,
     /// Index of the zone (config order) the name routed to; used for per-zone accounting.
     pub zone: u16,
-    generation: u32,
     /// Lifetime in seconds from `stored`.
     ttl: u32,
     /// Seconds from `stored` during which a stale copy may still be served (== `ttl` while
@@ -69,10 +77,19 @@ impl Entry {
             key_flags,
             kind,
             zone,
-            generation: 0,
             ttl,
             stale: ttl,
             stored,
+        }
+    }
+
+    fn view(&self) -> EntryRef<'_> {
+        EntryRef {
+            payload: &self.data,
+            wire_len: self.wire_len as usize,
+            key_flags: self.key_flags,
+            kind: self.kind,
+            zone: self.zone,
         }
     }
 
@@ -83,11 +100,8 @@ impl Entry {
     }
 
     /// Offsets of every TTL field in `wire()`.
-    #[inline]
     pub fn ttl_offsets(&self) -> impl Iterator<Item = usize> + '_ {
-        self.data[self.wire_len as usize..]
-            .chunks_exact(2)
-            .map(|c| u16::from_ne_bytes([c[0], c[1]]) as usize)
+        offsets(&self.data[self.wire_len as usize..])
     }
 
     pub fn expires(&self) -> Instant {
@@ -98,18 +112,50 @@ impl Entry {
         self.stored + Duration::from_secs(self.stale as u64)
     }
 
-    /// Memory this entry is charged for: its heap block plus the fixed overhead of its map slot
-    /// and FIFO record.
+    /// Arena bytes this entry takes once cached (header, answer and TTL offsets).
     pub fn charge(&self) -> usize {
-        self.data.len() + std::mem::size_of::<Entry>() + 32
-    }
-
-    fn question(&self, len: usize) -> Option<&[u8]> {
-        self.data.get(HEADER_LEN..HEADER_LEN + len)
+        HDR + self.data.len()
     }
 
     pub fn rcode(&self) -> u8 {
         self.data[3] & 0xF
+    }
+
+    /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds: see
+    /// [`EntryRef::render`].
+    pub fn render(
+        &self,
+        q: &Query,
+        pkt: &[u8],
+        age: u32,
+        max_len: usize,
+        opt_size: u16,
+        out: &mut Vec<u8>,
+    ) {
+        self.view().render(q, pkt, age, max_len, opt_size, out)
+    }
+}
+
+fn offsets(raw: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    raw.chunks_exact(2)
+        .map(|c| u16::from_ne_bytes([c[0], c[1]]) as usize)
+}
+
+/// A cached answer as a hit sees it: borrowed from the arena under the shard's read lock.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    /// Wire bytes followed by the TTL offsets.
+    payload: &'a [u8],
+    wire_len: usize,
+    pub key_flags: u8,
+    pub kind: AnswerKind,
+    pub zone: u16,
+}
+
+impl EntryRef<'_> {
+    #[inline]
+    pub fn wire(&self) -> &[u8] {
+        &self.payload[..self.wire_len]
     }
 
     /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds.
@@ -117,6 +163,7 @@ impl Entry {
     /// `max_len` is the largest reply the transport allows; a longer answer becomes a TC=1 reply
     /// with only the question, so the client retries over TCP. `opt_size` is our advertised EDNS
     /// size, added as an OPT record when the client sent one.
+    #[inline]
     pub fn render(
         &self,
         q: &Query,
@@ -138,7 +185,7 @@ impl Entry {
         } else {
             out.extend_from_slice(wire);
             out[HEADER_LEN..qend].copy_from_slice(&pkt[HEADER_LEN..qend]);
-            for off in self.ttl_offsets() {
+            for off in offsets(&self.payload[self.wire_len..]) {
                 let ttl = dns::u32_at(wire, off).saturating_sub(age);
                 out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
             }
@@ -164,28 +211,149 @@ pub struct CacheConfig {
     pub shards: usize,
 }
 
-/// Identity hasher: map keys are already keyed hashes of the question.
-#[derive(Default)]
-struct IdHasher(u64);
+/// Entry header in the arena, native-endian, unaligned (read by copying):
+/// key u64 | stored (ms since the cache's epoch) u64 | ttl u32 | stale u32 | total length u32 |
+/// wire length u16 | zone u16 | key flags u8 | kind u8 | then wire bytes and TTL offsets.
+const HDR: usize = 34;
+const H_KEY: usize = 0;
+const H_STORED: usize = 8;
+const H_TTL: usize = 16;
+const H_STALE: usize = 20;
+const H_LEN: usize = 24;
+const H_WIRE: usize = 28;
+const H_ZONE: usize = 30;
+const H_FLAGS: usize = 32;
+const H_KIND: usize = 33;
 
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, _: &[u8]) {
-        unreachable!("only u64 keys are hashed")
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
+/// Largest arena block for ordinary answers; a bigger answer gets a block of its own.
+const MAX_BLOCK: usize = 16 << 10;
+
+fn kind_to_u8(k: AnswerKind) -> u8 {
+    match k {
+        AnswerKind::Positive => 0,
+        AnswerKind::NxDomain => 1,
+        AnswerKind::NoData => 2,
+        AnswerKind::ServFail => 3,
+        AnswerKind::Other => 4,
     }
 }
 
+fn kind_from_u8(v: u8) -> AnswerKind {
+    match v {
+        0 => AnswerKind::Positive,
+        1 => AnswerKind::NxDomain,
+        2 => AnswerKind::NoData,
+        3 => AnswerKind::ServFail,
+        _ => AnswerKind::Other,
+    }
+}
+
+#[inline]
+fn rd_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[inline]
+fn rd_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+#[inline]
+fn rd_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+/// A handle: the block's sequence number (high 32 bits) and the entry's offset in it.
+type Handle = u64;
+
+fn handle(seq: u32, off: usize) -> Handle {
+    ((seq as u64) << 32) | off as u64
+}
+
 struct Shard {
-    map: HashMap<u64, Entry, BuildHasherDefault<IdHasher>>,
-    /// Insertion order for eviction: (key, generation). Stale records are skipped.
-    fifo: VecDeque<(u64, u32)>,
+    /// Handles of the live entries, hashed by the entry's key (stored in its header).
+    table: HashTable<Handle>,
+    /// Arena blocks, oldest first; a block's `len()` is how much of it is written.
+    blocks: VecDeque<Vec<u8>>,
+    /// Sequence number of `blocks[0]`.
+    first_seq: u32,
+    /// Offset in `blocks[0]` of the oldest entry not yet reclaimed.
+    head: usize,
+    /// Capacity of all blocks held: the bytes this shard costs.
     bytes: usize,
-    next_generation: u32,
+    /// One emptied standard block kept for reuse, so a steady-state shard does not allocate.
+    spare: Option<Vec<u8>>,
+}
+
+impl Shard {
+    /// The entry bytes `h` points at (header included).
+    #[inline]
+    fn entry(&self, h: Handle) -> &[u8] {
+        let idx = ((h >> 32) as u32).wrapping_sub(self.first_seq) as usize;
+        let off = h as u32 as usize;
+        let b = &self.blocks[idx][off..];
+        &b[..rd_u32(b, H_LEN) as usize]
+    }
+
+    #[inline]
+    fn find(&self, key: u64) -> Option<Handle> {
+        self.table
+            .find(key, |&h| rd_u64(self.entry(h), H_KEY) == key)
+            .copied()
+    }
+
+    /// Removes `h` from the table (if `key` still points there); true if it was live.
+    fn remove(&mut self, key: u64, h: Handle) -> bool {
+        match self.table.find_entry(key, |&x| x == h) {
+            Ok(e) => {
+                e.remove();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Moves past an exhausted front block: frees it (keeping one standard block as the spare),
+    /// or rewinds it when it is the only one (the block being written). False when empty.
+    fn next_block(&mut self, block: usize) -> bool {
+        if self.blocks.len() <= 1 {
+            if let Some(b) = self.blocks.front_mut() {
+                b.clear();
+            }
+            self.head = 0;
+            return false;
+        }
+        let mut b = self.blocks.pop_front().expect("front");
+        b.clear();
+        self.first_seq = self.first_seq.wrapping_add(1);
+        self.head = 0;
+        self.bytes -= b.capacity();
+        if self.spare.is_none() && b.capacity() == block {
+            self.spare = Some(b);
+        }
+        true
+    }
+
+    /// Reclaims the oldest entry. Returns None when the shard holds nothing, else whether the
+    /// entry was live, with its stale horizon (ms).
+    fn pop_oldest(&mut self, block: usize) -> Option<Option<u64>> {
+        loop {
+            let front = self.blocks.front()?;
+            if self.head >= front.len() {
+                if !self.next_block(block) {
+                    return None;
+                }
+                continue;
+            }
+            let e = &front[self.head..];
+            let (key, len) = (rd_u64(e, H_KEY), rd_u32(e, H_LEN) as usize);
+            let stale_ms = rd_u64(e, H_STORED) + rd_u32(e, H_STALE) as u64 * 1000;
+            let h = handle(self.first_seq, self.head);
+            self.head += len;
+            let live = self.remove(key, h);
+            return Some(live.then_some(stale_ms));
+        }
+    }
 }
 
 /// Padded to a cache line pair so neighbouring shards' locks never share a line.
@@ -206,6 +374,10 @@ pub struct Cache {
     shard_bits: u32,
     max_entries_per_shard: usize,
     max_bytes_per_shard: usize,
+    /// Size of a standard arena block: 16 KiB, or less when a shard's byte budget is small.
+    block: usize,
+    /// Entry store times are kept as milliseconds since this instant.
+    epoch: Instant,
     hasher: ahash::RandomState,
     pub counters: CacheCounters,
 }
@@ -213,20 +385,26 @@ pub struct Cache {
 impl Cache {
     pub fn new(cfg: &CacheConfig) -> Self {
         let shards = cfg.shards.max(1).next_power_of_two();
+        let max_bytes_per_shard = cfg.max_bytes.div_ceil(shards).max(1);
         Cache {
             shards: (0..shards)
                 .map(|_| {
                     PaddedShard(RwLock::new(Shard {
-                        map: HashMap::default(),
-                        fifo: VecDeque::new(),
+                        table: HashTable::new(),
+                        blocks: VecDeque::new(),
+                        first_seq: 0,
+                        head: 0,
                         bytes: 0,
-                        next_generation: 0,
+                        spare: None,
                     }))
                 })
                 .collect(),
             shard_bits: shards.trailing_zeros(),
             max_entries_per_shard: cfg.max_entries.div_ceil(shards).max(1),
-            max_bytes_per_shard: cfg.max_bytes.div_ceil(shards).max(1),
+            max_bytes_per_shard,
+            // At least four blocks per shard budget, so freeing whole blocks tracks the bound.
+            block: (max_bytes_per_shard / 4).clamp(512, MAX_BLOCK),
+            epoch: Instant::now(),
             hasher: ahash::RandomState::new(),
             counters: CacheCounters::default(),
         }
@@ -251,99 +429,172 @@ impl Cache {
         &self.shards[idx].0
     }
 
+    #[inline]
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
     /// Looks `q` up and, on a fresh hit, calls `f` with the entry and its age in whole seconds
-    /// while the shard's read lock is held (so the caller copies without cloning the entry).
+    /// while the shard's read lock is held (so the caller copies straight out of the arena).
     #[inline]
     pub fn lookup<R>(
         &self,
         key: u64,
         q: &Query,
         now: Instant,
-        f: impl FnOnce(&Entry, u32) -> R,
+        f: impl FnOnce(&EntryRef<'_>, u32) -> R,
     ) -> Option<R> {
+        let now_ms = self.ms(now);
         let shard = self.shard(key).read();
-        let e = shard.map.get(&key)?;
+        let e = shard.entry(shard.find(key)?);
+        let age = now_ms.saturating_sub(rd_u64(e, H_STORED)) / 1000;
+        let flags = e[H_FLAGS];
+        let wire_len = rd_u16(e, H_WIRE) as usize;
         let qb = q.question_lower();
-        let age = now.saturating_duration_since(e.stored).as_secs();
-        if age >= e.ttl as u64 || e.key_flags != q.key_flags() || e.question(qb.len()) != Some(qb) {
+        if age >= rd_u32(e, H_TTL) as u64
+            || flags != q.key_flags()
+            || e.get(HDR + HEADER_LEN..HDR + HEADER_LEN + qb.len()) != Some(qb)
+            || HEADER_LEN + qb.len() > wire_len
+        {
             return None;
         }
-        Some(f(e, age as u32))
+        let view = EntryRef {
+            payload: &e[HDR..],
+            wire_len,
+            key_flags: flags,
+            kind: kind_from_u8(e[H_KIND]),
+            zone: rd_u16(e, H_ZONE),
+        };
+        Some(f(&view, age as u32))
     }
 
-    /// Stores `entry` under `key`, evicting expired then oldest entries to stay in bounds.
-    /// Returns false when the entry alone exceeds a shard's byte budget.
-    pub fn insert(&self, key: u64, mut entry: Entry) -> bool {
-        let charge = entry.charge();
-        if charge > self.max_bytes_per_shard {
+    /// Stores `entry` under `key`, reclaiming the oldest entries to stay in bounds. Returns false
+    /// when the entry alone exceeds a shard's byte budget.
+    pub fn insert(&self, key: u64, entry: Entry) -> bool {
+        let size = entry.charge();
+        if size > self.max_bytes_per_shard {
             return false;
         }
-        let now = entry.stored;
-        let mut shard = self.shard(key).write();
-        let shard = &mut *shard;
-        shard.next_generation = shard.next_generation.wrapping_add(1);
-        entry.generation = shard.next_generation;
-        shard.fifo.push_back((key, entry.generation));
-        if let Some(old) = shard.map.insert(key, entry) {
-            shard.bytes -= old.charge();
+        let stored = self.ms(entry.stored);
+        let now_ms = stored;
+        let mut guard = self.shard(key).write();
+        let shard = &mut *guard;
+        // A newer answer replaces the old one; its bytes are reclaimed when the head passes them.
+        if let Some(old) = shard.find(key) {
+            shard.remove(key, old);
         }
-        shard.bytes += charge;
-        self.counters.inserts.fetch_add(1, Ordering::Relaxed);
-        // Over a bound: drop the oldest insertions. Every lifetime is capped (30 s by default), so
-        // insertion order is close to expiry order; this is O(1) amortised under the write lock.
-        while shard.map.len() > self.max_entries_per_shard || shard.bytes > self.max_bytes_per_shard
-        {
-            let Some((k, generation)) = shard.fifo.pop_front() else {
-                break;
-            };
-            if shard
-                .map
-                .get(&k)
-                .is_some_and(|e| e.generation == generation)
-            {
-                let old = shard.map.remove(&k).expect("present");
-                shard.bytes -= old.charge();
-                let counter = if old.stale_until() <= now {
-                    &self.counters.expired_removed
-                } else {
-                    &self.counters.evictions
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+        // Entry bound: drop the oldest live entries.
+        while shard.table.len() >= self.max_entries_per_shard {
+            match shard.pop_oldest(self.block) {
+                None => break,
+                Some(Some(stale_ms)) => self.count_reclaimed(stale_ms, now_ms),
+                Some(None) => {}
             }
         }
-        // Keep the FIFO from growing with records of replaced or removed entries.
-        if shard.fifo.len() > 2 * shard.map.len() + 64 {
-            let map = &shard.map;
-            shard
-                .fifo
-                .retain(|(k, g)| map.get(k).is_some_and(|e| e.generation == *g));
+        // Room in the newest block, or a new block within the byte bound.
+        let fits = shard
+            .blocks
+            .back()
+            .is_some_and(|b| b.capacity() - b.len() >= size);
+        if !fits {
+            let cap = self.block.max(size);
+            while shard.bytes + cap > self.max_bytes_per_shard {
+                match shard.pop_oldest(self.block) {
+                    None => break,
+                    Some(Some(stale_ms)) => self.count_reclaimed(stale_ms, now_ms),
+                    Some(None) => {}
+                }
+            }
+            // pop_oldest may have emptied and rewound the last block: it may fit now.
+            let fits = shard
+                .blocks
+                .back()
+                .is_some_and(|b| b.capacity() - b.len() >= size);
+            if !fits {
+                let block = match shard.spare.take() {
+                    Some(b) if cap == self.block && b.capacity() >= cap => b,
+                    _ => Vec::with_capacity(cap),
+                };
+                shard.bytes += block.capacity();
+                shard.blocks.push_back(block);
+                if shard.blocks.len() == 1 {
+                    shard.head = 0;
+                }
+            }
         }
+        let seq = shard.first_seq.wrapping_add(shard.blocks.len() as u32 - 1);
+        let b = shard.blocks.back_mut().expect("a block");
+        let off = b.len();
+        b.extend_from_slice(&key.to_ne_bytes());
+        b.extend_from_slice(&stored.to_ne_bytes());
+        b.extend_from_slice(&entry.ttl.to_ne_bytes());
+        b.extend_from_slice(&entry.stale.to_ne_bytes());
+        b.extend_from_slice(&(size as u32).to_ne_bytes());
+        b.extend_from_slice(&entry.wire_len.to_ne_bytes());
+        b.extend_from_slice(&entry.zone.to_ne_bytes());
+        b.push(entry.key_flags);
+        b.push(kind_to_u8(entry.kind));
+        b.extend_from_slice(&entry.data);
+        debug_assert_eq!(b.len() - off, size);
+        let h = handle(seq, off);
+        let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
+        shard.table.insert_unique(key, h, |&x| {
+            let idx = ((x >> 32) as u32).wrapping_sub(first_seq) as usize;
+            rd_u64(&blocks[idx][x as u32 as usize..], H_KEY)
+        });
+        self.counters.inserts.fetch_add(1, Ordering::Relaxed);
         true
     }
 
+    fn count_reclaimed(&self, stale_ms: u64, now_ms: u64) {
+        let counter = if stale_ms <= now_ms {
+            &self.counters.expired_removed
+        } else {
+            &self.counters.evictions
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Removes every entry past its stale horizon, one shard at a time (each write lock is held
-    /// only for its own shard). Run periodically so expired answers do not sit in memory until
-    /// pushed out by new ones. Returns the number removed.
+    /// only for its own shard), and reclaims the arena up to the oldest entry still live. Run
+    /// periodically so expired answers neither count as entries nor hold blocks. Returns the
+    /// number removed.
     pub fn purge_expired(&self, now: Instant) -> usize {
+        let now_ms = self.ms(now);
         let mut removed = 0;
         for s in self.shards.iter() {
-            let mut shard = s.0.write();
-            let shard = &mut *shard;
-            let before = shard.map.len();
-            let mut freed = 0;
-            shard.map.retain(|_, e| {
-                let keep = e.stale_until() > now;
-                if !keep {
-                    freed += e.charge();
-                }
-                keep
+            let mut guard = s.0.write();
+            let shard = &mut *guard;
+            let before = shard.table.len();
+            let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
+            shard.table.retain(|&mut h| {
+                let idx = ((h >> 32) as u32).wrapping_sub(first_seq) as usize;
+                let e = &blocks[idx][h as u32 as usize..];
+                rd_u64(e, H_STORED) + rd_u32(e, H_STALE) as u64 * 1000 > now_ms
             });
-            shard.bytes -= freed;
-            removed += before - shard.map.len();
-            let map = &shard.map;
-            shard
-                .fifo
-                .retain(|(k, g)| map.get(k).is_some_and(|e| e.generation == *g));
+            removed += before - shard.table.len();
+            // Reclaim from the head while it is dead (now including what was just removed).
+            while let Some(front) = shard.blocks.front() {
+                if shard.head >= front.len() {
+                    if !shard.next_block(self.block) {
+                        break;
+                    }
+                    continue;
+                }
+                let e = &front[shard.head..];
+                let (key, len) = (rd_u64(e, H_KEY), rd_u32(e, H_LEN) as usize);
+                if shard.find(key) == Some(handle(shard.first_seq, shard.head)) {
+                    break;
+                }
+                shard.head += len;
+            }
+            if shard.table.is_empty() {
+                // Nothing live: give the blocks back (the spare included).
+                shard.blocks.clear();
+                shard.spare = None;
+                shard.bytes = 0;
+                shard.head = 0;
+            }
         }
         self.counters
             .expired_removed
@@ -356,8 +607,9 @@ impl Cache {
         let mut pos = 0;
         let mut neg = 0;
         for s in self.shards.iter() {
-            for e in s.0.read().map.values() {
-                if e.kind == AnswerKind::Positive {
+            let shard = s.0.read();
+            for &h in shard.table.iter() {
+                if shard.entry(h)[H_KIND] == kind_to_u8(AnswerKind::Positive) {
                     pos += 1;
                 } else {
                     neg += 1;
@@ -368,14 +620,14 @@ impl Cache {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.read().map.len()).sum()
+        self.shards.iter().map(|s| s.0.read().table.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Bytes charged to all entries.
+    /// Bytes of arena blocks held (entries, reclaimable space and the spare blocks' share).
     pub fn bytes(&self) -> usize {
         self.shards.iter().map(|s| s.0.read().bytes).sum()
     }
@@ -531,7 +783,11 @@ mod tests {
                 ),
             );
             assert!(cache.len() <= 64 + 3);
-            assert!(cache.bytes() <= 64 * 400 + 4 * 400);
+            assert!(
+                cache.bytes() <= 64 * 400 + 4 * 400,
+                "{} at {i}",
+                cache.bytes()
+            );
         }
         assert!(cache.counters.evictions.load(Ordering::Relaxed) > 9000);
     }
@@ -590,6 +846,143 @@ mod tests {
             cache.counters.evictions.load(Ordering::Relaxed),
             1,
             "room after purge"
+        );
+    }
+
+    /// Random inserts (replacements, answers from tiny to bigger than a block), purges and
+    /// lookups against a model: a hit always returns the newest answer stored for its key, and
+    /// the shard bounds hold after every step.
+    #[test]
+    fn arena_model_check() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let cfg = CacheConfig {
+            max_entries: 200,
+            max_bytes: 4 * 40_000,
+            shards: 4,
+        };
+        let cache = Cache::new(&cfg);
+        let t0 = Instant::now();
+        let mut newest: std::collections::HashMap<u32, (u32, u64)> = Default::default();
+        let mut version = 0u32;
+        let mut hits = 0;
+        let mut now = t0;
+        for step in 0..20_000u32 {
+            let n = rng.random_range(0..500u32);
+            let name = format!("\x05k{n:04}\x07example\x00");
+            let p = query(name.as_bytes(), 1, false);
+            let q = parse_query(&p).unwrap();
+            let key = cache.key(q.question_lower(), 0);
+            match rng.random_range(0..10) {
+                0..=4 => {
+                    version += 1;
+                    let (mut w, offs) = answer(&q, 30);
+                    // Mostly small answers, some over the 10 KiB block of this config.
+                    let pad = if rng.random_range(0..50) == 0 {
+                        12_000
+                    } else {
+                        rng.random_range(0..300)
+                    };
+                    for _ in 0..pad / 4 + 1 {
+                        w.extend_from_slice(&version.to_be_bytes());
+                    }
+                    let ttl = rng.random_range(1..20u64);
+                    let e = Entry::new(
+                        w,
+                        offs,
+                        0,
+                        AnswerKind::Positive,
+                        0,
+                        now,
+                        Duration::from_secs(ttl),
+                    );
+                    assert!(cache.insert(key, e));
+                    newest.insert(
+                        n,
+                        (
+                            version,
+                            ttl * 1000 + now.duration_since(t0).as_millis() as u64,
+                        ),
+                    );
+                }
+                5..=8 => {
+                    let mut out = Vec::new();
+                    if let Some(()) = cache.lookup(key, &q, now, |e, _| {
+                        e.render(&q, &p, 0, 65535, 1232, &mut out)
+                    }) {
+                        let (v, expiry) = newest[&n];
+                        assert_eq!(
+                            dns::u32_at(&out, out.len() - 4),
+                            v,
+                            "step {step}: newest answer"
+                        );
+                        assert!((now.duration_since(t0).as_millis() as u64) < expiry);
+                        hits += 1;
+                    }
+                }
+                _ => {
+                    now += Duration::from_millis(rng.random_range(0..3000));
+                    if rng.random_range(0..4) == 0 {
+                        cache.purge_expired(now);
+                    }
+                }
+            }
+            assert!(cache.len() <= cfg.max_entries);
+            assert!(
+                cache.bytes() <= cfg.max_bytes + 4 * 12_100,
+                "step {step}: {} bytes",
+                cache.bytes()
+            );
+        }
+        assert!(hits > 300, "{hits} hits");
+        assert!(cache.counters.evictions.load(Ordering::Relaxed) > 0);
+        // Everything expires: a purge empties the cache and gives its blocks back.
+        cache.purge_expired(now + Duration::from_secs(60));
+        assert_eq!(cache.len(), 0);
+        assert_eq!(cache.bytes(), 0);
+    }
+
+    #[test]
+    fn replaced_answer_wins_and_its_bytes_come_back() {
+        let cache = Cache::new(&CacheConfig {
+            max_entries: 1000,
+            max_bytes: 64 << 10,
+            shards: 1,
+        });
+        let p = query(NAME, 1, false);
+        let q = parse_query(&p).unwrap();
+        let key = cache.key(q.question_lower(), 0);
+        let now = Instant::now();
+        for ttl in 1..=5000u32 {
+            let (w, offs) = answer(&q, ttl);
+            let e = Entry::new(
+                w,
+                offs,
+                0,
+                AnswerKind::Positive,
+                0,
+                now,
+                Duration::from_secs(600),
+            );
+            assert!(cache.insert(key, e));
+        }
+        assert_eq!(cache.len(), 1);
+        assert!(
+            cache.bytes() <= 64 << 10,
+            "dead copies reclaimed: {}",
+            cache.bytes()
+        );
+        let mut out = Vec::new();
+        cache
+            .lookup(key, &q, now, |e, _| {
+                e.render(&q, &p, 0, 1232, 1232, &mut out)
+            })
+            .expect("hit");
+        assert_eq!(dns::u32_at(&out, out.len() - 10), 5000);
+        assert_eq!(
+            cache.counters.evictions.load(Ordering::Relaxed),
+            0,
+            "replacement is not eviction"
         );
     }
 }

@@ -400,7 +400,10 @@ fn sigterm_exits_zero_after_in_flight_queries() {
 fn sigterm_answers_misses_still_in_flight() {
     let slow = FakeUpstream::start(|m, _| {
         // Only the test's name is slow (not the readiness probe).
-        if m.queries.first().is_some_and(|q| q.name().to_ascii().starts_with("slow")) {
+        if m.queries
+            .first()
+            .is_some_and(|q| q.name().to_ascii().starts_with("slow"))
+        {
             std::thread::sleep(Duration::from_millis(800));
         }
         Action::Answer(a_reply(m, 30, &[[10, 0, 0, 7]]))
