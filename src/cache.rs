@@ -27,9 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
-use parking_lot::RwLock;
 
 use crate::dns::{self, AnswerKind, Query, FLAG_RD, HEADER_LEN, OPT_LEN};
+use crate::readslots::{ReaderSlots, SlotLock};
 
 /// An answer ready to be cached or sent: what the forwarder builds from an upstream response.
 /// The cache copies it into its arena; a miss's reply is rendered from it directly.
@@ -358,7 +358,7 @@ impl Shard {
 
 /// Padded to a cache line pair so neighbouring shards' locks never share a line.
 #[repr(align(128))]
-struct PaddedShard(RwLock<Shard>);
+struct PaddedShard(SlotLock<Shard>);
 
 /// Counters the cache keeps about itself (shared; only touched on inserts and evictions).
 #[derive(Default, Debug)]
@@ -371,6 +371,9 @@ pub struct CacheCounters {
 /// The sharded answer cache.
 pub struct Cache {
     shards: Box<[PaddedShard]>,
+    /// Where reading threads announce which shard they read (see `readslots`): a hit writes
+    /// only to its own thread's line.
+    readers: ReaderSlots,
     shard_bits: u32,
     max_entries_per_shard: usize,
     max_bytes_per_shard: usize,
@@ -388,17 +391,21 @@ impl Cache {
         let max_bytes_per_shard = cfg.max_bytes.div_ceil(shards).max(1);
         Cache {
             shards: (0..shards)
-                .map(|_| {
-                    PaddedShard(RwLock::new(Shard {
-                        table: HashTable::new(),
-                        blocks: VecDeque::new(),
-                        first_seq: 0,
-                        head: 0,
-                        bytes: 0,
-                        spare: None,
-                    }))
+                .map(|i| {
+                    PaddedShard(SlotLock::new(
+                        i,
+                        Shard {
+                            table: HashTable::new(),
+                            blocks: VecDeque::new(),
+                            first_seq: 0,
+                            head: 0,
+                            bytes: 0,
+                            spare: None,
+                        },
+                    ))
                 })
                 .collect(),
+            readers: ReaderSlots::default(),
             shard_bits: shards.trailing_zeros(),
             max_entries_per_shard: cfg.max_entries.div_ceil(shards).max(1),
             max_bytes_per_shard,
@@ -420,13 +427,18 @@ impl Cache {
     }
 
     #[inline]
-    fn shard(&self, key: u64) -> &RwLock<Shard> {
+    fn shard(&self, key: u64) -> &SlotLock<Shard> {
         let idx = if self.shard_bits == 0 {
             0
         } else {
             (key >> (64 - self.shard_bits)) as usize
         };
         &self.shards[idx].0
+    }
+
+    #[inline]
+    fn read<R>(&self, s: &SlotLock<Shard>, f: impl FnOnce(&Shard) -> R) -> R {
+        s.read(&self.readers, f)
     }
 
     #[inline]
@@ -445,27 +457,28 @@ impl Cache {
         f: impl FnOnce(&EntryRef<'_>, u32) -> R,
     ) -> Option<R> {
         let now_ms = self.ms(now);
-        let shard = self.shard(key).read();
-        let e = shard.entry(shard.find(key)?);
-        let age = now_ms.saturating_sub(rd_u64(e, H_STORED)) / 1000;
-        let flags = e[H_FLAGS];
-        let wire_len = rd_u16(e, H_WIRE) as usize;
-        let qb = q.question_lower();
-        if age >= rd_u32(e, H_TTL) as u64
-            || flags != q.key_flags()
-            || e.get(HDR + HEADER_LEN..HDR + HEADER_LEN + qb.len()) != Some(qb)
-            || HEADER_LEN + qb.len() > wire_len
-        {
-            return None;
-        }
-        let view = EntryRef {
-            payload: &e[HDR..],
-            wire_len,
-            key_flags: flags,
-            kind: kind_from_u8(e[H_KIND]),
-            zone: rd_u16(e, H_ZONE),
-        };
-        Some(f(&view, age as u32))
+        self.read(self.shard(key), |shard| {
+            let e = shard.entry(shard.find(key)?);
+            let age = now_ms.saturating_sub(rd_u64(e, H_STORED)) / 1000;
+            let flags = e[H_FLAGS];
+            let wire_len = rd_u16(e, H_WIRE) as usize;
+            let qb = q.question_lower();
+            if age >= rd_u32(e, H_TTL) as u64
+                || flags != q.key_flags()
+                || e.get(HDR + HEADER_LEN..HDR + HEADER_LEN + qb.len()) != Some(qb)
+                || HEADER_LEN + qb.len() > wire_len
+            {
+                return None;
+            }
+            let view = EntryRef {
+                payload: &e[HDR..],
+                wire_len,
+                key_flags: flags,
+                kind: kind_from_u8(e[H_KIND]),
+                zone: rd_u16(e, H_ZONE),
+            };
+            Some(f(&view, age as u32))
+        })
     }
 
     /// Stores `entry` under `key`, reclaiming the oldest entries to stay in bounds. Returns false
@@ -477,70 +490,70 @@ impl Cache {
         }
         let stored = self.ms(entry.stored);
         let now_ms = stored;
-        let mut guard = self.shard(key).write();
-        let shard = &mut *guard;
-        // A newer answer replaces the old one; its bytes are reclaimed when the head passes them.
-        if let Some(old) = shard.find(key) {
-            shard.remove(key, old);
-        }
-        // Entry bound: drop the oldest live entries.
-        while shard.table.len() >= self.max_entries_per_shard {
-            match shard.pop_oldest(self.block) {
-                None => break,
-                Some(Some(stale_ms)) => self.count_reclaimed(stale_ms, now_ms),
-                Some(None) => {}
+        self.shard(key).write(&self.readers, |shard| {
+            // A newer answer replaces the old one; its bytes come back when the head passes them.
+            if let Some(old) = shard.find(key) {
+                shard.remove(key, old);
             }
-        }
-        // Room in the newest block, or a new block within the byte bound.
-        let fits = shard
-            .blocks
-            .back()
-            .is_some_and(|b| b.capacity() - b.len() >= size);
-        if !fits {
-            let cap = self.block.max(size);
-            while shard.bytes + cap > self.max_bytes_per_shard {
+            // Entry bound: drop the oldest live entries.
+            while shard.table.len() >= self.max_entries_per_shard {
                 match shard.pop_oldest(self.block) {
                     None => break,
                     Some(Some(stale_ms)) => self.count_reclaimed(stale_ms, now_ms),
                     Some(None) => {}
                 }
             }
-            // pop_oldest may have emptied and rewound the last block: it may fit now.
+            // Room in the newest block, or a new block within the byte bound.
             let fits = shard
                 .blocks
                 .back()
                 .is_some_and(|b| b.capacity() - b.len() >= size);
             if !fits {
-                let block = match shard.spare.take() {
-                    Some(b) if cap == self.block && b.capacity() >= cap => b,
-                    _ => Vec::with_capacity(cap),
-                };
-                shard.bytes += block.capacity();
-                shard.blocks.push_back(block);
-                if shard.blocks.len() == 1 {
-                    shard.head = 0;
+                let cap = self.block.max(size);
+                while shard.bytes + cap > self.max_bytes_per_shard {
+                    match shard.pop_oldest(self.block) {
+                        None => break,
+                        Some(Some(stale_ms)) => self.count_reclaimed(stale_ms, now_ms),
+                        Some(None) => {}
+                    }
+                }
+                // pop_oldest may have emptied and rewound the last block: it may fit now.
+                let fits = shard
+                    .blocks
+                    .back()
+                    .is_some_and(|b| b.capacity() - b.len() >= size);
+                if !fits {
+                    let block = match shard.spare.take() {
+                        Some(b) if cap == self.block && b.capacity() >= cap => b,
+                        _ => Vec::with_capacity(cap),
+                    };
+                    shard.bytes += block.capacity();
+                    shard.blocks.push_back(block);
+                    if shard.blocks.len() == 1 {
+                        shard.head = 0;
+                    }
                 }
             }
-        }
-        let seq = shard.first_seq.wrapping_add(shard.blocks.len() as u32 - 1);
-        let b = shard.blocks.back_mut().expect("a block");
-        let off = b.len();
-        b.extend_from_slice(&key.to_ne_bytes());
-        b.extend_from_slice(&stored.to_ne_bytes());
-        b.extend_from_slice(&entry.ttl.to_ne_bytes());
-        b.extend_from_slice(&entry.stale.to_ne_bytes());
-        b.extend_from_slice(&(size as u32).to_ne_bytes());
-        b.extend_from_slice(&entry.wire_len.to_ne_bytes());
-        b.extend_from_slice(&entry.zone.to_ne_bytes());
-        b.push(entry.key_flags);
-        b.push(kind_to_u8(entry.kind));
-        b.extend_from_slice(&entry.data);
-        debug_assert_eq!(b.len() - off, size);
-        let h = handle(seq, off);
-        let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
-        shard.table.insert_unique(key, h, |&x| {
-            let idx = ((x >> 32) as u32).wrapping_sub(first_seq) as usize;
-            rd_u64(&blocks[idx][x as u32 as usize..], H_KEY)
+            let seq = shard.first_seq.wrapping_add(shard.blocks.len() as u32 - 1);
+            let b = shard.blocks.back_mut().expect("a block");
+            let off = b.len();
+            b.extend_from_slice(&key.to_ne_bytes());
+            b.extend_from_slice(&stored.to_ne_bytes());
+            b.extend_from_slice(&entry.ttl.to_ne_bytes());
+            b.extend_from_slice(&entry.stale.to_ne_bytes());
+            b.extend_from_slice(&(size as u32).to_ne_bytes());
+            b.extend_from_slice(&entry.wire_len.to_ne_bytes());
+            b.extend_from_slice(&entry.zone.to_ne_bytes());
+            b.push(entry.key_flags);
+            b.push(kind_to_u8(entry.kind));
+            b.extend_from_slice(&entry.data);
+            debug_assert_eq!(b.len() - off, size);
+            let h = handle(seq, off);
+            let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
+            shard.table.insert_unique(key, h, |&x| {
+                let idx = ((x >> 32) as u32).wrapping_sub(first_seq) as usize;
+                rd_u64(&blocks[idx][x as u32 as usize..], H_KEY)
+            });
         });
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
         true
@@ -563,38 +576,40 @@ impl Cache {
         let now_ms = self.ms(now);
         let mut removed = 0;
         for s in self.shards.iter() {
-            let mut guard = s.0.write();
-            let shard = &mut *guard;
-            let before = shard.table.len();
-            let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
-            shard.table.retain(|&mut h| {
-                let idx = ((h >> 32) as u32).wrapping_sub(first_seq) as usize;
-                let e = &blocks[idx][h as u32 as usize..];
-                rd_u64(e, H_STORED) + rd_u32(e, H_STALE) as u64 * 1000 > now_ms
-            });
-            removed += before - shard.table.len();
-            // Reclaim from the head while it is dead (now including what was just removed).
-            while let Some(front) = shard.blocks.front() {
-                if shard.head >= front.len() {
-                    if !shard.next_block(self.block) {
+            removed += s.0.write(&self.readers, |shard| {
+                let mut removed = 0;
+                let before = shard.table.len();
+                let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
+                shard.table.retain(|&mut h| {
+                    let idx = ((h >> 32) as u32).wrapping_sub(first_seq) as usize;
+                    let e = &blocks[idx][h as u32 as usize..];
+                    rd_u64(e, H_STORED) + rd_u32(e, H_STALE) as u64 * 1000 > now_ms
+                });
+                removed += before - shard.table.len();
+                // Reclaim from the head while it is dead (now including what was just removed).
+                while let Some(front) = shard.blocks.front() {
+                    if shard.head >= front.len() {
+                        if !shard.next_block(self.block) {
+                            break;
+                        }
+                        continue;
+                    }
+                    let e = &front[shard.head..];
+                    let (key, len) = (rd_u64(e, H_KEY), rd_u32(e, H_LEN) as usize);
+                    if shard.find(key) == Some(handle(shard.first_seq, shard.head)) {
                         break;
                     }
-                    continue;
+                    shard.head += len;
                 }
-                let e = &front[shard.head..];
-                let (key, len) = (rd_u64(e, H_KEY), rd_u32(e, H_LEN) as usize);
-                if shard.find(key) == Some(handle(shard.first_seq, shard.head)) {
-                    break;
+                if shard.table.is_empty() {
+                    // Nothing live: give the blocks back (the spare included).
+                    shard.blocks.clear();
+                    shard.spare = None;
+                    shard.bytes = 0;
+                    shard.head = 0;
                 }
-                shard.head += len;
-            }
-            if shard.table.is_empty() {
-                // Nothing live: give the blocks back (the spare included).
-                shard.blocks.clear();
-                shard.spare = None;
-                shard.bytes = 0;
-                shard.head = 0;
-            }
+                removed
+            });
         }
         self.counters
             .expired_removed
@@ -607,20 +622,24 @@ impl Cache {
         let mut pos = 0;
         let mut neg = 0;
         for s in self.shards.iter() {
-            let shard = s.0.read();
-            for &h in shard.table.iter() {
-                if shard.entry(h)[H_KIND] == kind_to_u8(AnswerKind::Positive) {
-                    pos += 1;
-                } else {
-                    neg += 1;
+            self.read(&s.0, |shard| {
+                for &h in shard.table.iter() {
+                    if shard.entry(h)[H_KIND] == kind_to_u8(AnswerKind::Positive) {
+                        pos += 1;
+                    } else {
+                        neg += 1;
+                    }
                 }
-            }
+            });
         }
         (pos, neg)
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.read().table.len()).sum()
+        self.shards
+            .iter()
+            .map(|s| self.read(&s.0, |sh| sh.table.len()))
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -629,7 +648,10 @@ impl Cache {
 
     /// Bytes of arena blocks held (entries, reclaimable space and the spare blocks' share).
     pub fn bytes(&self) -> usize {
-        self.shards.iter().map(|s| s.0.read().bytes).sum()
+        self.shards
+            .iter()
+            .map(|s| self.read(&s.0, |sh| sh.bytes))
+            .sum()
     }
 }
 

@@ -22,4 +22,5 @@ pub mod forward;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod readslots;
 pub mod server;
