@@ -32,14 +32,14 @@ use crate::dns::{self, AnswerKind, Query, FLAG_RD, HEADER_LEN, OPT_LEN};
 use crate::readslots::{ReaderSlots, SlotLock};
 
 /// An answer ready to be cached or sent: what the forwarder builds from an upstream response.
-/// The cache copies it into its arena; a miss's reply is rendered from it directly.
+/// The cache copies it into its arena; a miss's reply is rendered from it directly. It keeps the
+/// parser's two buffers as they are (no re-packing: it lives only until the reply is sent).
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// The answer wire bytes (without OPT; question lowercased; TTLs as stored), followed by
-    /// the offset of every TTL field as native-endian u16s (the arena stores the same layout).
-    data: Box<[u8]>,
-    /// Length of the wire part of `data`.
-    wire_len: u16,
+    /// The answer wire bytes (without OPT; question lowercased; TTLs as stored).
+    wire: Vec<u8>,
+    /// Offset of every TTL field in `wire`.
+    offsets: Vec<u16>,
     /// DO and CD bits of the query this answers (part of the key).
     pub key_flags: u8,
     pub kind: AnswerKind,
@@ -55,7 +55,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn new(
-        wire: Vec<u8>,
+        mut wire: Vec<u8>,
         ttl_offsets: Vec<u16>,
         key_flags: u8,
         kind: AnswerKind,
@@ -63,17 +63,11 @@ impl Entry {
         stored: Instant,
         ttl: Duration,
     ) -> Self {
-        let wire_len = wire.len().min(u16::MAX as usize) as u16;
-        let mut data = wire;
-        data.truncate(wire_len as usize);
-        data.reserve_exact(ttl_offsets.len() * 2);
-        for off in ttl_offsets {
-            data.extend_from_slice(&off.to_ne_bytes());
-        }
+        wire.truncate(u16::MAX as usize);
         let ttl = ttl.as_secs().min(u32::MAX as u64) as u32;
         Entry {
-            data: data.into_boxed_slice(),
-            wire_len,
+            wire,
+            offsets: ttl_offsets,
             key_flags,
             kind,
             zone,
@@ -83,25 +77,15 @@ impl Entry {
         }
     }
 
-    fn view(&self) -> EntryRef<'_> {
-        EntryRef {
-            payload: &self.data,
-            wire_len: self.wire_len as usize,
-            key_flags: self.key_flags,
-            kind: self.kind,
-            zone: self.zone,
-        }
-    }
-
     /// The answer wire bytes.
     #[inline]
     pub fn wire(&self) -> &[u8] {
-        &self.data[..self.wire_len as usize]
+        &self.wire
     }
 
     /// Offsets of every TTL field in `wire()`.
     pub fn ttl_offsets(&self) -> impl Iterator<Item = usize> + '_ {
-        offsets(&self.data[self.wire_len as usize..])
+        self.offsets.iter().map(|&o| o as usize)
     }
 
     pub fn expires(&self) -> Instant {
@@ -114,11 +98,11 @@ impl Entry {
 
     /// Arena bytes this entry takes once cached (header, answer and TTL offsets).
     pub fn charge(&self) -> usize {
-        HDR + self.data.len()
+        HDR + self.wire.len() + 2 * self.offsets.len()
     }
 
     pub fn rcode(&self) -> u8 {
-        self.data[3] & 0xF
+        self.wire[3] & 0xF
     }
 
     /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds: see
@@ -132,7 +116,16 @@ impl Entry {
         opt_size: u16,
         out: &mut Vec<u8>,
     ) {
-        self.view().render(q, pkt, age, max_len, opt_size, out)
+        render(
+            &self.wire,
+            self.ttl_offsets(),
+            q,
+            pkt,
+            age,
+            max_len,
+            opt_size,
+            out,
+        )
     }
 }
 
@@ -141,10 +134,10 @@ fn offsets(raw: &[u8]) -> impl Iterator<Item = usize> + '_ {
         .map(|c| u16::from_ne_bytes([c[0], c[1]]) as usize)
 }
 
-/// A cached answer as a hit sees it: borrowed from the arena under the shard's read lock.
+/// A cached answer as a hit sees it: borrowed from the arena while the shard is read.
 #[derive(Debug, Clone, Copy)]
 pub struct EntryRef<'a> {
-    /// Wire bytes followed by the TTL offsets.
+    /// Wire bytes followed by the TTL offsets (native-endian u16s).
     payload: &'a [u8],
     wire_len: usize,
     pub key_flags: u8,
@@ -173,32 +166,49 @@ impl EntryRef<'_> {
         opt_size: u16,
         out: &mut Vec<u8>,
     ) {
-        out.clear();
-        let opt = if q.edns.is_some() { OPT_LEN } else { 0 };
-        let qend = q.question_end;
-        let wire = self.wire();
-        if wire.len() + opt > max_len {
-            out.extend_from_slice(&wire[..HEADER_LEN]);
-            out[2] |= (dns::FLAG_TC >> 8) as u8;
-            out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-            out.extend_from_slice(&pkt[HEADER_LEN..qend]);
-        } else {
-            out.extend_from_slice(wire);
-            out[HEADER_LEN..qend].copy_from_slice(&pkt[HEADER_LEN..qend]);
-            for off in offsets(&self.payload[self.wire_len..]) {
-                let ttl = dns::u32_at(wire, off).saturating_sub(age);
-                out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
-            }
+        let offs = offsets(&self.payload[self.wire_len..]);
+        render(self.wire(), offs, q, pkt, age, max_len, opt_size, out)
+    }
+}
+
+/// The reply to `q` from a stored answer: copy, then patch ID, RD, the client's question bytes
+/// and every TTL (minus `age`); our OPT when the client sent one; TC=1 when over `max_len`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn render(
+    wire: &[u8],
+    ttl_offsets: impl Iterator<Item = usize>,
+    q: &Query,
+    pkt: &[u8],
+    age: u32,
+    max_len: usize,
+    opt_size: u16,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let opt = if q.edns.is_some() { OPT_LEN } else { 0 };
+    let qend = q.question_end;
+    if wire.len() + opt > max_len {
+        out.extend_from_slice(&wire[..HEADER_LEN]);
+        out[2] |= (dns::FLAG_TC >> 8) as u8;
+        out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&pkt[HEADER_LEN..qend]);
+    } else {
+        out.extend_from_slice(wire);
+        out[HEADER_LEN..qend].copy_from_slice(&pkt[HEADER_LEN..qend]);
+        for off in ttl_offsets {
+            let ttl = dns::u32_at(wire, off).saturating_sub(age);
+            out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
         }
-        out[0..2].copy_from_slice(&q.id.to_be_bytes());
-        // RD echoes the client's; everything else is the upstream's.
-        let rd = (FLAG_RD >> 8) as u8;
-        out[2] = (out[2] & !rd) | ((q.flags >> 8) as u8 & rd);
-        if opt != 0 {
-            let ar = dns::u16_at(out, 10) + 1;
-            out[10..12].copy_from_slice(&ar.to_be_bytes());
-            dns::push_opt(out, opt_size, q.dnssec_ok(), 0);
-        }
+    }
+    out[0..2].copy_from_slice(&q.id.to_be_bytes());
+    // RD echoes the client's; everything else is the upstream's.
+    let rd = (FLAG_RD >> 8) as u8;
+    out[2] = (out[2] & !rd) | ((q.flags >> 8) as u8 & rd);
+    if opt != 0 {
+        let ar = dns::u16_at(out, 10) + 1;
+        out[10..12].copy_from_slice(&ar.to_be_bytes());
+        dns::push_opt(out, opt_size, q.dnssec_ok(), 0);
     }
 }
 
@@ -542,11 +552,14 @@ impl Cache {
             b.extend_from_slice(&entry.ttl.to_ne_bytes());
             b.extend_from_slice(&entry.stale.to_ne_bytes());
             b.extend_from_slice(&(size as u32).to_ne_bytes());
-            b.extend_from_slice(&entry.wire_len.to_ne_bytes());
+            b.extend_from_slice(&(entry.wire.len() as u16).to_ne_bytes());
             b.extend_from_slice(&entry.zone.to_ne_bytes());
             b.push(entry.key_flags);
             b.push(kind_to_u8(entry.kind));
-            b.extend_from_slice(&entry.data);
+            b.extend_from_slice(&entry.wire);
+            for o in &entry.offsets {
+                b.extend_from_slice(&o.to_ne_bytes());
+            }
             debug_assert_eq!(b.len() - off, size);
             let h = handle(seq, off);
             let (blocks, first_seq) = (&shard.blocks, shard.first_seq);

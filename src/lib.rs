@@ -3,9 +3,11 @@
 //! # Layout
 //! - [`config`]: flags and the TOML file, validated into [`config::Settings`].
 //! - [`app`]: startup and shutdown order: node setup, bind, serve, rules, drain, teardown.
-//! - [`server`]: the UDP workers (hot path) and the TCP server; [`server::Context`] answers.
+//! - [`server`]: the UDP workers (hot path, and UDP-zone misses on each worker's own runtime) and
+//!   the TCP server; [`server::Context`] answers.
 //! - [`dns`]: allocation-free query parsing and response walking on the wire.
-//! - [`cache`]: the sharded answer cache.
+//! - [`cache`]: the sharded answer cache (arena blocks, FIFO eviction).
+//! - [`readslots`]: the shards' lock; a reader writes only to its own thread's slot.
 //! - [`forward`]: the miss path: zone routing, UDP/TCP upstream exchanges, caching rules.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints.
 //! - [`node`]: link-local interface and conntrack-bypass firewall rules.

@@ -18,7 +18,8 @@ use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::cache::Cache;
@@ -72,6 +73,66 @@ const RCODES: [&str; 16] = [
     "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
     "NXRRSET", "NOTAUTH", "NOTZONE", "RCODE11", "RCODE12", "RCODE13", "RCODE14", "RCODE15",
 ];
+
+/// Upstream transports as labelled in `nodedns_upstream_queries_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamTransport {
+    Udp,
+    Tcp,
+    TcpFallback,
+}
+
+/// One upstream's forward metrics, resolved once when the forwarder starts: a miss bumps them
+/// without formatting the address or hashing label values on every query. Series for an rcode or
+/// an outcome are still created at first use, as CoreDNS does.
+pub struct UpstreamMetrics {
+    label: String,
+    requests: IntCounter,
+    by_rcode: [std::sync::OnceLock<(IntCounter, Histogram)>; 16],
+    queries: [std::sync::OnceLock<IntCounter>; 9],
+    responses_vec: IntCounterVec,
+    duration_vec: HistogramVec,
+    queries_vec: IntCounterVec,
+}
+
+impl UpstreamMetrics {
+    /// `coredns_forward_requests_total`.
+    pub fn request(&self) {
+        self.requests.inc();
+    }
+
+    /// `coredns_forward_responses_total` and `coredns_forward_request_duration_seconds`.
+    pub fn response(&self, rcode: u8, secs: f64) {
+        let i = (rcode & 0xF) as usize;
+        let (count, duration) = self.by_rcode[i].get_or_init(|| {
+            let l = [self.label.as_str(), RCODES[i]];
+            (
+                self.responses_vec.with_label_values(&l),
+                self.duration_vec.with_label_values(&l),
+            )
+        });
+        count.inc();
+        duration.observe(secs);
+    }
+
+    /// `nodedns_upstream_queries_total{to,transport,outcome}`.
+    pub fn query(&self, transport: UpstreamTransport, outcome: crate::forward::Outcome) {
+        use crate::forward::Outcome;
+        let (t, tl) = match transport {
+            UpstreamTransport::Udp => (0, "udp"),
+            UpstreamTransport::Tcp => (1, "tcp"),
+            UpstreamTransport::TcpFallback => (2, "tcp_fallback"),
+        };
+        let (o, ol) = match outcome {
+            Outcome::Ok => (0, "ok"),
+            Outcome::Timeout => (1, "timeout"),
+            Outcome::Error => (2, "error"),
+        };
+        self.queries[t * 3 + o]
+            .get_or_init(|| self.queries_vec.with_label_values(&[&self.label, tl, ol]))
+            .inc();
+    }
+}
 
 pub fn rcode_name(rcode: u8) -> &'static str {
     RCODES[(rcode & 0xF) as usize]
@@ -473,40 +534,23 @@ impl Metrics {
         *self.cache.lock() = Some(cache);
     }
 
-    pub fn forward_request(&self, to: SocketAddr) {
-        self.forward_requests
-            .with_label_values(&[&to.to_string()])
-            .inc();
-    }
-
-    pub fn forward_response(&self, to: SocketAddr, rcode: u8, secs: f64) {
-        let to = to.to_string();
-        let rc = rcode_name(rcode);
-        self.forward_responses.with_label_values(&[&to, rc]).inc();
-        self.forward_duration
-            .with_label_values(&[&to, rc])
-            .observe(secs);
+    /// The forward metrics of one upstream, resolved once (see [`UpstreamMetrics`]).
+    pub fn upstream(&self, to: SocketAddr) -> UpstreamMetrics {
+        let label = to.to_string();
+        UpstreamMetrics {
+            requests: self.forward_requests.with_label_values(&[&label]),
+            by_rcode: Default::default(),
+            queries: Default::default(),
+            responses_vec: self.forward_responses.clone(),
+            duration_vec: self.forward_duration.clone(),
+            queries_vec: self.upstream_queries.clone(),
+            label,
+        }
     }
 
     pub fn forward_failure(&self, to: SocketAddr) {
         self.healthcheck_failures
             .with_label_values(&[&to.to_string()])
-            .inc();
-    }
-
-    pub fn upstream_query(
-        &self,
-        to: SocketAddr,
-        transport: &str,
-        outcome: crate::forward::Outcome,
-    ) {
-        let outcome = match outcome {
-            crate::forward::Outcome::Ok => "ok",
-            crate::forward::Outcome::Timeout => "timeout",
-            crate::forward::Outcome::Error => "error",
-        };
-        self.upstream_queries
-            .with_label_values(&[&to.to_string(), transport, outcome])
             .inc();
     }
 

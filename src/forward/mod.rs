@@ -19,7 +19,7 @@ use tracing::debug;
 use crate::cache::{Cache, Entry};
 use crate::config::{Settings, Transport};
 use crate::dns::{self, AnswerKind, Query, Response};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamMetrics, UpstreamTransport};
 
 pub use tcp::TcpPool;
 
@@ -54,6 +54,7 @@ pub enum Outcome {
 /// Per-upstream state: consecutive failures order the upstreams (healthy ones first).
 struct UpstreamState {
     fails: AtomicU32,
+    metrics: Arc<UpstreamMetrics>,
 }
 
 /// Resolves cache misses.
@@ -85,8 +86,9 @@ impl Forwarder {
         let mut state = HashMap::new();
         for z in &settings.zones {
             for &u in &z.upstreams {
-                state.entry(u).or_insert(UpstreamState {
+                let st = state.entry(u).or_insert_with(|| UpstreamState {
                     fails: AtomicU32::new(0),
+                    metrics: Arc::new(metrics.upstream(u)),
                 });
                 if z.transport == Transport::Tcp {
                     pools.entry(u).or_insert_with(|| {
@@ -95,6 +97,7 @@ impl Forwarder {
                             settings.tcp_pool_size,
                             settings.upstream_tcp_idle,
                             metrics.clone(),
+                            st.metrics.clone(),
                         ))
                     });
                 }
@@ -164,8 +167,9 @@ impl Forwarder {
             let elapsed = t0.elapsed();
             match result {
                 Ok(resp) => {
-                    self.metrics
-                        .forward_response(upstream, resp.rcode, elapsed.as_secs_f64());
+                    self.state[&upstream]
+                        .metrics
+                        .response(resp.rcode, elapsed.as_secs_f64());
                     // SERVFAIL and REFUSED mean this upstream could not help: try the next,
                     // and relay the last such answer if none can.
                     if matches!(resp.rcode, dns::RCODE_SERVFAIL | dns::RCODE_REFUSED) {
@@ -226,18 +230,18 @@ impl Forwarder {
     ) -> Result<Response, UpstreamError> {
         let size = self.settings.edns_udp_size;
         let deadline = Instant::now() + timeout;
-        let m = &self.metrics;
+        let m = &self.state[&upstream].metrics;
         match transport {
             Transport::Tcp => {
                 let pool = &self.pools[&upstream];
                 let r = pool.exchange(q, size, timeout).await;
-                m.upstream_query(upstream, "tcp", outcome(&r));
+                m.query(UpstreamTransport::Tcp, outcome(&r));
                 r
             }
             Transport::Udp | Transport::PreferUdp => {
-                self.metrics.forward_request(upstream);
+                m.request();
                 let r = udp::exchange(upstream, q, size, timeout).await;
-                m.upstream_query(upstream, "udp", outcome(&r));
+                m.query(UpstreamTransport::Udp, outcome(&r));
                 let resp = r?;
                 if !(resp.truncated && transport == Transport::PreferUdp) {
                     return Ok(resp);
@@ -245,7 +249,7 @@ impl Forwarder {
                 debug!(upstream = %upstream, "truncated over UDP, retrying over TCP");
                 let left = deadline.saturating_duration_since(Instant::now());
                 let r = tcp::exchange_once(upstream, q, size, left).await;
-                m.upstream_query(upstream, "tcp_fallback", outcome(&r));
+                m.query(UpstreamTransport::TcpFallback, outcome(&r));
                 r
             }
         }

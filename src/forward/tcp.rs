@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use super::UpstreamError;
 use crate::dns::{self, Query, Response};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamMetrics};
 
 /// Writes a length-prefixed query for `q` with `id` into `out`.
 fn framed_query(q: &Query, id: u16, udp_size: u16, out: &mut Vec<u8>) {
@@ -74,6 +74,7 @@ pub struct TcpPool {
     next: AtomicUsize,
     idle: Duration,
     metrics: Arc<Metrics>,
+    upstream_metrics: Arc<UpstreamMetrics>,
 }
 
 struct Conn {
@@ -102,7 +103,13 @@ impl Conn {
 }
 
 impl TcpPool {
-    pub fn new(addr: SocketAddr, size: usize, idle: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        size: usize,
+        idle: Duration,
+        metrics: Arc<Metrics>,
+        upstream_metrics: Arc<UpstreamMetrics>,
+    ) -> Self {
         TcpPool {
             addr,
             slots: (0..size.max(1))
@@ -111,6 +118,7 @@ impl TcpPool {
             next: AtomicUsize::new(0),
             idle,
             metrics,
+            upstream_metrics,
         }
     }
 
@@ -126,7 +134,7 @@ impl TcpPool {
             let mut last = UpstreamError::Closed;
             for _ in 0..2 {
                 let (conn, fresh) = self.conn().await?;
-                self.metrics.forward_request(self.addr);
+                self.upstream_metrics.request();
                 match self.query(&conn, q, udp_size).await {
                     Ok(r) => return Ok(r),
                     // The server closed a connection we reused: retry once on a new one.

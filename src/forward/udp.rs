@@ -33,25 +33,34 @@ pub async fn exchange(
     let mut msg = Vec::with_capacity(64 + q.question_lower().len());
     dns::write_upstream_query(q, id, udp_size, &mut msg);
     sock.send(&msg).await?;
-    let mut buf = Vec::with_capacity(RECV_BUF);
     let recv = async {
         loop {
-            buf.clear();
-            let n = sock.recv_buf(&mut buf).await?;
-            if n < dns::HEADER_LEN || dns::u16_at(&buf, 0) != id {
-                continue;
-            }
-            if n == RECV_BUF {
-                return Err(UpstreamError::Bad(dns::BadResponse::Malformed));
-            }
-            match dns::parse_response(&buf[..n], q.question_lower()) {
-                // A reply for another question with our ID is a spoofing attempt: keep waiting.
-                Err(dns::BadResponse::QuestionMismatch) => continue,
-                r => return r.map_err(UpstreamError::from),
+            sock.readable().await?;
+            // Read into this thread's buffer, never held across an await: no 4 KiB allocation
+            // per query (an allocation that size misses malloc's per-thread cache).
+            let r = RECV.with_borrow_mut(|buf| match sock.try_recv(&mut buf[..]) {
+                Ok(n) if n < dns::HEADER_LEN || dns::u16_at(&buf[..], 0) != id => None,
+                Ok(n) if n == RECV_BUF => {
+                    Some(Err(UpstreamError::Bad(dns::BadResponse::Malformed)))
+                }
+                Ok(n) => match dns::parse_response(&buf[..n], q.question_lower()) {
+                    // A reply for another question with our ID is a spoofing attempt: keep waiting.
+                    Err(dns::BadResponse::QuestionMismatch) => None,
+                    r => Some(r.map_err(UpstreamError::from)),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                Err(e) => Some(Err(e.into())),
+            });
+            if let Some(r) = r {
+                return r;
             }
         }
     };
     tokio::time::timeout(timeout, recv)
         .await
         .map_err(|_| UpstreamError::Timeout)?
+}
+
+thread_local! {
+    static RECV: std::cell::RefCell<Box<[u8; RECV_BUF]>> = std::cell::RefCell::new(Box::new([0; RECV_BUF]));
 }
