@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -28,6 +28,10 @@ use super::socket::UDP_POLL;
 use super::{Context, Handled};
 use crate::config::Transport;
 use crate::metrics::{Proto, WorkerStats};
+
+/// How long a worker keeps its socket registered with epoll after its last miss completes, so a
+/// trickle of misses does not add and remove the registration for each one.
+const EPOLL_LINGER: Duration = Duration::from_millis(50);
 
 /// Largest query read into a batch slot. A longer datagram (MSG_TRUNC) is not a query we serve:
 /// real queries are a few hundred bytes at most.
@@ -229,29 +233,50 @@ impl Batch {
 impl Worker {
     async fn run(&mut self, stop: &AtomicBool) {
         let fd = self.sock.as_raw_fd();
-        // SAFETY: the AsyncFd owns a clone of the Arc, so the socket stays open and keeps its
-        // descriptor for as long as the registration lives.
-        let afd =
-            match unsafe { AsyncFd::register_with_interest(self.sock.clone(), Interest::READABLE) }
-            {
-                Ok(a) => a,
-                Err(e) => {
-                    let e = io::Error::from(e);
-                    tracing::error!(error = %e, "cannot register a UDP worker socket");
-                    return;
-                }
-            };
+        // The socket is registered with this thread's epoll only while misses are out (and for
+        // EPOLL_LINGER after the last one). A registered socket has epoll's entry on its wait
+        // queue, so every datagram received or sent runs epoll's wake-up callback under a lock:
+        // measured, 3% of the CPU of a pure cache-hit load.
+        let mut afd: Option<AsyncFd<Arc<UdpSocket>>> = None;
+        let mut idle_since: Option<Instant> = None;
         let mut replies: Vec<usize> = Vec::with_capacity(self.batch.bufs.len());
         while !stop.load(Ordering::Relaxed) {
             let r = if self.local_tasks.is_empty() {
+                if afd.is_some() {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= EPOLL_LINGER {
+                        afd = None;
+                        idle_since = None;
+                    }
+                }
                 // Nothing of ours in flight: block in the kernel (up to UDP_POLL).
                 self.batch.recv(fd, 0)
             } else {
+                idle_since = None;
+                let registered = match &afd {
+                    Some(a) => a,
+                    None => {
+                        // SAFETY: the AsyncFd owns a clone of the Arc, so the socket stays open
+                        // and keeps its descriptor for as long as the registration lives.
+                        match unsafe {
+                            AsyncFd::register_with_interest(self.sock.clone(), Interest::READABLE)
+                        } {
+                            Ok(a) => afd.insert(a),
+                            Err(e) => {
+                                let e = io::Error::from(e);
+                                crate::log_limited!(warn, error = %e, "cannot register a UDP worker socket");
+                                // Let the misses progress, then read again.
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                                continue;
+                            }
+                        }
+                    }
+                };
                 // Let the misses just spawned send their queries, and collect upstream replies
                 // already there, before reading more clients.
                 tokio::task::yield_now().await;
                 // Bounded like the blocking read, so a stop is seen while misses are out.
-                let mut ready = match tokio::time::timeout(UDP_POLL, afd.readable()).await {
+                let mut ready = match tokio::time::timeout(UDP_POLL, registered.readable()).await {
                     Err(_elapsed) => continue,
                     Ok(Ok(g)) => g,
                     Ok(Err(e)) => {
