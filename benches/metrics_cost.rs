@@ -96,20 +96,34 @@ fn bench(c: &mut Criterion) {
     let src: SocketAddr = "10.0.0.7:40000".parse().unwrap();
     let mut out = Vec::with_capacity(65535);
     assert!(matches!(
-        ctx.handle(&pkt, src, Proto::Udp, &stats, &mut out),
+        ctx.handle(&pkt, src, Proto::Udp, &stats, &mut out, Instant::now()),
         Handled::Reply
     ));
 
     let mut g = c.benchmark_group("hit_path");
     g.bench_function("with_metrics", |b| {
         b.iter(|| {
-            let h = ctx.handle(black_box(&pkt), src, Proto::Udp, &stats, &mut out);
+            let h = ctx.handle(
+                black_box(&pkt),
+                src,
+                Proto::Udp,
+                &stats,
+                &mut out,
+                Instant::now(),
+            );
             black_box((matches!(h, Handled::Reply), out.len()))
         })
     });
     g.bench_function("with_metrics_shared_counters", |b| {
         b.iter(|| {
-            let h = ctx.handle(black_box(&pkt), src, Proto::Udp, &shared, &mut out);
+            let h = ctx.handle(
+                black_box(&pkt),
+                src,
+                Proto::Udp,
+                &shared,
+                &mut out,
+                Instant::now(),
+            );
             black_box((matches!(h, Handled::Reply), out.len()))
         })
     });

@@ -56,7 +56,8 @@ impl Context {
     }
 
     /// Handles one packet as far as it can without waiting: errors and cache hits are written to
-    /// `out`. `max_len` is the transport's reply limit (None: TCP, 65535).
+    /// `out`. `start` is when the packet was read (a UDP worker reads one clock per batch): the
+    /// entry's age is taken at that instant and the reported duration counts from it.
     #[inline]
     pub fn handle(
         &self,
@@ -65,8 +66,8 @@ impl Context {
         proto: Proto,
         stats: &WorkerStats,
         out: &mut Vec<u8>,
+        start: Instant,
     ) -> Handled {
-        let start = Instant::now();
         let q = match dns::parse_query(pkt) {
             Ok(q) => q,
             Err(reject) => {

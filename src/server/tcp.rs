@@ -97,7 +97,7 @@ async fn connection(
             Ok(Ok(_)) => {}
             _ => break,
         }
-        match ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out) {
+        match ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, Instant::now()) {
             Handled::Reply => {
                 if tx.send(std::mem::take(&mut out)).await.is_err() {
                     break;

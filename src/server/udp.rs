@@ -307,8 +307,9 @@ impl Worker {
                 }
             };
             replies.clear();
+            let now = Instant::now();
             for i in 0..n {
-                if self.handle_slot(i) {
+                if self.handle_slot(i, now) {
                     replies.push(i);
                 }
             }
@@ -331,7 +332,7 @@ impl Worker {
 
     /// Handles datagram `i` of the batch; true when `out[i]` holds a reply to send now.
     #[inline]
-    fn handle_slot(&mut self, i: usize) -> bool {
+    fn handle_slot(&mut self, i: usize, now: Instant) -> bool {
         let b = &mut self.batch;
         let Some(src) = b.peer(i) else {
             return false;
@@ -343,12 +344,12 @@ impl Worker {
         let pkt = &b.bufs[i][..b.hdrs[i].msg_len as usize];
         match self
             .ctx
-            .handle(pkt, src, Proto::Udp, &self.stats, &mut b.out[i])
+            .handle(pkt, src, Proto::Udp, &self.stats, &mut b.out[i], now)
         {
             Handled::Reply => true,
             Handled::Drop => false,
             Handled::Miss(q) => {
-                let start = Instant::now();
+                let start = now;
                 let pkt = pkt.to_vec();
                 let ctx = self.ctx.clone();
                 let sock = self.sock.clone();
