@@ -296,14 +296,27 @@ struct Shard {
     spare: Option<Vec<u8>>,
 }
 
+/// The bytes from the entry `h` points at to the end of its block (header first). A free function
+/// over the block list so the table's closures can use it while the table is borrowed mutably.
+#[inline]
+fn entry_at(blocks: &VecDeque<Vec<u8>>, first_seq: u32, h: Handle) -> &[u8] {
+    let idx = ((h >> 32) as u32).wrapping_sub(first_seq) as usize;
+    &blocks[idx][h as u32 as usize..]
+}
+
 impl Shard {
     /// The entry bytes `h` points at (header included).
     #[inline]
     fn entry(&self, h: Handle) -> &[u8] {
-        let idx = ((h >> 32) as u32).wrapping_sub(self.first_seq) as usize;
-        let off = h as u32 as usize;
-        let b = &self.blocks[idx][off..];
+        let b = entry_at(&self.blocks, self.first_seq, h);
         &b[..rd_u32(b, H_LEN) as usize]
+    }
+
+    /// True when the newest block has room for `size` more bytes.
+    fn fits(&self, size: usize) -> bool {
+        self.blocks
+            .back()
+            .is_some_and(|b| b.capacity() - b.len() >= size)
     }
 
     #[inline]
@@ -508,33 +521,13 @@ impl Cache {
                 shard.remove(key, old);
             }
             // Entry bound: drop the oldest live entries.
-            while shard.table.len() >= self.max_entries_per_shard {
-                match shard.pop_oldest(self.block) {
-                    None => break,
-                    Some(Some(stale_ms)) => self.count_reclaimed(stale_ms, now_ms),
-                    Some(None) => {}
-                }
-            }
+            while shard.table.len() >= self.max_entries_per_shard && self.reclaim(shard, now_ms) {}
             // Room in the newest block, or a new block within the byte bound.
-            let fits = shard
-                .blocks
-                .back()
-                .is_some_and(|b| b.capacity() - b.len() >= size);
-            if !fits {
+            if !shard.fits(size) {
                 let cap = self.block.max(size);
-                while shard.bytes + cap > self.max_bytes_per_shard {
-                    match shard.pop_oldest(self.block) {
-                        None => break,
-                        Some(Some(stale_ms)) => self.count_reclaimed(stale_ms, now_ms),
-                        Some(None) => {}
-                    }
-                }
-                // pop_oldest may have emptied and rewound the last block: it may fit now.
-                let fits = shard
-                    .blocks
-                    .back()
-                    .is_some_and(|b| b.capacity() - b.len() >= size);
-                if !fits {
+                while shard.bytes + cap > self.max_bytes_per_shard && self.reclaim(shard, now_ms) {}
+                // Reclaiming may have emptied and rewound the last block: it may fit now.
+                if !shard.fits(size) {
                     let block = match shard.spare.take() {
                         Some(b) if cap == self.block && b.capacity() >= cap => b,
                         _ => Vec::with_capacity(cap),
@@ -565,13 +558,25 @@ impl Cache {
             debug_assert_eq!(b.len() - off, size);
             let h = handle(seq, off);
             let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
-            shard.table.insert_unique(key, h, |&x| {
-                let idx = ((x >> 32) as u32).wrapping_sub(first_seq) as usize;
-                rd_u64(&blocks[idx][x as u32 as usize..], H_KEY)
-            });
+            shard
+                .table
+                .insert_unique(key, h, |&x| rd_u64(entry_at(blocks, first_seq, x), H_KEY));
         });
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Reclaims the shard's oldest entry, counting it as expired or evicted when it was live.
+    /// False when the shard holds nothing more to reclaim.
+    fn reclaim(&self, shard: &mut Shard, now_ms: u64) -> bool {
+        match shard.pop_oldest(self.block) {
+            None => false,
+            Some(None) => true,
+            Some(Some(stale_ms)) => {
+                self.count_reclaimed(stale_ms, now_ms);
+                true
+            }
+        }
     }
 
     fn count_reclaimed(&self, stale_ms: u64, now_ms: u64) {
@@ -596,8 +601,7 @@ impl Cache {
                 let before = shard.table.len();
                 let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
                 shard.table.retain(|&mut h| {
-                    let idx = ((h >> 32) as u32).wrapping_sub(first_seq) as usize;
-                    let e = &blocks[idx][h as u32 as usize..];
+                    let e = entry_at(blocks, first_seq, h);
                     rd_u64(e, H_STORED) + rd_u32(e, H_STALE) as u64 * 1000 > now_ms
                 });
                 removed += before - shard.table.len();
