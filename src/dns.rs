@@ -404,6 +404,59 @@ pub fn write_error_reply(
     }
 }
 
+/// Cuts a reply down to its header, question and OPT record, with TC=1 and the answer,
+/// authority and other additional records gone: what a UDP responder sends when the full reply
+/// cannot leave without IP fragmentation (RFC 9715 §3.2, R2), so the client retries over TCP.
+/// A reply that cannot be walked keeps its header and question only (or just the header).
+pub fn truncate_reply(reply: &mut Vec<u8>) {
+    if reply.len() < HEADER_LEN {
+        return;
+    }
+    let qd = u16_at(reply, 4) as usize;
+    let counts = [u16_at(reply, 6), u16_at(reply, 8), u16_at(reply, 10)];
+    // End of the question section, then the OPT record's range if the walk gets that far.
+    let mut pos = Some(HEADER_LEN);
+    for _ in 0..qd {
+        pos = pos
+            .and_then(|p| skip_name(reply, p))
+            .map(|p| p + 4)
+            .filter(|&p| p <= reply.len());
+    }
+    let qend = pos;
+    let mut opt = None;
+    let mut walk = pos;
+    for i in 0..counts.iter().map(|&c| c as usize).sum::<usize>() {
+        let Some(start) = walk else { break };
+        let Some(p) = skip_name(reply, start).filter(|&p| p + 10 <= reply.len()) else {
+            break;
+        };
+        let end = p + 10 + u16_at(reply, p + 8) as usize;
+        if end > reply.len() {
+            break;
+        }
+        if i >= (counts[0] + counts[1]) as usize && u16_at(reply, p) == TYPE_OPT {
+            opt = Some(start..end);
+        }
+        walk = Some(end);
+    }
+    let flags = u16_at(reply, 2) | FLAG_TC;
+    put_u16(reply, 2, flags);
+    let (qd, qend) = match qend {
+        Some(e) => (qd as u16, e),
+        None => (0, HEADER_LEN),
+    };
+    put_u16(reply, 4, qd);
+    put_u16(reply, 6, 0);
+    put_u16(reply, 8, 0);
+    put_u16(reply, 10, opt.is_some() as u16);
+    if let Some(r) = opt {
+        reply.copy_within(r.clone(), qend);
+        reply.truncate(qend + r.len());
+    } else {
+        reply.truncate(qend);
+    }
+}
+
 /// What kind of answer an upstream response is, for caching (RFC 2308).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AnswerKind {
@@ -665,6 +718,49 @@ mod tests {
             &name_from_str("anything").unwrap(),
             &name_from_str(".").unwrap()
         ));
+    }
+
+    #[test]
+    fn truncated_reply_keeps_header_question_and_opt() {
+        let q = parse_query(&query("big.example", 16, Some((4096, true)))).unwrap();
+        let mut r = Vec::new();
+        write_upstream_query(&q, 9, 4096, &mut r);
+        r.truncate(HEADER_LEN + q.question_lower().len());
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 2; // ANCOUNT: two TXT records of 255 bytes
+        for _ in 0..2 {
+            r.extend_from_slice(&[0xc0, 12]);
+            r.extend_from_slice(&16u16.to_be_bytes()); // TXT
+            r.extend_from_slice(&[0, 1, 0, 0, 0, 30, 1, 0, 255]);
+            r.extend_from_slice(&[b'x'; 255]);
+        }
+        r[11] = 1;
+        push_opt(&mut r, 1232, true, 0);
+        let mut t = r.clone();
+        truncate_reply(&mut t);
+        let qend = HEADER_LEN + q.question_lower().len();
+        assert_eq!(t.len(), qend + OPT_LEN);
+        assert_eq!(&t[..2], &r[..2], "ID kept");
+        assert_ne!(u16_at(&t, 2) & FLAG_TC, 0, "TC set");
+        assert_eq!(&t[4..12], &[0, 1, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(&t[HEADER_LEN..qend], q.question_lower());
+        assert_eq!(&t[qend..], &r[r.len() - OPT_LEN..], "OPT kept as it was");
+        // No OPT: header and question only. Garbage after the question: the same.
+        let mut t = r[..r.len() - OPT_LEN].to_vec();
+        t[11] = 0;
+        truncate_reply(&mut t);
+        assert_eq!(t.len(), qend);
+        let mut t = r[..qend + 7].to_vec();
+        truncate_reply(&mut t);
+        assert_eq!(t.len(), qend);
+        assert_eq!(&t[4..12], &[0, 1, 0, 0, 0, 0, 0, 0]);
+        // Every cut of the reply: no panic, never longer than header + question + OPT.
+        for n in 0..r.len() {
+            let mut t = r[..n].to_vec();
+            truncate_reply(&mut t);
+            assert!(t.len() <= qend + OPT_LEN);
+        }
     }
 
     #[test]

@@ -642,7 +642,7 @@ fn nftables_table_is_applied_restored_and_removed_atomically() {
 
 mod common;
 
-use common::{a_reply, negative_reply, reply, Action, FakeUpstream};
+use common::{a_reply, negative_reply, reply, txt_reply, Action, FakeUpstream};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
@@ -747,6 +747,8 @@ impl Cluster {
                         Action::Answer(a_reply(q, 30, &[[192, 0, 2, 7]]))
                     }
                     ("example.org.", _) => Action::Answer(reply(q, ResponseCode::NoError)),
+                    // Longer than the pod link's MTU (1500).
+                    ("big.example.org.", RecordType::TXT) => Action::Answer(txt_reply(q, 30, 2000)),
                     _ => Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5)))),
                 }
             })
@@ -941,6 +943,54 @@ fn pod_resolves_through_nodedns_and_sigterm_cleans_up() {
     let addrs = c.node.lo_addrs();
     assert!(!addrs.contains("169.254.20.10/32"), "{addrs}");
     assert!(addrs.contains("127.0.0.1/8"), "{addrs}");
+}
+
+#[test]
+fn reply_over_the_mtu_goes_out_truncated_not_fragmented() {
+    require!(have("kdig"), "needs kdig");
+    let c = cluster!("mtu");
+    // Our EDNS size above the link MTU, as an operator might set it: the ~2,100-byte answer fits
+    // the client's buffer but not the pod link (MTU 1500).
+    let cfg = std::env::temp_dir().join(format!("{}-nodedns.toml", c.node.name));
+    std::fs::write(&cfg, "[server]\nedns_udp_size = 4096\n").unwrap();
+    let d = c.start_nodedns(&["--config", cfg.to_str().unwrap()]);
+    let query = format!("kdig @{LOCAL_IP} +bufsize=4096 +time=2 +retry=0 big.example.org TXT");
+
+    // Over UDP the client gets TC=1 with the question and our OPT, not IP fragments: first from
+    // the miss path, then from a cache hit (the batch path).
+    for path in ["miss", "hit"] {
+        let out = c.pod.sh_ok(&format!("{query} +ignore"));
+        let flags = out.lines().find(|l| l.contains("Flags:")).unwrap_or("");
+        assert!(
+            flags.contains(" tc"),
+            "{path}: no TC over UDP: {out}\n{}",
+            d.log()
+        );
+        assert!(flags.contains("ANSWER: 0"), "{path}: {out}");
+        assert!(
+            out.contains("EDNS PSEUDOSECTION"),
+            "{path}: OPT kept: {out}"
+        );
+        assert!(
+            out.contains("big.example.org."),
+            "{path}: question kept: {out}"
+        );
+    }
+    // The client's retry over TCP gets the whole answer (from the cache by now).
+    let out = c.pod.sh_ok(&query);
+    assert!(out.contains("ANSWER: 1"), "{out}\n{}", d.log());
+    assert!(out.contains("(TCP)"), "{out}");
+    assert_eq!(
+        c.external.count("big.example.org"),
+        1,
+        "second query answered from cache"
+    );
+    // A reply that fits still goes over UDP.
+    let out = c
+        .pod
+        .sh_ok(&format!("kdig @{LOCAL_IP} +time=2 +retry=0 example.org A"));
+    assert!(out.contains("(UDP)") && out.contains("192.0.2.7"), "{out}");
+    let _ = std::fs::remove_file(&cfg);
 }
 
 #[test]

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use super::socket::UDP_POLL;
 use super::{Context, Handled};
 use crate::config::Transport;
+use crate::dns;
 use crate::metrics::{Proto, WorkerStats};
 
 /// How long a worker keeps its socket registered with epoll after its last miss completes, so a
@@ -201,6 +202,8 @@ impl Batch {
             h.msg_flags = 0;
         }
         let mut sent = 0;
+        // The slot already cut down to a TC=1 reply after EMSGSIZE, so it is cut only once.
+        let mut truncated = usize::MAX;
         while sent < slots.len() {
             // SAFETY: headers [sent, len) point at live reply buffers and peer addresses owned by
             // `self`, unchanged during the call.
@@ -215,6 +218,14 @@ impl Batch {
             if r <= 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if e.raw_os_error() == Some(libc::EMSGSIZE) && truncated != sent {
+                    // Longer than the interface MTU and DF is set: send TC=1 instead.
+                    let reply = &mut self.out[slots[sent]];
+                    dns::truncate_reply(reply);
+                    self.out_iov[sent].iov_len = reply.len();
+                    truncated = sent;
                     continue;
                 }
                 // Skip the datagram the kernel refused (e.g. an unreachable peer) and go on.
@@ -359,9 +370,7 @@ impl Worker {
                     settings.zones[settings.route(q.qname_lower())].transport == Transport::Tcp;
                 let task = async move {
                     let reply = ctx.resolve(&q, &pkt, src, Proto::Udp, &stats, start).await;
-                    if let Err(e) = sock.send_to(&reply, src) {
-                        crate::log_limited!(debug, client = %src, error = %e, "UDP send failed");
-                    }
+                    send_reply(&sock, reply, src);
                 };
                 if tcp_zone {
                     self.tracker.spawn_on(task, &self.rt);
@@ -372,5 +381,18 @@ impl Worker {
                 false
             }
         }
+    }
+}
+
+/// Sends one reply; one longer than the interface MTU (EMSGSIZE: the socket sets DF) goes as a
+/// TC=1 reply instead, as in [`Batch::send`].
+fn send_reply(sock: &UdpSocket, mut reply: Vec<u8>, to: SocketAddr) {
+    let mut r = sock.send_to(&reply, to);
+    if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE)) {
+        dns::truncate_reply(&mut reply);
+        r = sock.send_to(&reply, to);
+    }
+    if let Err(e) = r {
+        crate::log_limited!(debug, client = %to, error = %e, "UDP send failed");
     }
 }
