@@ -281,6 +281,42 @@ fn bench_lookup(c: &mut Criterion) {
             })
         })
     });
+    g.finish();
+
+    // A recvmmsg batch (24 datagrams, about what a worker reads per call at full load): look up
+    // and render each in turn, or first prefetch the whole batch's entries (`Cache::prefetch`,
+    // what `server::udp` does). Per-query time.
+    let mut g = c.benchmark_group("lookup_batch");
+    const BATCH: usize = 24;
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for prefetch in [false, true] {
+        let label = if prefetch { "prefetched" } else { "one_by_one" };
+        let mut start = 0usize;
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                start = (start + BATCH) % (KEYS - BATCH);
+                let keys = &w.keys[start..start + BATCH];
+                if prefetch {
+                    w.cache.prefetch(keys);
+                }
+                let mut n = 0;
+                for (j, &key) in keys.iter().enumerate() {
+                    let q = &w.queries[start + j];
+                    n += w
+                        .cache
+                        .lookup(key, q, w.now, |e, age| {
+                            e.render(q, &w.pkts[start + j], age, 512, 1232, &mut out);
+                            out.len()
+                        })
+                        .expect("hit");
+                }
+                n
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("lookup");
     let miss_p = query_packet("nothere.example.org", 1, 1, false);
     let miss_q = parse_query(&miss_p).unwrap();
     let miss_k = w.cache.key(miss_q.question_lower(), 0);

@@ -97,34 +97,28 @@ fn bench(c: &mut Criterion) {
     let mut out = Vec::with_capacity(65535);
     assert!(matches!(
         ctx.handle(&pkt, src, Proto::Udp, &stats, &mut out, Instant::now()),
-        Handled::Reply
+        Handled::Hit(_)
     ));
 
     let mut g = c.benchmark_group("hit_path");
     g.bench_function("with_metrics", |b| {
         b.iter(|| {
-            let h = ctx.handle(
-                black_box(&pkt),
-                src,
-                Proto::Udp,
-                &stats,
-                &mut out,
-                Instant::now(),
-            );
-            black_box((matches!(h, Handled::Reply), out.len()))
+            let start = Instant::now();
+            let h = ctx.handle(black_box(&pkt), src, Proto::Udp, &stats, &mut out, start);
+            if let Handled::Hit(t) = h {
+                stats.hit_durations(&[t], start.elapsed());
+            }
+            black_box((matches!(h, Handled::Hit(_)), out.len()))
         })
     });
     g.bench_function("with_metrics_shared_counters", |b| {
         b.iter(|| {
-            let h = ctx.handle(
-                black_box(&pkt),
-                src,
-                Proto::Udp,
-                &shared,
-                &mut out,
-                Instant::now(),
-            );
-            black_box((matches!(h, Handled::Reply), out.len()))
+            let start = Instant::now();
+            let h = ctx.handle(black_box(&pkt), src, Proto::Udp, &shared, &mut out, start);
+            if let Handled::Hit(t) = h {
+                shared.hit_durations(&[t], start.elapsed());
+            }
+            black_box((matches!(h, Handled::Hit(_)), out.len()))
         })
     });
     g.bench_function("without_metrics", |b| {

@@ -222,8 +222,8 @@ impl Counters {
         req_len: usize,
         reply: &[u8],
         cached: Option<AnswerKind>,
-        elapsed: Duration,
-    ) {
+        elapsed: Option<Duration>,
+    ) -> HitTiming {
         let p = proto as usize;
         let t = type_index(q.qtype);
         let requests = &self.requests[((z * 2 + p) * 2 + ipv6 as usize) * NTYPES + t];
@@ -233,10 +233,12 @@ impl Counters {
         // (or refused) on the miss path.
         let plugin = cached.is_none() as usize;
         bump::<SOLE>(&self.responses[(z * 16 + rcode as usize) * 2 + plugin], 1);
-        let b = bucket(&DURATION_BUCKETS, elapsed.as_secs_f64());
-        bump::<SOLE>(&self.duration[(z * NTYPES + t) * ND + b], 1);
-        let ns = elapsed.as_nanos() as u64;
-        bump::<SOLE>(&self.duration_sum_ns[z * NTYPES + t], ns);
+        let timing = HitTiming {
+            zone_type: (z * NTYPES + t) as u32,
+        };
+        if let Some(elapsed) = elapsed {
+            self.duration::<SOLE>(timing, 1, elapsed);
+        }
         let zp = z * 2 + p;
         let b = bucket(&SIZE_BUCKETS, req_len as f64);
         bump::<SOLE>(&self.req_size[zp * NS + b], 1);
@@ -249,7 +251,25 @@ impl Counters {
             Some(_) => bump::<SOLE>(&self.hits[1], 1),
             None => bump::<SOLE>(&self.misses, 1),
         }
+        timing
     }
+
+    /// Counts `n` durations of `elapsed` for the zone and type of `timing`.
+    #[inline(always)]
+    fn duration<const SOLE: bool>(&self, timing: HitTiming, n: u64, elapsed: Duration) {
+        let zt = timing.zone_type as usize;
+        let b = bucket(&DURATION_BUCKETS, elapsed.as_secs_f64());
+        bump::<SOLE>(&self.duration[zt * ND + b], n);
+        bump::<SOLE>(&self.duration_sum_ns[zt], n * elapsed.as_nanos() as u64);
+    }
+}
+
+/// Where a cache hit's duration is counted (its zone and query type), for
+/// [`WorkerStats::hit_durations`]: a UDP worker learns the duration of the hits of a batch only
+/// once their replies are sent.
+#[derive(Clone, Copy, Debug)]
+pub struct HitTiming {
+    zone_type: u32,
 }
 
 /// The query counters of one UDP worker or one TCP listener, folded with the others of the same
@@ -298,12 +318,58 @@ impl WorkerStats {
         elapsed: Duration,
     ) {
         let z = zone.min(self.zones - 1);
+        let elapsed = Some(elapsed);
         if self.sole_writer && cached.is_some() {
             self.owned
                 .record::<true>(z, proto, ipv6, q, req_len, reply, cached, elapsed);
         } else {
             self.shared
                 .record::<false>(z, proto, ipv6, q, req_len, reply, cached, elapsed);
+        }
+    }
+
+    /// Counts a cache hit like [`record`](Self::record), all but its duration, which the caller
+    /// passes to [`hit_durations`](Self::hit_durations) with the returned timing once the reply
+    /// is sent (a UDP worker: once for the whole batch). Same thread rule as `record`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn record_hit(
+        &self,
+        zone: usize,
+        proto: Proto,
+        ipv6: bool,
+        q: &Query,
+        req_len: usize,
+        reply: &[u8],
+        kind: AnswerKind,
+    ) -> HitTiming {
+        let z = zone.min(self.zones - 1);
+        let cached = Some(kind);
+        if self.sole_writer {
+            self.owned
+                .record::<true>(z, proto, ipv6, q, req_len, reply, cached, None)
+        } else {
+            self.shared
+                .record::<false>(z, proto, ipv6, q, req_len, reply, cached, None)
+        }
+    }
+
+    /// Counts the duration `elapsed` for every hit in `hits` (from [`record_hit`](Self::record_hit)
+    /// on this thread). Consecutive hits of the same zone and type are counted together.
+    pub fn hit_durations(&self, hits: &[HitTiming], elapsed: Duration) {
+        let mut i = 0;
+        while i < hits.len() {
+            let t = hits[i];
+            let run = hits[i..]
+                .iter()
+                .take_while(|h| h.zone_type == t.zone_type)
+                .count();
+            if self.sole_writer {
+                self.owned.duration::<true>(t, run as u64, elapsed);
+            } else {
+                self.shared.duration::<false>(t, run as u64, elapsed);
+            }
+            i += run;
         }
     }
 
@@ -566,6 +632,13 @@ impl Metrics {
 
     pub fn inflight_dec(&self) {
         self.inflight.dec();
+    }
+
+    /// True when some queries are logged (`log.query_log` above 0): the hit path reads the clock
+    /// for a query's log line only then.
+    #[inline]
+    pub fn logs_queries(&self) -> bool {
+        self.query_log_rate > 0.0
     }
 
     /// Logs a sample (`query_log` fraction) of answered queries: name, type, rcode, duration,

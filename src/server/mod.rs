@@ -16,7 +16,7 @@ use crate::cache::Cache;
 use crate::config::Settings;
 use crate::dns::{self, Query, Reject};
 use crate::forward::Forwarder;
-use crate::metrics::{Metrics, Proto, WorkerStats};
+use crate::metrics::{HitTiming, Metrics, Proto, WorkerStats};
 
 /// What the hot path and the miss path share.
 pub struct Context {
@@ -32,10 +32,22 @@ pub struct Context {
 pub enum Handled {
     /// `out` holds the reply.
     Reply,
+    /// `out` holds a reply from the cache, counted in the metrics but for its duration: pass
+    /// the timing to `WorkerStats::hit_durations` once the reply is sent.
+    Hit(HitTiming),
     /// Nothing to send (unparseable packet).
     Drop,
     /// Not in the cache: resolve `Query` on the runtime.
     Miss(Query),
+}
+
+/// A packet [`Context::parse`] did not turn into a query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// `out` holds an error reply (FORMERR, NOTIMP, BADVERS...).
+    Reply,
+    /// Nothing to send (no usable header).
+    Drop,
 }
 
 impl Context {
@@ -68,16 +80,34 @@ impl Context {
         out: &mut Vec<u8>,
         start: Instant,
     ) -> Handled {
+        match self.parse(pkt, src, proto, stats, out) {
+            Ok((q, key)) => self.answer(&q, key, pkt, src, proto, stats, out, start),
+            Err(Rejected::Reply) => Handled::Reply,
+            Err(Rejected::Drop) => Handled::Drop,
+        }
+    }
+
+    /// The first half of [`handle`](Self::handle): the query and its cache key, or what to do
+    /// with a packet that is not a query we serve (any error reply is written to `out`).
+    #[inline]
+    pub fn parse(
+        &self,
+        pkt: &[u8],
+        src: SocketAddr,
+        proto: Proto,
+        stats: &WorkerStats,
+        out: &mut Vec<u8>,
+    ) -> Result<(Query, u64), Rejected> {
         let q = match dns::parse_query(pkt) {
             Ok(q) => q,
             Err(reject) => {
                 stats.malformed(proto);
                 crate::log_limited!(debug, client = %src, reason = ?reject, "rejected packet");
-                return match reject {
-                    Reject::Drop => Handled::Drop,
+                return Err(match reject {
+                    Reject::Drop => Rejected::Drop,
                     Reject::Rcode(rcode) => {
                         dns::write_error_reply(pkt, rcode as u16, None, None, out);
-                        Handled::Reply
+                        Rejected::Reply
                     }
                     Reject::BadVers => {
                         let size = self.settings.edns_udp_size;
@@ -88,34 +118,46 @@ impl Context {
                             Some((size, false)),
                             out,
                         );
-                        Handled::Reply
+                        Rejected::Reply
                     }
-                };
+                });
             }
         };
-        let max_len = self.max_len(&q, proto);
         let key = self.cache.key(q.question_lower(), q.key_flags());
-        let hit = self.cache.lookup(key, &q, start, |e, age| {
-            e.render(&q, pkt, age, max_len, self.settings.edns_udp_size, out);
+        Ok((q, key))
+    }
+
+    /// The second half of [`handle`](Self::handle): answers `q` (cache key `key`) from the cache
+    /// into `out`, or hands it back as a miss.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn answer(
+        &self,
+        q: &Query,
+        key: u64,
+        pkt: &[u8],
+        src: SocketAddr,
+        proto: Proto,
+        stats: &WorkerStats,
+        out: &mut Vec<u8>,
+        start: Instant,
+    ) -> Handled {
+        let max_len = self.max_len(q, proto);
+        let hit = self.cache.lookup(key, q, start, |e, age| {
+            e.render(q, pkt, age, max_len, self.settings.edns_udp_size, out);
             (e.zone, e.kind)
         });
         match hit {
             Some((zone, kind)) => {
-                let elapsed = start.elapsed();
-                stats.record(
-                    zone as usize,
-                    proto,
-                    src.is_ipv6(),
-                    &q,
-                    pkt.len(),
-                    out,
-                    Some(kind),
-                    elapsed,
-                );
-                self.metrics.query_log(&q, src, out, true, None, elapsed);
-                Handled::Reply
+                let timing =
+                    stats.record_hit(zone as usize, proto, src.is_ipv6(), q, pkt.len(), out, kind);
+                if self.metrics.logs_queries() {
+                    self.metrics
+                        .query_log(q, src, out, true, None, start.elapsed());
+                }
+                Handled::Hit(timing)
             }
-            None => Handled::Miss(q),
+            None => Handled::Miss(*q),
         }
     }
 

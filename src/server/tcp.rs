@@ -97,7 +97,14 @@ async fn connection(
             Ok(Ok(_)) => {}
             _ => break,
         }
-        match ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, Instant::now()) {
+        let start = Instant::now();
+        match ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, start) {
+            Handled::Hit(timing) => {
+                stats.hit_durations(&[timing], start.elapsed());
+                if tx.send(std::mem::take(&mut out)).await.is_err() {
+                    break;
+                }
+            }
             Handled::Reply => {
                 if tx.send(std::mem::take(&mut out)).await.is_err() {
                     break;
