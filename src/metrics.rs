@@ -317,15 +317,7 @@ impl WorkerStats {
         cached: Option<AnswerKind>,
         elapsed: Duration,
     ) {
-        let z = zone.min(self.zones - 1);
-        let elapsed = Some(elapsed);
-        if self.sole_writer && cached.is_some() {
-            self.owned
-                .record::<true>(z, proto, ipv6, q, req_len, reply, cached, elapsed);
-        } else {
-            self.shared
-                .record::<false>(z, proto, ipv6, q, req_len, reply, cached, elapsed);
-        }
+        self.count(zone, proto, ipv6, q, req_len, reply, cached, Some(elapsed));
     }
 
     /// Counts a cache hit like [`record`](Self::record), all but its duration, which the caller
@@ -343,14 +335,30 @@ impl WorkerStats {
         reply: &[u8],
         kind: AnswerKind,
     ) -> HitTiming {
+        self.count(zone, proto, ipv6, q, req_len, reply, Some(kind), None)
+    }
+
+    /// `record` and `record_hit`: hits go to the block only this thread writes when there is one.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn count(
+        &self,
+        zone: usize,
+        proto: Proto,
+        ipv6: bool,
+        q: &Query,
+        req_len: usize,
+        reply: &[u8],
+        cached: Option<AnswerKind>,
+        elapsed: Option<Duration>,
+    ) -> HitTiming {
         let z = zone.min(self.zones - 1);
-        let cached = Some(kind);
-        if self.sole_writer {
+        if self.sole_writer && cached.is_some() {
             self.owned
-                .record::<true>(z, proto, ipv6, q, req_len, reply, cached, None)
+                .record::<true>(z, proto, ipv6, q, req_len, reply, cached, elapsed)
         } else {
             self.shared
-                .record::<false>(z, proto, ipv6, q, req_len, reply, cached, None)
+                .record::<false>(z, proto, ipv6, q, req_len, reply, cached, elapsed)
         }
     }
 
