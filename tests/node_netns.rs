@@ -1,4 +1,4 @@
-//! Node integration (issue 4) inside throw-away network namespaces.
+//! Node integration inside throw-away network namespaces.
 //!
 //! Every test creates its own namespace (`nodedns-t-<pid>-<tag>`, deleted on drop even when the
 //! test fails) and drives `nodedns::node::NodeManager` from a thread that has `setns`-ed into it,
@@ -8,29 +8,18 @@
 //! make the test print `SKIP: reason` and pass, unless `NODEDNS_REQUIRE_ALL=1`, which turns every
 //! skip into a failure. No packet leaves the namespaces.
 
-use std::future::Future;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::netns::*;
 use nodedns::node::{Firewall, NodeConfig, NodeManager, SetupErrorSink};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-fn require_all() -> bool {
-    std::env::var("NODEDNS_REQUIRE_ALL").as_deref() == Ok("1")
-}
-
-/// Reports why a test cannot run; fails instead under NODEDNS_REQUIRE_ALL=1.
-fn skip(reason: &str) {
-    if require_all() {
-        panic!("NODEDNS_REQUIRE_ALL=1, but this test would be skipped: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-}
 
 /// `require!(cond, "reason")`: skip (or fail under NODEDNS_REQUIRE_ALL=1) unless cond holds.
 macro_rules! require {
@@ -40,18 +29,6 @@ macro_rules! require {
             return;
         }
     };
-}
-
-fn have(bin: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(Into::into))
-        .any(|d| d.join(bin).is_file())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Records every setup error the manager reports.
@@ -75,126 +52,6 @@ impl Errors {
     }
     fn all(&self) -> Vec<&'static str> {
         self.0.lock().unwrap().clone()
-    }
-}
-
-/// A network namespace owned by the test; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// Creates the namespace with `lo` up, or explains why it cannot.
-    fn create(tag: &str) -> Result<Netns, String> {
-        if !is_root() {
-            return Err("needs root (network namespaces, netlink, iptables)".into());
-        }
-        if !have("ip") {
-            return Err("needs the `ip` tool (iproute2)".into());
-        }
-        let name = format!("nodedns-t-{}-{tag}", std::process::id());
-        // A leftover from an earlier run with the same pid would make `add` fail.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map_err(|e| format!("running ip: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cannot create network namespace: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let ns = Netns { name };
-        ns.sh_ok("ip link set lo up");
-        Ok(ns)
-    }
-
-    /// Runs a shell command inside the namespace; returns (success, stdout + stderr).
-    fn sh(&self, cmd: &str) -> (bool, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
-            .output()
-            .expect("run ip netns exec");
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
-    }
-
-    fn sh_ok(&self, cmd: &str) -> String {
-        let (ok, text) = self.sh(cmd);
-        assert!(ok, "`{cmd}` failed in {}: {text}", self.name);
-        text
-    }
-
-    fn call<T, F, Fut>(&self, mgr: &Arc<NodeManager>, f: F) -> T
-    where
-        T: Send + 'static,
-        F: FnOnce(Arc<NodeManager>) -> Fut + Send + 'static,
-        Fut: Future<Output = T>,
-    {
-        call_in(&self.name, mgr, f)
-    }
-
-    fn setup_interface(&self, m: &Arc<NodeManager>) -> anyhow::Result<()> {
-        self.call(m, |m| async move { m.setup_interface().await })
-    }
-    fn setup_rules(&self, m: &Arc<NodeManager>) -> anyhow::Result<()> {
-        self.call(m, |m| async move { m.setup_rules().await })
-    }
-    fn sync(&self, m: &Arc<NodeManager>) -> anyhow::Result<()> {
-        self.call(m, |m| async move { m.sync().await })
-    }
-    fn teardown(&self, m: &Arc<NodeManager>) -> anyhow::Result<()> {
-        self.call(m, |m| async move { m.teardown().await })
-    }
-
-    /// Our rules as `<save-binary>` prints them (lines with a nodedns comment).
-    fn our_rules(&self, save: &str) -> Vec<String> {
-        let (ok, text) = self.sh(save);
-        assert!(ok, "{save} failed: {text}");
-        text.lines()
-            .filter(|l| l.starts_with("-A") && l.contains("--comment \"nodedns"))
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn lo_addrs(&self) -> String {
-        self.sh_ok("ip -o addr show dev lo")
-    }
-}
-
-/// Runs `f(mgr)` to completion on a fresh current-thread runtime in a thread that has joined
-/// the namespace, so netlink sockets and child processes (iptables, nft) act inside it.
-fn call_in<T, F, Fut>(netns: &str, mgr: &Arc<NodeManager>, f: F) -> T
-where
-    T: Send + 'static,
-    F: FnOnce(Arc<NodeManager>) -> Fut + Send + 'static,
-    Fut: Future<Output = T>,
-{
-    let path = Path::new("/var/run/netns").join(netns);
-    let mgr = Arc::clone(mgr);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns file");
-        // SAFETY: file is an open namespace fd for the duration of the call; setns only
-        // changes this thread's network namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        rt.block_on(f(mgr))
-    })
-    .join()
-    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
     }
 }
 
@@ -639,240 +496,6 @@ fn nftables_table_is_applied_restored_and_removed_atomically() {
 // ---------------------------------------------------------------------------------------------
 // End to end: the nodedns binary on a "node", queried from a "pod" through a veth pair, with
 // cluster and external upstreams in a namespace of their own.
-
-mod common;
-
-use common::{a_reply, negative_reply, reply, txt_reply, Action, FakeUpstream};
-use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::RecordType;
-
-const LOCAL_IP: &str = "169.254.20.10";
-const CLUSTER_DNS: &str = "10.201.0.2:53";
-const EXTERNAL_DNS: &str = "10.201.0.3:53";
-const SEARCH: &str = "default.svc.cluster.local svc.cluster.local cluster.local";
-
-/// Runs `f` in a thread that joined the namespace (sockets it opens live there).
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = Path::new("/var/run/netns").join(netns);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns file");
-        // SAFETY: as in call_in.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-}
-
-/// node, pod and upstream namespaces, wired with veth pairs; the pod's resolv.conf points at
-/// nodedns with the Kubernetes search list.
-struct Cluster {
-    node: Netns,
-    pod: Netns,
-    /// Holds the upstream namespace for the cluster's lifetime.
-    _up: Netns,
-    etc: std::path::PathBuf,
-    cluster: FakeUpstream,
-    external: FakeUpstream,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.etc);
-    }
-}
-
-impl Cluster {
-    fn create(tag: &str) -> Result<Cluster, String> {
-        let node = Netns::create(&format!("{tag}n"))?;
-        let pod = Netns::create(&format!("{tag}p"))?;
-        let up = Netns::create(&format!("{tag}u"))?;
-        // Both ends are created inside the namespaces: nothing appears on the host.
-        for (a, b, peer_ns, a_ip, b_ip) in [
-            ("topod", "eth0", &pod, "10.200.0.1/24", "10.200.0.2/24"),
-            ("toup", "eth0", &up, "10.201.0.1/24", "10.201.0.2/24"),
-        ] {
-            let out = Command::new("ip")
-                .args([
-                    "-n", &node.name, "link", "add", a, "type", "veth", "peer", "name", b,
-                ])
-                .args(["netns", &peer_ns.name])
-                .output()
-                .unwrap();
-            if !out.status.success() {
-                return Err(format!(
-                    "cannot create a veth pair: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            node.sh_ok(&format!("ip addr add {a_ip} dev {a} && ip link set {a} up"));
-            peer_ns.sh_ok(&format!(
-                "ip addr add {b_ip} dev {b} && ip link set {b} up && ip route add default via {}",
-                a_ip.trim_end_matches("/24")
-            ));
-        }
-        up.sh_ok("ip addr add 10.201.0.3/24 dev eth0");
-
-        // ip netns exec bind-mounts /etc/netns/<pod>/resolv.conf over /etc/resolv.conf.
-        let etc = Path::new("/etc/netns").join(&pod.name);
-        std::fs::create_dir_all(&etc).map_err(|e| format!("creating {}: {e}", etc.display()))?;
-        std::fs::write(
-            etc.join("resolv.conf"),
-            format!("nameserver {LOCAL_IP}\nsearch {SEARCH}\noptions ndots:5\n"),
-        )
-        .unwrap();
-
-        let cluster = in_netns(&up.name, || {
-            FakeUpstream::start_on(CLUSTER_DNS, |q, _| {
-                let qq = &q.queries[0];
-                let name = qq.name().to_ascii().to_lowercase();
-                if name == "web.default.svc.cluster.local." {
-                    if qq.query_type() == RecordType::A {
-                        Action::Answer(a_reply(q, 30, &[[10, 96, 1, 5]]))
-                    } else {
-                        Action::Answer(reply(q, ResponseCode::NoError))
-                    }
-                } else {
-                    Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5))))
-                }
-            })
-        });
-        let external = in_netns(&up.name, || {
-            FakeUpstream::start_on(EXTERNAL_DNS, |q, _| {
-                let qq = &q.queries[0];
-                let name = qq.name().to_ascii().to_lowercase();
-                match (name.as_str(), qq.query_type()) {
-                    ("example.org.", RecordType::A) => {
-                        Action::Answer(a_reply(q, 30, &[[192, 0, 2, 7]]))
-                    }
-                    ("example.org.", _) => Action::Answer(reply(q, ResponseCode::NoError)),
-                    // Longer than the pod link's MTU (1500).
-                    ("big.example.org.", RecordType::TXT) => Action::Answer(txt_reply(q, 30, 2000)),
-                    _ => Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5)))),
-                }
-            })
-        });
-        Ok(Cluster {
-            node,
-            pod,
-            _up: up,
-            etc,
-            cluster,
-            external,
-        })
-    }
-
-    /// Starts nodedns in the node namespace with node setup on `lo`.
-    fn start_nodedns(&self, extra: &[&str]) -> Daemon {
-        let log = std::env::temp_dir().join(format!("{}-nodedns.log", self.node.name));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut args: Vec<String> = [
-            "netns",
-            "exec",
-            &self.node.name,
-            env!("CARGO_BIN_EXE_nodedns"),
-            "--listen",
-            "169.254.20.10:53",
-            "--health",
-            "169.254.20.10:8080",
-            "--metrics",
-            "127.0.0.1:9253",
-            "--cluster-dns",
-            CLUSTER_DNS,
-            "--upstream",
-            EXTERNAL_DNS,
-            "--setup-interface",
-            "--interface-name",
-            "lo",
-            "--setup-iptables",
-            "--sync-interval",
-            "1s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new("ip")
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
-            .stdout(std::process::Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn nodedns");
-        let d = Daemon { child, log };
-        // Ready once the pod gets an answer through the rules.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (ok, out) = self.pod.sh(&format!(
-                "kdig @{LOCAL_IP} +short +time=1 +retry=0 example.org A"
-            ));
-            if ok && out.contains("192.0.2.7") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nodedns did not answer the pod within 20 s: {out}\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // Answering comes before the firewall rules; "serving" is logged once they are in.
-        let serving = format!("nodedns {} serving", env!("CARGO_PKG_VERSION"));
-        while !d.log().contains(&serving) {
-            assert!(
-                Instant::now() < deadline,
-                "rules not installed within 20 s:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-}
-
-/// The nodedns process (`ip netns exec` execs it, so the pid is nodedns's own).
-struct Daemon {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    fn terminate(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(st.success(), "nodedns exited with {st}:\n{}", self.log());
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nodedns did not exit on SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- nodedns log ----\n{}", self.log());
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 macro_rules! cluster {
     ($tag:expr) => {

@@ -3,6 +3,8 @@
 //! hickory-proto, and tool checks that honour `NODEDNS_REQUIRE_ALL`.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, ExitStatus, Stdio};
