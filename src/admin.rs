@@ -63,19 +63,33 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves the routes in `which` until `shutdown` is cancelled. Returns the bound
-/// address (useful when the port is 0).
+/// Serves the routes asked for on `addr` until `shutdown` is cancelled: on `handed`, the
+/// listener a previous instance handed over, or on a new one. Returns the bound address (useful
+/// when the port is 0) and a duplicate of the listener to offer to a successor.
 pub async fn spawn(
     addr: SocketAddr,
+    handed: Option<std::net::TcpListener>,
     metrics_routes: bool,
     health_routes: bool,
     metrics_: Arc<Metrics>,
     ready_: Arc<Readiness>,
     shutdown: CancellationToken,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, std::net::TcpListener)> {
     use anyhow::Context as _;
-    let std_listener = crate::server::socket::build_tcp_listener(addr)
-        .with_context(|| format!("failed to bind HTTP listener on {addr}"))?;
+    let std_listener = match handed {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            l
+        }
+        None => crate::server::socket::build_admin_listener(addr).with_context(|| {
+            format!(
+                "failed to bind HTTP listener on {addr} (another nodedns on this node owns it \
+                 unless handed over: give each instance of an HA pair its own admin ports)"
+            )
+        })?,
+    };
+    // Kept for the handover: a successor takes this listener over.
+    let keep = std_listener.try_clone()?;
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
     let bound = listener.local_addr()?;
     let mut app = Router::new();
@@ -96,5 +110,5 @@ pub async fn spawn(
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
     });
-    Ok(bound)
+    Ok((bound, keep))
 }

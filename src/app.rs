@@ -4,14 +4,19 @@
 //! 2. bind every listener (UDP per worker, TCP), start the workers and the admin endpoints;
 //! 3. check that each listener answers, then install the firewall rules: a broken start never
 //!    blackholes the node's DNS;
-//! 4. on SIGTERM: /ready turns 503, DNS keeps answering for the lameduck period, then the rules
-//!    are removed before the interface (while still answering), then listeners stop and in-flight
-//!    queries get `server.grace_period` to finish.
+//! 4. on SIGTERM: /ready turns 503, DNS keeps answering for the lameduck period, the cache
+//!    snapshot is written; the last instance on the node removes the rules before the interface
+//!    (while still answering); then listeners stop and in-flight queries get
+//!    `server.grace_period` to finish.
+//!
+//! With a state directory (`lifecycle`), a starting instance first takes the listening sockets
+//! and the cache of the instance already serving the node, if there is one, and both serve until
+//! the old one exits; its TCP connections follow at its shutdown.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +25,11 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Readiness};
 use crate::config::Settings;
+use crate::lifecycle::handover::{self, Kind, Offer, Offered, Successor};
+use crate::lifecycle::{warm, StateDir};
 use crate::metrics::Metrics;
 use crate::node::{NodeManager, SetupErrorSink};
+use crate::server::tcp::ConnCtx;
 use crate::server::{self, socket, Context};
 
 impl SetupErrorSink for Metrics {
@@ -44,11 +52,73 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// SIGHUP and SIGUSR1 end a process by default (and node-cache's `-reloadwithsignal` sends
+/// SIGUSR1): here they are logged and ignored, so no stray signal takes a node's DNS down.
+fn ignore_stray_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, name) in [
+        (SignalKind::hangup(), "SIGHUP"),
+        (SignalKind::user_defined1(), "SIGUSR1"),
+    ] {
+        match signal(kind) {
+            Ok(mut s) => {
+                tokio::spawn(async move {
+                    while s.recv().await.is_some() {
+                        warn!(
+                            signal = name,
+                            "signal received: configuration reload is not supported, ignoring it"
+                        );
+                    }
+                });
+            }
+            Err(e) => warn!(signal = name, error = %e, "cannot handle signal"),
+        }
+    }
+}
+
+/// How long a starting or exiting instance waits for another one's node setup or teardown.
+const NODE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the state directory, if one is configured.
+fn open_state(settings: &Settings) -> anyhow::Result<Option<Arc<StateDir>>> {
+    let Some(dir) = &settings.state.dir else {
+        return Ok(None);
+    };
+    match StateDir::open(dir) {
+        Ok(s) => Ok(Some(Arc::new(s))),
+        Err(e) if settings.node.setup_interface || settings.node.setup_iptables => {
+            Err(anyhow::anyhow!(e)
+                .context("cannot use the state directory (state.dir, --state-dir)"))
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot use the state directory: no handover, no warm restart");
+            Ok(None)
+        }
+    }
+}
+
+/// The listeners this instance would take over from a running one: DNS (UDP and TCP) and the
+/// admin endpoints, at fixed ports only.
+fn wanted(settings: &Settings) -> Vec<(Kind, SocketAddr)> {
+    let mut w = Vec::new();
+    for &a in settings.listen.iter().filter(|a| a.port() != 0) {
+        w.push((Kind::Udp, a));
+        w.push((Kind::Tcp, a));
+    }
+    for a in [settings.metrics, settings.health].into_iter().flatten() {
+        if a.port() != 0 && !w.contains(&(Kind::Http, a)) {
+            w.push((Kind::Http, a));
+        }
+    }
+    w
+}
+
 /// Runs nodedns until `shutdown` resolves, then drains and tears down.
 pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    ignore_stray_signals();
     for w in &settings.warnings {
         warn!("{w}");
     }
@@ -60,21 +130,63 @@ pub async fn run(
     crate::metrics::install_panic_hook();
     let ready = Arc::new(Readiness::default());
     let node = Arc::new(NodeManager::new(settings.node.clone(), metrics.clone()));
+
+    // One instance at a time sets the node up; a running one hands over its sockets and cache.
+    let state = open_state(&settings)?;
+    let node_lock = match &state {
+        Some(s) => Some(s.lock_node(NODE_LOCK_WAIT).await?),
+        None => None,
+    };
+    let mut handed = match &state {
+        Some(s) => {
+            let (s, wants, warm) = (s.clone(), wanted(&settings), settings.state.warm_restart);
+            tokio::task::spawn_blocking(move || handover::request(&s, &wants, warm)).await?
+        }
+        None => None,
+    };
+    if let Some(h) = &handed {
+        info!(from = %h.from.display(), listeners = h.count(), "taking over from the running instance");
+    }
     node.setup_interface()
         .await
         .context("interface setup failed")?;
 
-    let bound = socket::bind_all(&settings.listen, settings.workers)?;
+    let bound = socket::bind_all(&settings.listen, settings.workers, handed.as_mut())?;
     let ctx = Context::new(settings.clone(), metrics.clone());
+    // The cache is warm before the first query is read.
+    if settings.state.warm_restart {
+        let zones = settings.zones.len();
+        let from_handover = handed
+            .as_mut()
+            .and_then(|h| h.cache.take())
+            .is_some_and(|bytes| warm::load_handed(&ctx.cache, zones, &bytes, &metrics));
+        if let (false, Some(s)) = (from_handover, &state) {
+            warm::load_file(&ctx.cache, zones, &s.snapshot_path(), &metrics);
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let cancel = CancellationToken::new();
     let admin_cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let successor = Arc::new(Successor::default());
     let rt = tokio::runtime::Handle::current();
     let mut threads = Vec::new();
     let mut served = Vec::new();
+    let mut offered = Vec::new();
+    let mut tcp_conns = Vec::new();
     for b in bound {
         let label = format!("dns://{}", b.addr);
+        offered.push(Offered {
+            kind: Kind::Udp,
+            addr: b.addr,
+            fds: b
+                .udp
+                .iter()
+                .map(|s| s.try_clone().map(Into::into))
+                .collect::<std::io::Result<_>>()?,
+            on_taken: None,
+        });
+        let workers = b.udp.len();
         for (i, sock) in b.udp.into_iter().enumerate() {
             let stats = metrics.new_udp_worker_for(label.clone());
             threads.push(
@@ -91,16 +203,23 @@ pub async fn run(
                 .context("cannot start UDP worker")?,
             );
         }
-        info!(addr = %b.addr, workers = settings.workers, "listening for UDP on {}", b.addr);
+        info!(addr = %b.addr, workers, "listening for UDP on {}", b.addr);
+        offered.push(Offered {
+            kind: Kind::Tcp,
+            addr: b.addr,
+            fds: vec![b.tcp.try_clone()?.into()],
+            on_taken: None,
+        });
         let listener = tokio::net::TcpListener::from_std(b.tcp)?;
-        let stats = metrics.new_worker_for(label);
-        tokio::spawn(server::tcp::serve(
-            listener,
-            ctx.clone(),
-            stats,
-            tracker.clone(),
-            cancel.clone(),
-        ));
+        let cc = ConnCtx {
+            ctx: ctx.clone(),
+            stats: metrics.new_worker_for(label),
+            tracker: tracker.clone(),
+            shutdown: cancel.clone(),
+            successor: successor.clone(),
+        };
+        tokio::spawn(server::tcp::serve(listener, cc.clone()));
+        tcp_conns.push((b.addr, cc));
         info!(addr = %b.addr, "listening for TCP on {}", b.addr);
         served.push(b.addr);
     }
@@ -114,15 +233,29 @@ pub async fn run(
             .collect(),
     };
     for (addr, with_metrics, with_health) in endpoints {
-        let a = admin::spawn(
+        let from_old = handed
+            .as_mut()
+            .filter(|_| addr.port() != 0)
+            .and_then(|h| h.take(Kind::Http, addr).into_iter().next())
+            .map(std::net::TcpListener::from);
+        // Cancelled when a successor takes this port over, or at exit.
+        let token = admin_cancel.child_token();
+        let (a, keep) = admin::spawn(
             addr,
+            from_old,
             with_metrics,
             with_health,
             metrics.clone(),
             ready.clone(),
-            admin_cancel.clone(),
+            token.clone(),
         )
         .await?;
+        offered.push(Offered {
+            kind: Kind::Http,
+            addr,
+            fds: vec![keep.into()],
+            on_taken: Some(token),
+        });
         // Tests and operators read these lines for the bound addresses.
         match (with_metrics, with_health) {
             (true, true) => info!(addr = %a, "serving metrics and health on http://{a}"),
@@ -150,15 +283,70 @@ pub async fn run(
     if started.is_ok() {
         started = node.setup_rules().await.context("firewall setup failed");
     }
+    if started.is_ok() {
+        if let (Some(s), Some(lock)) = (&state, &node_lock) {
+            started = s.join(lock).context("cannot take the instance lease");
+        }
+    }
     if let Err(e) = started {
-        // Leave nothing behind that would capture DNS with no one listening.
-        if let Err(t) = node.teardown().await {
+        // Leave nothing behind that would capture DNS with no one listening, unless another
+        // instance still serves the node on it.
+        let others = match (&state, &node_lock) {
+            (Some(s), Some(lock)) => s.others_alive(lock).unwrap_or(true),
+            _ => false,
+        };
+        if others {
+            info!("another instance serves this node: leaving its interface and rules");
+        } else if let Err(t) = node.teardown().await {
             warn!(error = %format!("{t:#}"), "teardown incomplete");
         }
         stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
         return Err(e);
     }
+    drop(node_lock);
     ready.node_setup_done.store(true, Ordering::Relaxed);
+    if let Some(h) = handed {
+        let rt = rt.clone();
+        let conns = tcp_conns.clone();
+        h.confirm(move |stream, read| {
+            let local = stream.local_addr().ok();
+            let cc = conns
+                .iter()
+                .find(|(a, _)| Some(*a) == local)
+                .unwrap_or(&conns[0])
+                .1
+                .clone();
+            server::tcp::adopt(stream, read, cc, &rt);
+        })
+        .context("cannot confirm the handover")?;
+        metrics.handovers.with_label_values(&["took"]).inc();
+    }
+    let handover_stop = CancellationToken::new();
+    let handover_thread = match &state {
+        Some(s) => {
+            let cache = ctx.cache.clone();
+            let offer = Arc::new(Offer {
+                listeners: offered,
+                cache: settings.state.warm_restart.then(|| {
+                    Box::new(move |w: &mut dyn std::io::Write| {
+                        cache
+                            .write_snapshot(
+                                &mut std::io::BufWriter::new(w),
+                                Instant::now(),
+                                SystemTime::now(),
+                            )
+                            .map(drop)
+                    }) as handover::CacheWriter
+                }),
+                successor: successor.clone(),
+            });
+            Some(
+                handover::serve(s, offer, handover_stop.clone())
+                    .context("cannot start the handover socket")?,
+            )
+        }
+        None => None,
+    };
     let probe = tokio::spawn(probe_upstreams(ctx.clone(), ready.clone()));
     let sync_cancel = CancellationToken::new();
     let sync = {
@@ -177,24 +365,79 @@ pub async fn run(
             }
         })
     };
+    let snapshots = match (&state, settings.state.snapshot_interval) {
+        (Some(s), every) if !every.is_zero() && settings.state.warm_restart => {
+            let (path, cache, metrics) = (s.snapshot_path(), ctx.cache.clone(), metrics.clone());
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    let (path, cache, metrics) = (path.clone(), cache.clone(), metrics.clone());
+                    let _ =
+                        tokio::task::spawn_blocking(move || warm::save(&cache, &path, &metrics))
+                            .await;
+                }
+            }))
+        }
+        _ => None,
+    };
     info!("nodedns {} serving", env!("CARGO_PKG_VERSION"));
 
     shutdown.await;
     ready.shutting_down.store(true, Ordering::Relaxed);
     probe.abort();
     purge.abort();
+    if let Some(t) = snapshots {
+        t.abort();
+    }
     if !settings.lameduck.is_zero() {
         info!(lameduck = ?settings.lameduck, "not ready; still answering during lameduck");
         tokio::time::sleep(settings.lameduck).await;
     }
     sync_cancel.cancel();
     let _ = sync.await;
-    // Rules and addresses go while we still answer: traffic falls back to kube-dns (transparent
-    // mode) instead of hitting an address with nothing listening.
-    if let Err(e) = node.teardown().await {
-        warn!(error = %format!("{e:#}"), "teardown incomplete");
+    if let (Some(s), true) = (&state, settings.state.warm_restart) {
+        let (path, cache, metrics) = (s.snapshot_path(), ctx.cache.clone(), metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || warm::save(&cache, &path, &metrics)).await;
+    }
+    // The interface and rules belong to the node: only the last instance removes them, while
+    // still answering, so traffic falls back (to kube-dns in transparent mode) instead of
+    // hitting an address with nothing listening.
+    let node_lock = match &state {
+        Some(s) => match s.lock_node(NODE_LOCK_WAIT).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "leaving the node's interface and rules in place");
+                None
+            }
+        },
+        None => None,
+    };
+    let last = match (&state, &node_lock) {
+        (Some(s), Some(lock)) => s.leave(lock).unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the instance lease; assuming another instance serves");
+            false
+        }),
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    if last {
+        if let Err(e) = node.teardown().await {
+            warn!(error = %format!("{e:#}"), "teardown incomplete");
+        }
+    } else {
+        info!("another instance serves this node: leaving its interface and rules in place");
+    }
+    drop(node_lock);
+    handover_stop.cancel();
+    if let Some(t) = handover_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
+    if successor.is_set() {
+        metrics.handovers.with_label_values(&["gave"]).inc();
+    }
+    successor.finish();
     admin_cancel.cancel();
     info!("stopped");
     Ok(())

@@ -73,6 +73,14 @@ pub struct Args {
     /// Leave rules and interface in place on exit.
     #[arg(long)]
     pub skip_teardown: bool,
+    /// Node-wide state directory (instance lease, handover sockets, cache snapshot; a hostPath
+    /// in Kubernetes), or "off" [default: /run/nodedns].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<String>,
+    /// How often the cache snapshot is written to the state directory; 0s: only at shutdown
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    pub snapshot_interval: Option<String>,
 }
 
 /// The configuration file, also the effective configuration printed by `--check-config`.
@@ -94,6 +102,7 @@ pub struct FileConfig {
     pub forward: ForwardSection,
     pub server: ServerSection,
     pub node: NodeSection,
+    pub state: StateSection,
     #[serde(rename = "zone")]
     pub zones: Vec<ZoneSection>,
 }
@@ -115,6 +124,7 @@ impl Default for FileConfig {
             forward: ForwardSection::default(),
             server: ServerSection::default(),
             node: NodeSection::default(),
+            state: StateSection::default(),
             zones: vec![],
         }
     }
@@ -216,6 +226,38 @@ impl Default for NodeSection {
     }
 }
 
+/// Node-wide state shared by the nodedns instances of one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSection {
+    /// Directory for the instance lease, the handover sockets and the cache snapshot; "off"
+    /// runs without (no handover, no warm restart; refused with node setup).
+    pub dir: String,
+    /// Write the cache snapshot this often ("0s": only at shutdown).
+    pub snapshot_interval: String,
+    /// Start with the cache of the previous instance (handover or snapshot).
+    pub warm_restart: bool,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        StateSection {
+            dir: "/run/nodedns".into(),
+            snapshot_interval: "60s".into(),
+            warm_restart: true,
+        }
+    }
+}
+
+/// Validated [`StateSection`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateConfig {
+    /// None: no state directory.
+    pub dir: Option<PathBuf>,
+    pub snapshot_interval: Duration,
+    pub warm_restart: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZoneSection {
@@ -285,6 +327,7 @@ pub struct Settings {
     /// Datagrams read per `recvmmsg` by a UDP worker (1: one system call per packet).
     pub udp_batch: usize,
     pub node: NodeConfig,
+    pub state: StateConfig,
     /// Warnings to log once logging is up (e.g. no cluster DNS configured).
     pub warnings: Vec<String>,
 }
@@ -372,6 +415,8 @@ pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
     set(&mut cfg.node.interface_name, &a.interface_name);
     set(&mut cfg.node.firewall, &a.firewall);
     set(&mut cfg.node.sync_interval, &a.sync_interval);
+    set(&mut cfg.state.dir, &a.state_dir);
+    set(&mut cfg.state.snapshot_interval, &a.snapshot_interval);
     if let Some(w) = a.workers {
         cfg.workers = w;
     }
@@ -700,6 +745,30 @@ impl FileConfig {
             listen: listen.clone(),
             health_port: health.map(|h| h.port()),
         };
+        let st = &self.state;
+        let state_dir = match st.dir.trim() {
+            "" | "off" => None,
+            d if !Path::new(d).is_absolute() => {
+                return Err(invalid(
+                    "state.dir",
+                    format!("{d:?} is not an absolute path"),
+                ))
+            }
+            d => Some(PathBuf::from(d)),
+        };
+        if state_dir.is_none() && (node.setup_interface || node.setup_iptables) {
+            // Without the node-wide lease one instance's exit would tear down what another
+            // instance serves on.
+            return Err(invalid(
+                "state.dir",
+                "must be set when node setup (interface or iptables) is on",
+            ));
+        }
+        let state = StateConfig {
+            dir: state_dir,
+            snapshot_interval: duration("state.snapshot_interval", &st.snapshot_interval)?,
+            warm_restart: st.warm_restart,
+        };
 
         Ok(Settings {
             listen,
@@ -725,6 +794,7 @@ impl FileConfig {
             udp_batch: s.udp_batch,
             grace_period,
             node,
+            state,
             warnings,
         })
     }

@@ -21,6 +21,7 @@ pub mod cache;
 pub mod config;
 pub mod dns;
 pub mod forward;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -454,6 +454,15 @@ pub struct Metrics {
     inflight: IntGauge,
     tcp_conns: IntGaugeVec,
     pub setup_errors: IntCounterVec,
+    /// Cache loads at start, by source (handover, snapshot) and result (ok, missing, or why
+    /// the snapshot was refused).
+    pub warm_loads: IntCounterVec,
+    /// Entries the last warm start loaded.
+    pub warm_entries: IntGauge,
+    /// Cache snapshots written to the state directory, by result (ok, error).
+    pub snapshot_writes: IntCounterVec,
+    /// Listener handovers, by role (took: from the instance before; gave: to a successor).
+    pub handovers: IntCounterVec,
     query_log_rate: f64,
 }
 
@@ -502,6 +511,35 @@ impl Metrics {
         for t in SETUP_ERROR_TYPES {
             setup_errors.with_label_values(&[t]);
         }
+        let warm_loads = counter_vec(
+            "nodedns_cache_warm_loads_total",
+            "Cache loads at start by source (handover, snapshot) and result (ok, missing, or the reason the snapshot was refused).",
+            &["source", "result"],
+        );
+        let snapshot_writes = counter_vec(
+            "nodedns_cache_snapshot_writes_total",
+            "Cache snapshots written to the state directory, by result (ok, error).",
+            &["result"],
+        );
+        for r in ["ok", "error"] {
+            snapshot_writes.with_label_values(&[r]);
+        }
+        let handovers = counter_vec(
+            "nodedns_handovers_total",
+            "Listener handovers between instances on this node, by role (took, gave).",
+            &["role"],
+        );
+        for r in ["took", "gave"] {
+            handovers.with_label_values(&[r]);
+        }
+        let warm_entries = reg(
+            &registry,
+            IntGauge::new(
+                "nodedns_cache_warm_entries",
+                "Cache entries loaded at start (handover or snapshot).",
+            )
+            .expect("valid metric"),
+        );
         let forward_duration = reg(
             &registry,
             HistogramVec::new(
@@ -577,6 +615,10 @@ impl Metrics {
             inflight,
             tcp_conns,
             setup_errors,
+            warm_loads,
+            warm_entries,
+            snapshot_writes,
+            handovers,
             query_log_rate,
         })
     }

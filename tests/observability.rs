@@ -502,7 +502,14 @@ fn json_log_format_gives_json_lines_including_the_query_log() {
             "1",
         ])
         .args(["--metrics", "127.0.0.1:0", "--health", "127.0.0.1:0"])
-        .args(["--log-format", "json", "--query-log", "1"])
+        .args([
+            "--log-format",
+            "json",
+            "--query-log",
+            "1",
+            "--state-dir",
+            "off",
+        ])
         .env("RUST_LOG", "info")
         .env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
         .stdout(Stdio::null())

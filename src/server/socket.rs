@@ -1,12 +1,15 @@
-//! Listening sockets. Every socket sets SO_REUSEPORT so that each UDP worker has its own socket
-//! (the kernel spreads flows across them) and so that a second nodedns (a zero-downtime upgrade)
-//! can bind the same addresses while the first still serves.
+//! Listening sockets. Every DNS socket sets SO_REUSEPORT so that each UDP worker has its own
+//! socket (the kernel spreads flows across them). An upgrade does not rely on it: the new
+//! instance receives the old one's sockets (`lifecycle::handover`) and binds only what it did
+//! not get. Admin (HTTP) listeners do not share their port: one instance owns it.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::lifecycle::handover::{Handed, Kind};
 
 /// Receive buffer asked for each UDP socket; the kernel caps it at `net.core.rmem_max`.
 const UDP_RECV_BUFFER: usize = 4 << 20;
@@ -75,12 +78,28 @@ fn set_dont_fragment(s: &Socket, addr: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
-/// A non-blocking TCP listener, ready for tokio.
+/// A non-blocking TCP listener for DNS, ready for tokio.
 pub fn build_tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let s = new_socket(addr, Type::STREAM, Protocol::TCP)?;
     s.set_tcp_nodelay(true).ok();
     s.bind(&addr.into())?;
     s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// A non-blocking TCP listener for the admin endpoints: no SO_REUSEPORT, so a second instance
+/// cannot silently share `/ready` and `/metrics` with the first (it takes them over through the
+/// handover, or fails to start naming the address).
+pub fn build_admin_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_freebind_v4(true).ok();
+    s.bind(&addr.into())?;
+    s.listen(128)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
 }
@@ -93,10 +112,28 @@ pub struct Bound {
     pub tcp: std::net::TcpListener,
 }
 
-/// Binds every listen address, failing with the address named on any error.
-pub fn bind_all(listen: &[SocketAddr], workers: usize) -> anyhow::Result<Vec<Bound>> {
+/// Binds every listen address, failing with the address named on any error. Sockets handed over
+/// by the instance serving before this one are used as they are (every UDP socket of the group
+/// gets a worker, so none is left unread); only what is missing is bound.
+pub fn bind_all(
+    listen: &[SocketAddr],
+    workers: usize,
+    mut handed: Option<&mut Handed>,
+) -> anyhow::Result<Vec<Bound>> {
     let mut out = Vec::new();
     for &want in listen {
+        if let Some(h) = handed.as_deref_mut().filter(|_| want.port() != 0) {
+            let udp: Vec<std::net::UdpSocket> = h
+                .take(Kind::Udp, want)
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            let tcp = h.take(Kind::Tcp, want).into_iter().next();
+            if !udp.is_empty() || tcp.is_some() {
+                out.push(adopt(want, workers, udp, tcp)?);
+                continue;
+            }
+        }
         // Port 0 (tests, local trials): the kernel picks a free UDP port, which TCP may already
         // use; pick again a few times rather than fail.
         let tries = if want.port() == 0 { 20 } else { 1 };
@@ -121,6 +158,34 @@ fn is_addr_in_use(e: &anyhow::Error) -> bool {
         c.downcast_ref::<io::Error>()
             .is_some_and(|io| io.kind() == io::ErrorKind::AddrInUse)
     })
+}
+
+/// Completes handed-over sockets to a full set for `addr`.
+fn adopt(
+    addr: SocketAddr,
+    workers: usize,
+    mut udp: Vec<std::net::UdpSocket>,
+    tcp: Option<std::os::fd::OwnedFd>,
+) -> anyhow::Result<Bound> {
+    use anyhow::Context as _;
+    let handed = udp.len();
+    while udp.len() < workers.max(1) {
+        udp.push(
+            build_udp_socket(addr)
+                .with_context(|| format!("failed to bind UDP socket on {addr}"))?,
+        );
+    }
+    let tcp = match tcp {
+        Some(fd) => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            l
+        }
+        None => build_tcp_listener(addr)
+            .with_context(|| format!("failed to bind TCP listener on {addr}"))?,
+    };
+    tracing::info!(%addr, handed, udp = udp.len(), "took over the listening sockets of the running instance");
+    Ok(Bound { addr, udp, tcp })
 }
 
 fn bind_one(want: SocketAddr, workers: usize) -> anyhow::Result<Bound> {

@@ -23,6 +23,8 @@ pub struct Nodedns {
     pub metrics: Option<SocketAddr>,
     pub health: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
+    /// The state directory this instance was given, unless the test named one.
+    pub state: Option<tempfile::TempDir>,
 }
 
 fn find_addr(line: &str, marker: &str) -> Option<SocketAddr> {
@@ -42,6 +44,12 @@ impl Nodedns {
 
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Nodedns {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodedns"));
+        // Each instance gets a state directory of its own, so concurrent tests never find each
+        // other's lease or handover socket.
+        let state = (!args.contains(&"--state-dir")).then(|| tempfile::tempdir().unwrap());
+        if let Some(dir) = &state {
+            cmd.arg("--state-dir").arg(dir.path());
+        }
         cmd.args(args)
             .env("RUST_LOG", "info")
             .env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
@@ -89,6 +97,7 @@ impl Nodedns {
             metrics,
             health,
             log,
+            state,
         }
     }
 

@@ -186,6 +186,8 @@ pub struct Cluster {
     /// Holds the upstream namespace for the cluster's lifetime.
     pub _up: Netns,
     pub etc: std::path::PathBuf,
+    /// The node's state directory (the hostPath of a real node).
+    pub state: std::path::PathBuf,
     pub cluster: FakeUpstream,
     pub external: FakeUpstream,
 }
@@ -193,6 +195,7 @@ pub struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.etc);
+        let _ = std::fs::remove_dir_all(&self.state);
     }
 }
 
@@ -266,7 +269,10 @@ impl Cluster {
                 }
             })
         });
+        let state = std::env::temp_dir().join(format!("{}-state", node.name));
+        let _ = std::fs::remove_dir_all(&state);
         Ok(Cluster {
+            state,
             node,
             pod,
             _up: up,
@@ -276,9 +282,19 @@ impl Cluster {
         })
     }
 
-    /// Starts nodedns in the node namespace with node setup on `lo`.
+    /// Starts nodedns in the node namespace with node setup on `lo` and waits until it serves
+    /// the pod through its rules.
     pub fn start_nodedns(&self, extra: &[&str]) -> Daemon {
-        let log = std::env::temp_dir().join(format!("{}-nodedns.log", self.node.name));
+        let d = self.spawn_nodedns(extra);
+        self.wait_serving(&d);
+        d
+    }
+
+    /// Starts nodedns in the node namespace with node setup on `lo`, without waiting.
+    pub fn spawn_nodedns(&self, extra: &[&str]) -> Daemon {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("{}-nodedns-{n}.log", self.node.name));
         let file = std::fs::File::create(&log).unwrap();
         let mut args: Vec<String> = [
             "netns",
@@ -305,6 +321,10 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if !extra.contains(&"--state-dir") {
+            args.push("--state-dir".into());
+            args.push(self.state.display().to_string());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new("ip")
             .args(&args)
@@ -314,7 +334,11 @@ impl Cluster {
             .stderr(file)
             .spawn()
             .expect("spawn nodedns");
-        let d = Daemon { child, log };
+        Daemon { child, log }
+    }
+
+    /// Waits until `d` answers the pod and has its rules in place.
+    pub fn wait_serving(&self, d: &Daemon) {
         // Ready once the pod gets an answer through the rules.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -341,7 +365,6 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        d
     }
 }
 
