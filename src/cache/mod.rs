@@ -5,6 +5,8 @@
 //! - `mod.rs` (here): the sharded table, insert, lookup, eviction and purge.
 //! - `entry.rs`: [`Entry`] (an answer outside the cache), [`EntryRef`] (one borrowed from the
 //!   arena by a hit) and the reply renderer both use.
+//! - `snapshot.rs`: the live entries written to a byte stream and loaded back by a new process
+//!   (warm restart), and the format, versioned and checksummed.
 //!
 //! Entries hold the upstream answer as wire bytes (OPT stripped, question lowercased, TTLs already
 //! capped) plus the offsets of every TTL field, so a hit is one copy and a few in-place patches:
@@ -34,8 +36,12 @@ use std::time::{Duration, Instant};
 use hashbrown::HashTable;
 
 mod entry;
+mod snapshot;
 
 pub use entry::{Entry, EntryRef};
+pub use snapshot::{
+    load_snapshot_file, write_snapshot_file, LoadStats, SnapshotError, SnapshotStats,
+};
 
 use crate::dns::{AnswerKind, Query, HEADER_LEN};
 use crate::readslots::{ReaderSlots, SlotLock};
@@ -63,6 +69,24 @@ const H_WIRE: usize = 28;
 const H_ZONE: usize = 30;
 const H_FLAGS: usize = 32;
 const H_KIND: usize = 33;
+
+/// How far before its creation a cache's epoch lies. Store times are kept as milliseconds since
+/// the epoch (saturating), so an entry stored by an earlier process (loaded from a snapshot) can
+/// keep its age only if the epoch is older than the entry.
+const EPOCH_BACKDATE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The epoch of a cache created at `now`: [`EPOCH_BACKDATE`] before it, or as far back as the
+/// monotonic clock goes.
+fn backdated(now: Instant) -> Instant {
+    [
+        EPOCH_BACKDATE,
+        Duration::from_secs(24 * 3600),
+        Duration::from_secs(3600),
+    ]
+    .into_iter()
+    .find_map(|d| now.checked_sub(d))
+    .unwrap_or(now)
+}
 
 /// Largest arena block for ordinary answers; a bigger answer gets a block of its own.
 const MAX_BLOCK: usize = 16 << 10;
@@ -120,6 +144,29 @@ type Handle = u64;
 
 fn handle(seq: u32, off: usize) -> Handle {
     ((seq as u64) << 32) | off as u64
+}
+
+/// An entry's fields as the arena stores them, from an [`Entry`] or from a snapshot.
+struct Parts<'a, O> {
+    /// Store time, ms since the cache's epoch.
+    stored_ms: u64,
+    ttl: u32,
+    stale: u32,
+    zone: u16,
+    key_flags: u8,
+    kind: u8,
+    /// At most `u16::MAX` bytes.
+    wire: &'a [u8],
+    /// The TTL offsets, `n_offsets` of them.
+    offsets: O,
+    n_offsets: usize,
+}
+
+impl<O> Parts<'_, O> {
+    /// Arena bytes the entry takes: header, answer and TTL offsets.
+    fn charge(&self) -> usize {
+        HDR + self.wire.len() + 2 * self.n_offsets
+    }
 }
 
 struct Shard {
@@ -276,7 +323,7 @@ impl Cache {
             max_bytes_per_shard,
             // At least four blocks per shard budget, so freeing whole blocks tracks the bound.
             block: (max_bytes_per_shard / 4).clamp(512, MAX_BLOCK),
-            epoch: Instant::now(),
+            epoch: backdated(Instant::now()),
             hasher: ahash::RandomState::new(),
             counters: CacheCounters::default(),
         }
@@ -300,6 +347,11 @@ impl Cache {
     fn shard(&self, key: u64) -> &SlotLock<Shard> {
         let idx = ((key >> 32) as usize) & ((1usize << self.shard_bits) - 1);
         &self.shards[idx].0
+    }
+
+    /// The index of `key`'s shard (as [`Cache::shard`] picks it), for batching by shard.
+    fn shard_index(&self, key: u64) -> usize {
+        ((key >> 32) as usize) & ((1usize << self.shard_bits) - 1)
     }
 
     #[inline]
@@ -379,61 +431,86 @@ impl Cache {
     /// Stores `entry` under `key`, reclaiming the oldest entries to stay in bounds. Returns false
     /// when the entry alone exceeds a shard's byte budget.
     pub fn insert(&self, key: u64, entry: Entry) -> bool {
-        let size = entry.charge();
-        if size > self.max_bytes_per_shard {
+        let stored = self.ms(entry.stored);
+        let parts = Parts {
+            stored_ms: stored,
+            ttl: entry.ttl,
+            stale: entry.stale,
+            zone: entry.zone,
+            key_flags: entry.key_flags,
+            kind: kind_to_u8(entry.kind),
+            wire: &entry.wire,
+            offsets: entry.offsets.iter().copied(),
+            n_offsets: entry.offsets.len(),
+        };
+        if parts.charge() > self.max_bytes_per_shard {
             return false;
         }
-        let stored = self.ms(entry.stored);
-        let now_ms = stored;
         self.shard(key).write(&self.readers, |shard| {
-            // A newer answer replaces the old one; its bytes come back when the head passes them.
-            if let Some(old) = shard.find(key) {
-                shard.remove(key, old);
-            }
-            // Entry bound: drop the oldest live entries.
-            while shard.table.len() >= self.max_entries_per_shard && self.reclaim(shard, now_ms) {}
-            // Room in the newest block, or a new block within the byte bound.
-            if !shard.fits(size) {
-                let cap = self.block.max(size);
-                while shard.bytes + cap > self.max_bytes_per_shard && self.reclaim(shard, now_ms) {}
-                // Reclaiming may have emptied and rewound the last block: it may fit now.
-                if !shard.fits(size) {
-                    let block = match shard.spare.take() {
-                        Some(b) if cap == self.block && b.capacity() >= cap => b,
-                        _ => Vec::with_capacity(cap),
-                    };
-                    shard.bytes += block.capacity();
-                    shard.blocks.push_back(block);
-                    if shard.blocks.len() == 1 {
-                        shard.head = 0;
-                    }
-                }
-            }
-            let seq = shard.first_seq.wrapping_add(shard.blocks.len() as u32 - 1);
-            let b = shard.blocks.back_mut().expect("a block");
-            let off = b.len();
-            b.extend_from_slice(&key.to_ne_bytes());
-            b.extend_from_slice(&stored.to_ne_bytes());
-            b.extend_from_slice(&entry.ttl.to_ne_bytes());
-            b.extend_from_slice(&entry.stale.to_ne_bytes());
-            b.extend_from_slice(&(size as u32).to_ne_bytes());
-            b.extend_from_slice(&(entry.wire.len() as u16).to_ne_bytes());
-            b.extend_from_slice(&entry.zone.to_ne_bytes());
-            b.push(entry.key_flags);
-            b.push(kind_to_u8(entry.kind));
-            b.extend_from_slice(&entry.wire);
-            for o in &entry.offsets {
-                b.extend_from_slice(&o.to_ne_bytes());
-            }
-            debug_assert_eq!(b.len() - off, size);
-            let h = handle(seq, off);
-            let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
-            shard
-                .table
-                .insert_unique(key, h, |&x| rd_u64(entry_at(blocks, first_seq, x), H_KEY));
+            self.append(shard, key, parts, stored)
         });
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Appends an entry to `shard` (write-locked), replacing the one `key` held and reclaiming the
+    /// oldest entries to stay in bounds; those still live count as evicted, or as expired when
+    /// their stale horizon is at or before `now_ms`. The caller checked `parts.charge()` against
+    /// the shard's byte budget.
+    #[inline]
+    fn append<O: Iterator<Item = u16>>(
+        &self,
+        shard: &mut Shard,
+        key: u64,
+        parts: Parts<'_, O>,
+        now_ms: u64,
+    ) {
+        let size = parts.charge();
+        // A newer answer replaces the old one; its bytes come back when the head passes them.
+        if let Some(old) = shard.find(key) {
+            shard.remove(key, old);
+        }
+        // Entry bound: drop the oldest live entries.
+        while shard.table.len() >= self.max_entries_per_shard && self.reclaim(shard, now_ms) {}
+        // Room in the newest block, or a new block within the byte bound.
+        if !shard.fits(size) {
+            let cap = self.block.max(size);
+            while shard.bytes + cap > self.max_bytes_per_shard && self.reclaim(shard, now_ms) {}
+            // Reclaiming may have emptied and rewound the last block: it may fit now.
+            if !shard.fits(size) {
+                let block = match shard.spare.take() {
+                    Some(b) if cap == self.block && b.capacity() >= cap => b,
+                    _ => Vec::with_capacity(cap),
+                };
+                shard.bytes += block.capacity();
+                shard.blocks.push_back(block);
+                if shard.blocks.len() == 1 {
+                    shard.head = 0;
+                }
+            }
+        }
+        let seq = shard.first_seq.wrapping_add(shard.blocks.len() as u32 - 1);
+        let b = shard.blocks.back_mut().expect("a block");
+        let off = b.len();
+        b.extend_from_slice(&key.to_ne_bytes());
+        b.extend_from_slice(&parts.stored_ms.to_ne_bytes());
+        b.extend_from_slice(&parts.ttl.to_ne_bytes());
+        b.extend_from_slice(&parts.stale.to_ne_bytes());
+        b.extend_from_slice(&(size as u32).to_ne_bytes());
+        b.extend_from_slice(&(parts.wire.len() as u16).to_ne_bytes());
+        b.extend_from_slice(&parts.zone.to_ne_bytes());
+        b.push(parts.key_flags);
+        b.push(parts.kind);
+        b.extend_from_slice(parts.wire);
+        for o in parts.offsets {
+            b.extend_from_slice(&o.to_ne_bytes());
+        }
+        debug_assert_eq!(b.len() - off, size);
+        let h = handle(seq, off);
+        let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
+        shard
+            .table
+            .insert_unique(key, h, |&x| rd_u64(entry_at(blocks, first_seq, x), H_KEY));
     }
 
     /// Reclaims the shard's oldest entry, counting it as expired or evicted when it was live.
