@@ -1,5 +1,12 @@
-//! The answer cache: a fixed set of shards, each an `RwLock` over a hash table of handles into
-//! an append-only arena of answers, bounded in entries and bytes.
+//! The answer cache: a fixed set of shards, each a [`SlotLock`] (see `readslots`: a reader writes
+//! only to its own thread's slot) over a hash table of handles into an append-only arena of
+//! answers, bounded in entries and bytes.
+//!
+//! - `mod.rs` (here): the sharded table, insert, lookup, eviction and purge.
+//! - `entry.rs`: [`Entry`] (an answer outside the cache), [`EntryRef`] (one borrowed from the
+//!   arena by a hit) and the reply renderer both use.
+//! - `snapshot.rs`: the live entries written to a byte stream and loaded back by a new process
+//!   (warm restart), and the format, versioned and checksummed.
 //!
 //! Entries hold the upstream answer as wire bytes (OPT stripped, question lowercased, TTLs already
 //! capped) plus the offsets of every TTL field, so a hit is one copy and a few in-place patches:
@@ -7,9 +14,9 @@
 //! Entries keep an absolute store time, a lifetime and a stale horizon so serve-stale (RFC 8767)
 //! can be added without changing the layout.
 //!
-//! Memory layout (issue 6: at most 1.5x the answer bytes). A shard appends each entry, a 36-byte
-//! header followed by the answer and its TTL offsets, to the newest of its arena blocks (16 KiB, or
-//! one block of its own for a bigger answer). Its hash table holds only 8-byte handles (block,
+//! Memory layout (at most 1.5x the answer bytes). A shard appends each entry, a 34-byte header
+//! followed by the answer and its TTL offsets, to the newest of its arena blocks (16 KiB, or one
+//! block of its own for a bigger answer). Its hash table holds only 8-byte handles (block,
 //! offset); the key lives in the entry header. No per-entry allocation, so no allocator overhead,
 //! and no separate eviction queue: the arena *is* the insertion order.
 //!
@@ -28,189 +35,16 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
 
-use crate::dns::{self, AnswerKind, Query, FLAG_RD, HEADER_LEN, OPT_LEN};
+mod entry;
+mod snapshot;
+
+pub use entry::{Entry, EntryRef};
+pub use snapshot::{
+    load_snapshot_file, write_snapshot_file, LoadStats, SnapshotError, SnapshotStats,
+};
+
+use crate::dns::{AnswerKind, Query, HEADER_LEN};
 use crate::readslots::{ReaderSlots, SlotLock};
-
-/// An answer ready to be cached or sent: what the forwarder builds from an upstream response.
-/// The cache copies it into its arena; a miss's reply is rendered from it directly. It keeps the
-/// parser's two buffers as they are (no re-packing: it lives only until the reply is sent).
-#[derive(Debug, Clone)]
-pub struct Entry {
-    /// The answer wire bytes (without OPT; question lowercased; TTLs as stored).
-    wire: Vec<u8>,
-    /// Offset of every TTL field in `wire`.
-    offsets: Vec<u16>,
-    /// DO and CD bits of the query this answers (part of the key).
-    pub key_flags: u8,
-    pub kind: AnswerKind,
-    /// Index of the zone (config order) the name routed to; used for per-zone accounting.
-    pub zone: u16,
-    /// Lifetime in seconds from `stored`.
-    ttl: u32,
-    /// Seconds from `stored` during which a stale copy may still be served (== `ttl` while
-    /// serve-stale is off).
-    stale: u32,
-    pub stored: Instant,
-}
-
-impl Entry {
-    pub fn new(
-        mut wire: Vec<u8>,
-        ttl_offsets: Vec<u16>,
-        key_flags: u8,
-        kind: AnswerKind,
-        zone: u16,
-        stored: Instant,
-        ttl: Duration,
-    ) -> Self {
-        wire.truncate(u16::MAX as usize);
-        let ttl = ttl.as_secs().min(u32::MAX as u64) as u32;
-        Entry {
-            wire,
-            offsets: ttl_offsets,
-            key_flags,
-            kind,
-            zone,
-            ttl,
-            stale: ttl,
-            stored,
-        }
-    }
-
-    /// The answer wire bytes.
-    #[inline]
-    pub fn wire(&self) -> &[u8] {
-        &self.wire
-    }
-
-    /// Offsets of every TTL field in `wire()`.
-    pub fn ttl_offsets(&self) -> impl Iterator<Item = usize> + '_ {
-        self.offsets.iter().map(|&o| o as usize)
-    }
-
-    pub fn expires(&self) -> Instant {
-        self.stored + Duration::from_secs(self.ttl as u64)
-    }
-
-    pub fn stale_until(&self) -> Instant {
-        self.stored + Duration::from_secs(self.stale as u64)
-    }
-
-    /// Arena bytes this entry takes once cached (header, answer and TTL offsets).
-    pub fn charge(&self) -> usize {
-        HDR + self.wire.len() + 2 * self.offsets.len()
-    }
-
-    pub fn rcode(&self) -> u8 {
-        self.wire[3] & 0xF
-    }
-
-    /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds: see
-    /// [`EntryRef::render`].
-    pub fn render(
-        &self,
-        q: &Query,
-        pkt: &[u8],
-        age: u32,
-        max_len: usize,
-        opt_size: u16,
-        out: &mut Vec<u8>,
-    ) {
-        render(
-            &self.wire,
-            self.ttl_offsets(),
-            q,
-            pkt,
-            age,
-            max_len,
-            opt_size,
-            out,
-        )
-    }
-}
-
-fn offsets(raw: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    raw.chunks_exact(2)
-        .map(|c| u16::from_ne_bytes([c[0], c[1]]) as usize)
-}
-
-/// A cached answer as a hit sees it: borrowed from the arena while the shard is read.
-#[derive(Debug, Clone, Copy)]
-pub struct EntryRef<'a> {
-    /// Wire bytes followed by the TTL offsets (native-endian u16s).
-    payload: &'a [u8],
-    wire_len: usize,
-    pub key_flags: u8,
-    pub kind: AnswerKind,
-    pub zone: u16,
-}
-
-impl EntryRef<'_> {
-    #[inline]
-    pub fn wire(&self) -> &[u8] {
-        &self.payload[..self.wire_len]
-    }
-
-    /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds.
-    ///
-    /// `max_len` is the largest reply the transport allows; a longer answer becomes a TC=1 reply
-    /// with only the question, so the client retries over TCP. `opt_size` is our advertised EDNS
-    /// size, added as an OPT record when the client sent one.
-    #[inline]
-    pub fn render(
-        &self,
-        q: &Query,
-        pkt: &[u8],
-        age: u32,
-        max_len: usize,
-        opt_size: u16,
-        out: &mut Vec<u8>,
-    ) {
-        let offs = offsets(&self.payload[self.wire_len..]);
-        render(self.wire(), offs, q, pkt, age, max_len, opt_size, out)
-    }
-}
-
-/// The reply to `q` from a stored answer: copy, then patch ID, RD, the client's question bytes
-/// and every TTL (minus `age`); our OPT when the client sent one; TC=1 when over `max_len`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn render(
-    wire: &[u8],
-    ttl_offsets: impl Iterator<Item = usize>,
-    q: &Query,
-    pkt: &[u8],
-    age: u32,
-    max_len: usize,
-    opt_size: u16,
-    out: &mut Vec<u8>,
-) {
-    out.clear();
-    let opt = if q.edns.is_some() { OPT_LEN } else { 0 };
-    let qend = q.question_end;
-    if wire.len() + opt > max_len {
-        out.extend_from_slice(&wire[..HEADER_LEN]);
-        out[2] |= (dns::FLAG_TC >> 8) as u8;
-        out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-        out.extend_from_slice(&pkt[HEADER_LEN..qend]);
-    } else {
-        out.extend_from_slice(wire);
-        out[HEADER_LEN..qend].copy_from_slice(&pkt[HEADER_LEN..qend]);
-        for off in ttl_offsets {
-            let ttl = dns::u32_at(wire, off).saturating_sub(age);
-            out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
-        }
-    }
-    out[0..2].copy_from_slice(&q.id.to_be_bytes());
-    // RD echoes the client's; everything else is the upstream's.
-    let rd = (FLAG_RD >> 8) as u8;
-    out[2] = (out[2] & !rd) | ((q.flags >> 8) as u8 & rd);
-    if opt != 0 {
-        let ar = dns::u16_at(out, 10) + 1;
-        out[10..12].copy_from_slice(&ar.to_be_bytes());
-        dns::push_opt(out, opt_size, q.dnssec_ok(), 0);
-    }
-}
 
 /// Cache limits.
 #[derive(Debug, Clone)]
@@ -235,6 +69,24 @@ const H_WIRE: usize = 28;
 const H_ZONE: usize = 30;
 const H_FLAGS: usize = 32;
 const H_KIND: usize = 33;
+
+/// How far before its creation a cache's epoch lies. Store times are kept as milliseconds since
+/// the epoch (saturating), so an entry stored by an earlier process (loaded from a snapshot) can
+/// keep its age only if the epoch is older than the entry.
+const EPOCH_BACKDATE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The epoch of a cache created at `now`: [`EPOCH_BACKDATE`] before it, or as far back as the
+/// monotonic clock goes.
+fn backdated(now: Instant) -> Instant {
+    [
+        EPOCH_BACKDATE,
+        Duration::from_secs(24 * 3600),
+        Duration::from_secs(3600),
+    ]
+    .into_iter()
+    .find_map(|d| now.checked_sub(d))
+    .unwrap_or(now)
+}
 
 /// Largest arena block for ordinary answers; a bigger answer gets a block of its own.
 const MAX_BLOCK: usize = 16 << 10;
@@ -292,6 +144,29 @@ type Handle = u64;
 
 fn handle(seq: u32, off: usize) -> Handle {
     ((seq as u64) << 32) | off as u64
+}
+
+/// An entry's fields as the arena stores them, from an [`Entry`] or from a snapshot.
+struct Parts<'a, O> {
+    /// Store time, ms since the cache's epoch.
+    stored_ms: u64,
+    ttl: u32,
+    stale: u32,
+    zone: u16,
+    key_flags: u8,
+    kind: u8,
+    /// At most `u16::MAX` bytes.
+    wire: &'a [u8],
+    /// The TTL offsets, `n_offsets` of them.
+    offsets: O,
+    n_offsets: usize,
+}
+
+impl<O> Parts<'_, O> {
+    /// Arena bytes the entry takes: header, answer and TTL offsets.
+    fn charge(&self) -> usize {
+        HDR + self.wire.len() + 2 * self.n_offsets
+    }
 }
 
 struct Shard {
@@ -448,7 +323,7 @@ impl Cache {
             max_bytes_per_shard,
             // At least four blocks per shard budget, so freeing whole blocks tracks the bound.
             block: (max_bytes_per_shard / 4).clamp(512, MAX_BLOCK),
-            epoch: Instant::now(),
+            epoch: backdated(Instant::now()),
             hasher: ahash::RandomState::new(),
             counters: CacheCounters::default(),
         }
@@ -472,6 +347,11 @@ impl Cache {
     fn shard(&self, key: u64) -> &SlotLock<Shard> {
         let idx = ((key >> 32) as usize) & ((1usize << self.shard_bits) - 1);
         &self.shards[idx].0
+    }
+
+    /// The index of `key`'s shard (as [`Cache::shard`] picks it), for batching by shard.
+    fn shard_index(&self, key: u64) -> usize {
+        ((key >> 32) as usize) & ((1usize << self.shard_bits) - 1)
     }
 
     #[inline]
@@ -551,61 +431,86 @@ impl Cache {
     /// Stores `entry` under `key`, reclaiming the oldest entries to stay in bounds. Returns false
     /// when the entry alone exceeds a shard's byte budget.
     pub fn insert(&self, key: u64, entry: Entry) -> bool {
-        let size = entry.charge();
-        if size > self.max_bytes_per_shard {
+        let stored = self.ms(entry.stored);
+        let parts = Parts {
+            stored_ms: stored,
+            ttl: entry.ttl,
+            stale: entry.stale,
+            zone: entry.zone,
+            key_flags: entry.key_flags,
+            kind: kind_to_u8(entry.kind),
+            wire: &entry.wire,
+            offsets: entry.offsets.iter().copied(),
+            n_offsets: entry.offsets.len(),
+        };
+        if parts.charge() > self.max_bytes_per_shard {
             return false;
         }
-        let stored = self.ms(entry.stored);
-        let now_ms = stored;
         self.shard(key).write(&self.readers, |shard| {
-            // A newer answer replaces the old one; its bytes come back when the head passes them.
-            if let Some(old) = shard.find(key) {
-                shard.remove(key, old);
-            }
-            // Entry bound: drop the oldest live entries.
-            while shard.table.len() >= self.max_entries_per_shard && self.reclaim(shard, now_ms) {}
-            // Room in the newest block, or a new block within the byte bound.
-            if !shard.fits(size) {
-                let cap = self.block.max(size);
-                while shard.bytes + cap > self.max_bytes_per_shard && self.reclaim(shard, now_ms) {}
-                // Reclaiming may have emptied and rewound the last block: it may fit now.
-                if !shard.fits(size) {
-                    let block = match shard.spare.take() {
-                        Some(b) if cap == self.block && b.capacity() >= cap => b,
-                        _ => Vec::with_capacity(cap),
-                    };
-                    shard.bytes += block.capacity();
-                    shard.blocks.push_back(block);
-                    if shard.blocks.len() == 1 {
-                        shard.head = 0;
-                    }
-                }
-            }
-            let seq = shard.first_seq.wrapping_add(shard.blocks.len() as u32 - 1);
-            let b = shard.blocks.back_mut().expect("a block");
-            let off = b.len();
-            b.extend_from_slice(&key.to_ne_bytes());
-            b.extend_from_slice(&stored.to_ne_bytes());
-            b.extend_from_slice(&entry.ttl.to_ne_bytes());
-            b.extend_from_slice(&entry.stale.to_ne_bytes());
-            b.extend_from_slice(&(size as u32).to_ne_bytes());
-            b.extend_from_slice(&(entry.wire.len() as u16).to_ne_bytes());
-            b.extend_from_slice(&entry.zone.to_ne_bytes());
-            b.push(entry.key_flags);
-            b.push(kind_to_u8(entry.kind));
-            b.extend_from_slice(&entry.wire);
-            for o in &entry.offsets {
-                b.extend_from_slice(&o.to_ne_bytes());
-            }
-            debug_assert_eq!(b.len() - off, size);
-            let h = handle(seq, off);
-            let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
-            shard
-                .table
-                .insert_unique(key, h, |&x| rd_u64(entry_at(blocks, first_seq, x), H_KEY));
+            self.append(shard, key, parts, stored)
         });
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Appends an entry to `shard` (write-locked), replacing the one `key` held and reclaiming the
+    /// oldest entries to stay in bounds; those still live count as evicted, or as expired when
+    /// their stale horizon is at or before `now_ms`. The caller checked `parts.charge()` against
+    /// the shard's byte budget.
+    #[inline]
+    fn append<O: Iterator<Item = u16>>(
+        &self,
+        shard: &mut Shard,
+        key: u64,
+        parts: Parts<'_, O>,
+        now_ms: u64,
+    ) {
+        let size = parts.charge();
+        // A newer answer replaces the old one; its bytes come back when the head passes them.
+        if let Some(old) = shard.find(key) {
+            shard.remove(key, old);
+        }
+        // Entry bound: drop the oldest live entries.
+        while shard.table.len() >= self.max_entries_per_shard && self.reclaim(shard, now_ms) {}
+        // Room in the newest block, or a new block within the byte bound.
+        if !shard.fits(size) {
+            let cap = self.block.max(size);
+            while shard.bytes + cap > self.max_bytes_per_shard && self.reclaim(shard, now_ms) {}
+            // Reclaiming may have emptied and rewound the last block: it may fit now.
+            if !shard.fits(size) {
+                let block = match shard.spare.take() {
+                    Some(b) if cap == self.block && b.capacity() >= cap => b,
+                    _ => Vec::with_capacity(cap),
+                };
+                shard.bytes += block.capacity();
+                shard.blocks.push_back(block);
+                if shard.blocks.len() == 1 {
+                    shard.head = 0;
+                }
+            }
+        }
+        let seq = shard.first_seq.wrapping_add(shard.blocks.len() as u32 - 1);
+        let b = shard.blocks.back_mut().expect("a block");
+        let off = b.len();
+        b.extend_from_slice(&key.to_ne_bytes());
+        b.extend_from_slice(&parts.stored_ms.to_ne_bytes());
+        b.extend_from_slice(&parts.ttl.to_ne_bytes());
+        b.extend_from_slice(&parts.stale.to_ne_bytes());
+        b.extend_from_slice(&(size as u32).to_ne_bytes());
+        b.extend_from_slice(&(parts.wire.len() as u16).to_ne_bytes());
+        b.extend_from_slice(&parts.zone.to_ne_bytes());
+        b.push(parts.key_flags);
+        b.push(parts.kind);
+        b.extend_from_slice(parts.wire);
+        for o in parts.offsets {
+            b.extend_from_slice(&o.to_ne_bytes());
+        }
+        debug_assert_eq!(b.len() - off, size);
+        let h = handle(seq, off);
+        let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
+        shard
+            .table
+            .insert_unique(key, h, |&x| rd_u64(entry_at(blocks, first_seq, x), H_KEY));
     }
 
     /// Reclaims the shard's oldest entry, counting it as expired or evicted when it was live.
@@ -719,7 +624,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::{parse_query, push_opt};
+    use crate::dns::{self, parse_query, push_opt, OPT_LEN};
 
     fn query(name: &[u8], id: u16, edns: bool) -> Vec<u8> {
         let mut p = vec![

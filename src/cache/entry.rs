@@ -1,0 +1,189 @@
+//! A cached answer outside the cache ([`Entry`], what the forwarder builds and a miss is answered
+//! from) and inside it ([`EntryRef`], borrowed from a shard's arena by a hit), and the renderer
+//! both share.
+
+use std::time::{Duration, Instant};
+
+use super::HDR;
+use crate::dns::{self, AnswerKind, Query, FLAG_RD, HEADER_LEN, OPT_LEN};
+
+/// An answer ready to be cached or sent: what the forwarder builds from an upstream response.
+/// The cache copies it into its arena; a miss's reply is rendered from it directly. It keeps the
+/// parser's two buffers as they are (no re-packing: it lives only until the reply is sent).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The answer wire bytes (without OPT; question lowercased; TTLs as stored).
+    pub(super) wire: Vec<u8>,
+    /// Offset of every TTL field in `wire`.
+    pub(super) offsets: Vec<u16>,
+    /// DO and CD bits of the query this answers (part of the key).
+    pub key_flags: u8,
+    pub kind: AnswerKind,
+    /// Index of the zone (config order) the name routed to; used for per-zone accounting.
+    pub zone: u16,
+    /// Lifetime in seconds from `stored`.
+    pub(super) ttl: u32,
+    /// Seconds from `stored` during which a stale copy may still be served (== `ttl` while
+    /// serve-stale is off).
+    pub(super) stale: u32,
+    pub stored: Instant,
+}
+
+impl Entry {
+    pub fn new(
+        mut wire: Vec<u8>,
+        ttl_offsets: Vec<u16>,
+        key_flags: u8,
+        kind: AnswerKind,
+        zone: u16,
+        stored: Instant,
+        ttl: Duration,
+    ) -> Self {
+        wire.truncate(u16::MAX as usize);
+        let ttl = ttl.as_secs().min(u32::MAX as u64) as u32;
+        Entry {
+            wire,
+            offsets: ttl_offsets,
+            key_flags,
+            kind,
+            zone,
+            ttl,
+            stale: ttl,
+            stored,
+        }
+    }
+
+    /// The answer wire bytes.
+    #[inline]
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+
+    /// Offsets of every TTL field in `wire()`.
+    pub fn ttl_offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        self.offsets.iter().map(|&o| o as usize)
+    }
+
+    pub fn expires(&self) -> Instant {
+        self.stored + Duration::from_secs(self.ttl as u64)
+    }
+
+    pub fn stale_until(&self) -> Instant {
+        self.stored + Duration::from_secs(self.stale as u64)
+    }
+
+    /// Arena bytes this entry takes once cached (header, answer and TTL offsets).
+    pub fn charge(&self) -> usize {
+        HDR + self.wire.len() + 2 * self.offsets.len()
+    }
+
+    pub fn rcode(&self) -> u8 {
+        self.wire[3] & 0xF
+    }
+
+    /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds: see
+    /// [`EntryRef::render`].
+    pub fn render(
+        &self,
+        q: &Query,
+        pkt: &[u8],
+        age: u32,
+        max_len: usize,
+        opt_size: u16,
+        out: &mut Vec<u8>,
+    ) {
+        render(
+            &self.wire,
+            self.ttl_offsets(),
+            q,
+            pkt,
+            age,
+            max_len,
+            opt_size,
+            out,
+        )
+    }
+}
+
+fn offsets(raw: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    raw.chunks_exact(2)
+        .map(|c| u16::from_ne_bytes([c[0], c[1]]) as usize)
+}
+
+/// A cached answer as a hit sees it: borrowed from the arena while the shard is read.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    /// Wire bytes followed by the TTL offsets (native-endian u16s).
+    pub(super) payload: &'a [u8],
+    pub(super) wire_len: usize,
+    pub key_flags: u8,
+    pub kind: AnswerKind,
+    pub zone: u16,
+}
+
+impl EntryRef<'_> {
+    #[inline]
+    pub fn wire(&self) -> &[u8] {
+        &self.payload[..self.wire_len]
+    }
+
+    /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds.
+    ///
+    /// `max_len` is the largest reply the transport allows; a longer answer becomes a TC=1 reply
+    /// with only the question, so the client retries over TCP. `opt_size` is our advertised EDNS
+    /// size, added as an OPT record when the client sent one.
+    #[inline]
+    pub fn render(
+        &self,
+        q: &Query,
+        pkt: &[u8],
+        age: u32,
+        max_len: usize,
+        opt_size: u16,
+        out: &mut Vec<u8>,
+    ) {
+        let offs = offsets(&self.payload[self.wire_len..]);
+        render(self.wire(), offs, q, pkt, age, max_len, opt_size, out)
+    }
+}
+
+/// The reply to `q` from a stored answer: copy, then patch ID, RD, the client's question bytes
+/// and every TTL (minus `age`); our OPT when the client sent one; TC=1 when over `max_len`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn render(
+    wire: &[u8],
+    ttl_offsets: impl Iterator<Item = usize>,
+    q: &Query,
+    pkt: &[u8],
+    age: u32,
+    max_len: usize,
+    opt_size: u16,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let opt = if q.edns.is_some() { OPT_LEN } else { 0 };
+    let qend = q.question_end;
+    if wire.len() + opt > max_len {
+        out.extend_from_slice(&wire[..HEADER_LEN]);
+        out[2] |= (dns::FLAG_TC >> 8) as u8;
+        out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&pkt[HEADER_LEN..qend]);
+    } else {
+        out.extend_from_slice(wire);
+        out[HEADER_LEN..qend].copy_from_slice(&pkt[HEADER_LEN..qend]);
+        for off in ttl_offsets {
+            let ttl = dns::u32_at(wire, off).saturating_sub(age);
+            out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
+        }
+    }
+    out[0..2].copy_from_slice(&q.id.to_be_bytes());
+    // RD echoes the client's; everything else is the upstream's.
+    let rd = (FLAG_RD >> 8) as u8;
+    out[2] = (out[2] & !rd) | ((q.flags >> 8) as u8 & rd);
+    if opt != 0 {
+        let ar = dns::u16_at(out, 10) + 1;
+        out[10..12].copy_from_slice(&ar.to_be_bytes());
+        dns::push_opt(out, opt_size, q.dnssec_ok(), 0);
+    }
+}
