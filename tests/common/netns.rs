@@ -39,6 +39,27 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Runs a shell command inside the namespace `netns`; returns (success, stdout + stderr). For
+/// threads that only borrow a namespace (a `Netns` deletes its namespace on drop).
+pub fn sh_in(netns: &str, cmd: &str) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "sh", "-c", cmd])
+        .output()
+        .expect("run ip netns exec");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Lines of `iptables-save`-style output that carry a nodedns comment.
+pub fn rules_in(save_output: &str) -> Vec<String> {
+    save_output
+        .lines()
+        .filter(|l| l.starts_with("-A") && l.contains("--comment \"nodedns"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// A network namespace owned by the test; deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -73,13 +94,7 @@ impl Netns {
 
     /// Runs a shell command inside the namespace; returns (success, stdout + stderr).
     pub fn sh(&self, cmd: &str) -> (bool, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
-            .output()
-            .expect("run ip netns exec");
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
+        sh_in(&self.name, cmd)
     }
 
     pub fn sh_ok(&self, cmd: &str) -> String {
@@ -114,10 +129,7 @@ impl Netns {
     pub fn our_rules(&self, save: &str) -> Vec<String> {
         let (ok, text) = self.sh(save);
         assert!(ok, "{save} failed: {text}");
-        text.lines()
-            .filter(|l| l.starts_with("-A") && l.contains("--comment \"nodedns"))
-            .map(str::to_string)
-            .collect()
+        rules_in(&text)
     }
 
     pub fn lo_addrs(&self) -> String {
@@ -176,6 +188,14 @@ pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + '
     })
     .join()
     .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// The index of a name `n<i>.example.org.` (the external upstream answers those with an address).
+pub fn warm_name(name: &str) -> Option<u16> {
+    name.strip_prefix('n')?
+        .strip_suffix(".example.org.")?
+        .parse()
+        .ok()
 }
 
 /// node, pod and upstream namespaces, wired with veth pairs; the pod's resolv.conf points at
@@ -265,6 +285,11 @@ impl Cluster {
                     ("example.org.", _) => Action::Answer(reply(q, ResponseCode::NoError)),
                     // Longer than the pod link's MTU (1500).
                     ("big.example.org.", RecordType::TXT) => Action::Answer(txt_reply(q, 30, 2000)),
+                    // n<i>.example.org: one address per name (a warm-cache test's working set).
+                    (n, RecordType::A) if warm_name(n).is_some() => {
+                        let i = warm_name(n).unwrap_or(0);
+                        Action::Answer(a_reply(q, 30, &[[198, 51, (i >> 8) as u8, i as u8]]))
+                    }
                     _ => Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5)))),
                 }
             })
