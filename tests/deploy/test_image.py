@@ -15,7 +15,6 @@ import ctypes
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -337,23 +336,32 @@ class Running:
             env={"RUST_LOG": "info", "PATH": "/usr/sbin:/usr/bin"},
         )
         self.lines: list[str] = []
+        # One reader thread owns the pipe: select() on a buffered text stream misses lines
+        # already read into its buffer, so the test polls the collected lines instead.
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
 
     def read_until(self, pattern: str, timeout: float) -> re.Match | None:
         end = time.monotonic() + timeout
         rx = re.compile(pattern)
-        for line in self.lines:
-            if m := rx.search(line):
-                return m
-        while time.monotonic() < end:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := rx.search(line):
+                        return m
+                seen = len(self.lines)
+                left = end - time.monotonic()
+                if left <= 0 or (not self._reader.is_alive() and seen == len(self.lines)):
                     return None
-                self.lines.append(line)
-                if m := rx.search(line):
-                    return m
-        return None
+                self._cond.wait(min(left, 0.2))
 
     def stop(self):
         if self.proc.poll() is None:
