@@ -11,6 +11,8 @@
 //! - [`forward`]: the miss path: zone routing, UDP/TCP upstream exchanges, caching rules.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints.
 //! - [`node`]: link-local interface and conntrack-bypass firewall rules.
+//! - [`lifecycle`]: the node-wide state directory: instance lease, handover of sockets, cache and
+//!   TCP connections to a new instance, warm start from the cache snapshot.
 //! - [`logging`]: tracing setup and rate-limited logging.
 //!
 //! See docs/ARCHITECTURE.md for the path of a query.
