@@ -127,6 +127,19 @@ impl Node {
     }
 }
 
+/// Waits until the log has a line containing `what`.
+fn wait_log(n: &Nodedns, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !n.log().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} in the log:\n{}",
+            n.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn exit_ok(n: &mut Nodedns) {
     n.signal(libc::SIGTERM);
     let st = n
@@ -299,6 +312,8 @@ fn a_plain_restart_starts_warm_from_the_snapshot() {
     assert!(!first.log().contains("another instance serves"));
 
     let second = node.start(&[]);
+    // The snapshot loads beside the running workers.
+    wait_log(&second, "cache warmed");
     assert!(
         second.log().contains("source=\"snapshot\"") || second.log().contains("source=snapshot"),
         "{}",
@@ -340,6 +355,7 @@ fn corrupt_truncated_and_future_snapshots_are_refused_and_counted() {
     ] {
         std::fs::write(&path, &bytes).unwrap();
         let n = node.start(&[]);
+        wait_log(&n, "refused");
         let m = node.http("/metrics");
         let key =
             format!("nodedns_cache_warm_loads_total{{result=\"{label}\",source=\"snapshot\"}}");
@@ -387,6 +403,10 @@ fn of_an_ha_pair_either_instance_can_stop_with_nothing_lost() {
         let mut b = node.start(&[]);
         let stop = Arc::new(AtomicBool::new(false));
         let udp = udp_load(node.dns, 50, stop.clone());
+        // Connections accepted by either instance (both accept on the same listener).
+        let tcps: Vec<_> = (0..4)
+            .map(|_| tcp_load(node.dns, 50, stop.clone()))
+            .collect();
         std::thread::sleep(Duration::from_millis(300));
         let (gone, stays) = if stop_newer {
             (&mut b, &mut a)
@@ -402,10 +422,22 @@ fn of_an_ha_pair_either_instance_can_stop_with_nothing_lost() {
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
         let (sent, lost) = udp.join().unwrap();
-        eprintln!("HA pair, newer stopped: {stop_newer}: {lost} lost of {sent}");
-        assert!(sent > 100);
-        assert_eq!(lost, 0, "stop newer: {stop_newer}");
+        let (mut tsent, mut tlost) = (0, 0);
+        for t in tcps {
+            let (s, l) = t.join().unwrap();
+            tsent += s;
+            tlost += l;
+        }
+        eprintln!(
+            "HA pair, newer stopped: {stop_newer}: UDP {lost} lost of {sent}, TCP {tlost} lost of {tsent}"
+        );
+        assert!(sent > 100 && tsent > 100);
+        assert_eq!(lost, 0, "UDP, stop newer: {stop_newer}");
+        assert_eq!(tlost, 0, "TCP, stop newer: {stop_newer}");
         assert!(stays.wait_exit(Duration::from_millis(10)).is_none());
+        // The admin port is served by the instance that stays.
+        let ready = node.http("/ready");
+        assert!(ready.contains("200"), "stop newer: {stop_newer}: {ready}");
         assert_eq!(
             udp_query(node.dns, "n3.example.org", RecordType::A)
                 .answers

@@ -16,9 +16,10 @@
 //!    `E` when done.
 //! 3. old → new `C`: cache snapshot bytes, in chunks; `D` when done.
 //! 4. new → old `T`: the new instance serves. The old one stops serving the admin (HTTP)
-//!    listeners it handed over (one owner per admin port) and keeps the channel: at its shutdown
-//!    it sends `X` (one TCP connection, the bytes read from it attached) per open connection and
-//!    `Q` at the end.
+//!    listeners it handed over (one owner per admin port). The channel stays open both ways:
+//!    whichever instance stops first sends `X` (one TCP connection, the bytes read from it
+//!    attached) per open connection, `A ADDR` per admin listener it still serves, and `Q` at
+//!    the end, and the other one serves them.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -83,54 +84,127 @@ pub type CacheWriter = Box<dyn Fn(&mut dyn Write) -> io::Result<()> + Send + Syn
 pub struct Offer {
     pub listeners: Vec<Offered>,
     pub cache: Option<CacheWriter>,
-    /// The channel to the newest successor, for the TCP connections at shutdown.
-    pub successor: Arc<Successor>,
+    /// Where the channel goes once a successor serves.
+    pub peers: Arc<Peers>,
+    /// What this instance does with what a successor hands back.
+    pub adopter: Arc<dyn Adopter>,
 }
 
-/// The newest instance that took our listeners, if any.
+/// What a peer hands back over the channel: TCP connections and admin listeners.
+pub trait Adopter: Send + Sync {
+    /// Serve a TCP connection, starting with the bytes already read from it.
+    fn tcp(&self, stream: std::net::TcpStream, read: Vec<u8>);
+    /// Serve the admin endpoints on `addr` with this listener.
+    fn admin(&self, addr: SocketAddr, listener: std::net::TcpListener);
+}
+
+/// The instances this one exchanged listeners with: the newest one that took ours (successor)
+/// and the one we took ours from (predecessor). At shutdown, open TCP connections and the admin
+/// listeners still served here go to the successor, or back to the predecessor when it is still
+/// alive (the newer half of an HA pair stopping first).
 #[derive(Default)]
-pub struct Successor {
-    chan: Mutex<Option<Channel>>,
+pub struct Peers {
+    successor: Mutex<Option<Arc<Channel>>>,
+    predecessor: Mutex<Option<Arc<Channel>>>,
 }
 
-impl Successor {
-    pub fn is_set(&self) -> bool {
-        self.chan.lock().is_some()
+impl Peers {
+    /// True when a peer may take connections.
+    pub fn any(&self) -> bool {
+        self.successor.lock().is_some() || self.predecessor.lock().is_some()
     }
 
-    /// Hands one TCP connection, with the bytes already read from it, to the successor. Gives
-    /// the stream back when there is no successor or it cannot take it.
+    pub fn has_successor(&self) -> bool {
+        self.successor.lock().is_some()
+    }
+
+    /// Sends one message with one descriptor to the first peer that takes it.
+    fn give(&self, msg: &[u8], fd: RawFd) -> bool {
+        for slot in [&self.successor, &self.predecessor] {
+            let mut guard = slot.lock();
+            let Some(chan) = guard.as_ref() else {
+                continue;
+            };
+            match chan.send(msg, &[fd]) {
+                Ok(()) => return true,
+                Err(e) => {
+                    debug!(error = %e, "peer gone");
+                    *guard = None;
+                }
+            }
+        }
+        false
+    }
+
+    /// Hands one TCP connection, with the bytes already read from it, to a peer. Gives the
+    /// stream back when no peer takes it.
     pub fn give_tcp(
         &self,
         stream: std::net::TcpStream,
         read: &[u8],
     ) -> Result<(), std::net::TcpStream> {
-        let mut guard = self.chan.lock();
-        let Some(chan) = guard.as_ref() else {
-            return Err(stream);
-        };
         let mut msg = Vec::with_capacity(1 + read.len());
         msg.push(b'X');
         msg.extend_from_slice(read);
-        if msg.len() > MAX_MSG {
-            return Err(stream);
-        }
-        match chan.send(&msg, &[stream.as_raw_fd()]) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                warn!(error = %e, "successor stopped taking connections");
-                *guard = None;
-                Err(stream)
-            }
+        if msg.len() <= MAX_MSG && self.give(&msg, stream.as_raw_fd()) {
+            Ok(())
+        } else {
+            Err(stream)
         }
     }
 
-    /// Tells the successor that no more connections follow.
+    /// Hands an admin listener this instance still serves to a peer; true when taken.
+    pub fn give_admin(&self, addr: SocketAddr, listener: &std::net::TcpListener) -> bool {
+        self.give(format!("A{addr}").as_bytes(), listener.as_raw_fd())
+    }
+
+    /// Tells the peers that nothing more follows.
     pub fn finish(&self) {
-        if let Some(chan) = self.chan.lock().take() {
-            let _ = chan.send(b"Q", &[]);
+        for slot in [&self.successor, &self.predecessor] {
+            if let Some(chan) = slot.lock().take() {
+                let _ = chan.send(b"Q", &[]);
+            }
         }
     }
+}
+
+/// Takes what a peer hands over on `chan` until it says `Q` or goes away.
+fn receive(chan: Arc<Channel>, adopter: Arc<dyn Adopter>) -> io::Result<()> {
+    chan.set_read_timeout(None)?;
+    std::thread::Builder::new()
+        .name("nodedns-adopt".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; MAX_MSG];
+            let (mut conns, mut admins) = (0usize, 0usize);
+            loop {
+                match chan.recv(&mut buf) {
+                    Ok((n, mut fds)) if n > 0 && fds.len() == 1 => match buf[0] {
+                        b'X' => {
+                            conns += 1;
+                            adopter.tcp(fds.remove(0).into(), buf[1..n].to_vec());
+                        }
+                        b'A' => match std::str::from_utf8(&buf[1..n]).ok().and_then(|a| a.parse().ok()) {
+                            Some(addr) => {
+                                admins += 1;
+                                info!(%addr, "took back an admin port from an instance that stopped");
+                                adopter.admin(addr, fds.remove(0).into());
+                            }
+                            None => warn!("a handed admin listener came without its address"),
+                        },
+                        _ => warn!("unexpected handover message"),
+                    },
+                    Ok((n, _)) if n > 0 && buf[0] != b'Q' => {
+                        warn!("a handed connection or listener came without its socket");
+                    }
+                    Ok(_) | Err(_) => break,
+                }
+            }
+            if conns > 0 {
+                info!(connections = conns, "took over TCP connections");
+            }
+            let _ = admins;
+        })?;
+    Ok(())
 }
 
 /// Serves handover requests on this process's socket until `stop` is cancelled.
@@ -238,7 +312,9 @@ fn session(sock: socket2::Socket, offer: &Offer) -> io::Result<()> {
         listeners = offer.listeners.len(),
         "handed listeners to a new instance"
     );
-    *offer.successor.chan.lock() = Some(chan);
+    let chan = Arc::new(chan);
+    receive(chan.clone(), offer.adopter.clone())?;
+    *offer.peers.successor.lock() = Some(chan);
     Ok(())
 }
 
@@ -302,38 +378,14 @@ impl Handed {
         self.listeners.len()
     }
 
-    /// Confirms that this instance serves, then takes the TCP connections the old instance
-    /// hands over at its shutdown: `adopt` runs (on a thread of its own) for each, with the
-    /// bytes already read from it.
-    pub fn confirm(
-        self,
-        adopt: impl Fn(std::net::TcpStream, Vec<u8>) + Send + 'static,
-    ) -> io::Result<()> {
+    /// Confirms that this instance serves. The channel stays open both ways: the old
+    /// instance's TCP connections arrive on it at its shutdown, and this instance's go back on
+    /// it if this one stops first.
+    pub fn confirm(self, peers: &Peers, adopter: Arc<dyn Adopter>) -> io::Result<()> {
         self.chan.send(b"T", &[])?;
-        self.chan.set_read_timeout(None)?;
-        let chan = self.chan;
-        std::thread::Builder::new()
-            .name("nodedns-adopt".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; MAX_MSG];
-                let mut adopted = 0usize;
-                loop {
-                    match chan.recv(&mut buf) {
-                        Ok((n, mut fds)) if n > 0 && buf[0] == b'X' && fds.len() == 1 => {
-                            let stream = std::net::TcpStream::from(fds.remove(0));
-                            adopted += 1;
-                            adopt(stream, buf[1..n].to_vec());
-                        }
-                        Ok((n, _)) if n > 0 && buf[0] == b'X' => {
-                            warn!("a handed TCP connection came without its socket");
-                        }
-                        Ok(_) | Err(_) => break,
-                    }
-                }
-                if adopted > 0 {
-                    info!(connections = adopted, "took over TCP connections");
-                }
-            })?;
+        let chan = Arc::new(self.chan);
+        receive(chan.clone(), adopter)?;
+        *peers.predecessor.lock() = Some(chan);
         Ok(())
     }
 }

@@ -2,9 +2,9 @@
 //! (cache hits at once, misses when their upstream answers, so out of order). A connection is
 //! closed after `server.tcp_idle_timeout` without a query; the number of connections is capped;
 //! a client that does not read its answers is cut off after a write timeout, so it stalls only
-//! itself. At shutdown, when a successor instance has taken over the listeners, each connection
-//! stops reading at a message boundary, finishes the answers it owes and is handed to the
-//! successor with the bytes it had read (`lifecycle::handover`), so the client loses nothing.
+//! itself. At shutdown, when another instance serves the same listeners, each connection stops
+//! reading at a message boundary, finishes the answers it owes and is handed to that instance
+//! with the bytes it had read (`lifecycle::handover`), so the client loses nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::{Context, Handled};
-use crate::lifecycle::handover::Successor;
+use crate::lifecycle::handover::Peers;
 use crate::metrics::{Proto, WorkerStats};
 
 /// Queries one connection may have unanswered at once; reading pauses beyond it.
@@ -33,8 +33,8 @@ pub struct ConnCtx {
     pub stats: Arc<WorkerStats>,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
-    /// Where connections go at shutdown when another instance took over.
-    pub successor: Arc<Successor>,
+    /// Where connections go at shutdown when another instance serves the same listeners.
+    pub peers: Arc<Peers>,
 }
 
 pub async fn serve(listener: TcpListener, cc: ConnCtx) {
@@ -98,7 +98,7 @@ async fn connection(stream: TcpStream, mut buf: Vec<u8>, cc: ConnCtx) -> std::io
         stats,
         tracker,
         shutdown,
-        successor,
+        peers,
     } = cc;
     let peer = stream.peer_addr()?;
     stream.set_nodelay(true)?;
@@ -176,10 +176,10 @@ async fn connection(stream: TcpStream, mut buf: Vec<u8>, cc: ConnCtx) -> std::io
     let Ok((wr, written)) = writer.await else {
         return Ok(());
     };
-    if stopped && written && successor.is_set() {
-        // Every answer owed is written: the successor carries on from the bytes read so far.
+    if stopped && written && peers.any() {
+        // Every answer owed is written: the peer carries on from the bytes read so far.
         let stream = rd.reunite(wr).map_err(std::io::Error::other)?.into_std()?;
-        match successor.give_tcp(stream, &buf) {
+        match peers.give_tcp(stream, &buf) {
             Ok(()) => return Ok(()),
             Err(stream) => return close(TcpStream::from_std(stream)?.into_split().1).await,
         }

@@ -23,14 +23,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::{self, Readiness};
+use crate::admin::Readiness;
 use crate::config::Settings;
-use crate::lifecycle::handover::{self, Kind, Offer, Offered, Successor};
+use crate::lifecycle::handover::{self, Kind, Offer, Offered, Peers};
 use crate::lifecycle::{warm, StateDir};
 use crate::metrics::Metrics;
 use crate::node::{NodeManager, SetupErrorSink};
 use crate::server::tcp::ConnCtx;
+
+mod admins;
 use crate::server::{self, socket, Context};
+use admins::{Admins, Taker};
 
 impl SetupErrorSink for Metrics {
     fn setup_error(&self, errortype: &'static str) {
@@ -153,7 +156,9 @@ pub async fn run(
 
     let bound = socket::bind_all(&settings.listen, settings.workers, handed.as_mut())?;
     let ctx = Context::new(settings.clone(), metrics.clone());
-    // The cache is warm before the first query is read.
+    // A handed cache is loaded before the first query is read (the old instance serves
+    // meanwhile); the snapshot file loads beside the running workers, so it never delays them.
+    let mut load_snapshot = None;
     if settings.state.warm_restart {
         let zones = settings.zones.len();
         let from_handover = handed
@@ -161,15 +166,16 @@ pub async fn run(
             .and_then(|h| h.cache.take())
             .is_some_and(|bytes| warm::load_handed(&ctx.cache, zones, &bytes, &metrics));
         if let (false, Some(s)) = (from_handover, &state) {
-            warm::load_file(&ctx.cache, zones, &s.snapshot_path(), &metrics);
+            let (path, cache, metrics) = (s.snapshot_path(), ctx.cache.clone(), metrics.clone());
+            load_snapshot = Some(move || warm::load_file(&cache, zones, &path, &metrics));
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let cancel = CancellationToken::new();
-    let admin_cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let successor = Arc::new(Successor::default());
+    let peers = Arc::new(Peers::default());
     let rt = tokio::runtime::Handle::current();
+    let admins = Arc::new(Admins::new(metrics.clone(), ready.clone(), rt.clone()));
     let mut threads = Vec::new();
     let mut served = Vec::new();
     let mut offered = Vec::new();
@@ -216,12 +222,15 @@ pub async fn run(
             stats: metrics.new_worker_for(label),
             tracker: tracker.clone(),
             shutdown: cancel.clone(),
-            successor: successor.clone(),
+            peers: peers.clone(),
         };
         tokio::spawn(server::tcp::serve(listener, cc.clone()));
         tcp_conns.push((b.addr, cc));
         info!(addr = %b.addr, "listening for TCP on {}", b.addr);
         served.push(b.addr);
+    }
+    if let Some(load) = load_snapshot {
+        tokio::task::spawn_blocking(load);
     }
     // Admin endpoints: metrics and health may share one address (a fixed port).
     let endpoints: Vec<(SocketAddr, bool, bool)> = match (settings.metrics, settings.health) {
@@ -238,18 +247,9 @@ pub async fn run(
             .filter(|_| addr.port() != 0)
             .and_then(|h| h.take(Kind::Http, addr).into_iter().next())
             .map(std::net::TcpListener::from);
-        // Cancelled when a successor takes this port over, or at exit.
-        let token = admin_cancel.child_token();
-        let (a, keep) = admin::spawn(
-            addr,
-            from_old,
-            with_metrics,
-            with_health,
-            metrics.clone(),
-            ready.clone(),
-            token.clone(),
-        )
-        .await?;
+        let (a, token, keep) = admins
+            .serve(addr, from_old, with_metrics, with_health)
+            .await?;
         offered.push(Offered {
             kind: Kind::Http,
             addr,
@@ -305,20 +305,13 @@ pub async fn run(
     }
     drop(node_lock);
     ready.node_setup_done.store(true, Ordering::Relaxed);
+    let taker: Arc<dyn handover::Adopter> = Arc::new(Taker {
+        admins: admins.clone(),
+        conns: tcp_conns,
+    });
     if let Some(h) = handed {
-        let rt = rt.clone();
-        let conns = tcp_conns.clone();
-        h.confirm(move |stream, read| {
-            let local = stream.local_addr().ok();
-            let cc = conns
-                .iter()
-                .find(|(a, _)| Some(*a) == local)
-                .unwrap_or(&conns[0])
-                .1
-                .clone();
-            server::tcp::adopt(stream, read, cc, &rt);
-        })
-        .context("cannot confirm the handover")?;
+        h.confirm(&peers, taker.clone())
+            .context("cannot confirm the handover")?;
         metrics.handovers.with_label_values(&["took"]).inc();
     }
     let handover_stop = CancellationToken::new();
@@ -338,7 +331,8 @@ pub async fn run(
                             .map(drop)
                     }) as handover::CacheWriter
                 }),
-                successor: successor.clone(),
+                peers: peers.clone(),
+                adopter: taker,
             });
             Some(
                 handover::serve(s, offer, handover_stop.clone())
@@ -434,11 +428,12 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
-    if successor.is_set() {
+    if peers.has_successor() {
         metrics.handovers.with_label_values(&["gave"]).inc();
     }
-    successor.finish();
-    admin_cancel.cancel();
+    admins.hand_back(&peers);
+    peers.finish();
+    admins.stop();
     info!("stopped");
     Ok(())
 }
