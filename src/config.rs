@@ -141,6 +141,17 @@ pub struct CacheSection {
     pub cluster_success_max_ttl: String,
     pub cluster_denial_max_ttl: String,
     pub servfail_ttl: String,
+    /// How long past its TTL an answer may still be served when the upstreams fail (RFC 8767);
+    /// "0s" turns serve-stale off.
+    pub serve_stale: String,
+    /// TTL of a stale answer.
+    pub stale_answer_ttl: String,
+    /// After a failed refresh, stale answers are served without asking upstream this long.
+    pub stale_recheck: String,
+    /// Hits within the last `prefetch_percentage` of an entry's TTL that refresh it in the
+    /// background before it expires; 0 turns prefetch off.
+    pub prefetch: u32,
+    pub prefetch_percentage: u32,
 }
 
 impl Default for CacheSection {
@@ -154,6 +165,11 @@ impl Default for CacheSection {
             cluster_success_max_ttl: "30s".into(),
             cluster_denial_max_ttl: "5s".into(),
             servfail_ttl: "5s".into(),
+            serve_stale: "1h".into(),
+            stale_answer_ttl: "30s".into(),
+            stale_recheck: "30s".into(),
+            prefetch: 2,
+            prefetch_percentage: 10,
         }
     }
 }
@@ -166,6 +182,13 @@ pub struct ForwardSection {
     pub tcp_pool_size: usize,
     pub tcp_idle_timeout: String,
     pub max_inflight: usize,
+    /// With a stale answer at hand, a client waits this long for a fresh one (RFC 8767's
+    /// client response timer).
+    pub client_timeout: String,
+    /// Consecutive failures that mark an upstream down (0: never); a down upstream is probed
+    /// every `health_check` and used again as soon as it answers.
+    pub max_fails: u32,
+    pub health_check: String,
 }
 
 impl Default for ForwardSection {
@@ -176,6 +199,9 @@ impl Default for ForwardSection {
             tcp_pool_size: 2,
             tcp_idle_timeout: "8s".into(),
             max_inflight: 4096,
+            client_timeout: "1.8s".into(),
+            max_fails: 2,
+            health_check: "500ms".into(),
         }
     }
 }
@@ -269,6 +295,9 @@ pub struct ZoneSection {
     pub success_max_ttl: Option<String>,
     #[serde(default)]
     pub denial_max_ttl: Option<String>,
+    /// The zone's serve-stale window [default: cache.serve_stale].
+    #[serde(default)]
+    pub serve_stale: Option<String>,
 }
 
 fn default_transport() -> String {
@@ -297,6 +326,8 @@ pub struct Zone {
     pub transport: Transport,
     pub success_max_ttl: Duration,
     pub denial_max_ttl: Duration,
+    /// How long past their TTL the zone's answers may be served stale (zero: never).
+    pub stale_window: Duration,
 }
 
 /// Validated runtime settings.
@@ -315,6 +346,15 @@ pub struct Settings {
     pub cache_max_bytes: usize,
     pub min_ttl: Duration,
     pub servfail_ttl: Duration,
+    pub stale_answer_ttl: Duration,
+    pub stale_recheck: Duration,
+    /// Hits in the prefetch window that refresh an entry before it expires (0: off).
+    pub prefetch_hits: u32,
+    /// The prefetch window: the last this many percent of an entry's TTL.
+    pub prefetch_percentage: u32,
+    pub client_timeout: Duration,
+    pub max_fails: u32,
+    pub health_check: Duration,
     pub upstream_timeout: Duration,
     pub query_timeout: Duration,
     pub tcp_pool_size: usize,
@@ -518,6 +558,21 @@ impl FileConfig {
         let cl_success_max = duration("cache.cluster_success_max_ttl", &c.cluster_success_max_ttl)?;
         let cl_denial_max = duration("cache.cluster_denial_max_ttl", &c.cluster_denial_max_ttl)?;
         let servfail_ttl = duration("cache.servfail_ttl", &c.servfail_ttl)?;
+        let serve_stale = duration("cache.serve_stale", &c.serve_stale)?;
+        let stale_answer_ttl = duration("cache.stale_answer_ttl", &c.stale_answer_ttl)?;
+        if stale_answer_ttl.is_zero() || stale_answer_ttl > Duration::from_secs(300) {
+            return Err(invalid(
+                "cache.stale_answer_ttl",
+                "must be between 1s and 5m (RFC 8767 §4 suggests 30s)",
+            ));
+        }
+        let stale_recheck = duration("cache.stale_recheck", &c.stale_recheck)?;
+        if c.prefetch_percentage == 0 || c.prefetch_percentage > 50 {
+            return Err(invalid(
+                "cache.prefetch_percentage",
+                "must be between 1 and 50",
+            ));
+        }
         if servfail_ttl > Duration::from_secs(300) {
             return Err(invalid(
                 "cache.servfail_ttl",
@@ -543,6 +598,14 @@ impl FileConfig {
             return Err(invalid("forward.max_inflight", "must be at least 1"));
         }
         let upstream_tcp_idle = duration("forward.tcp_idle_timeout", &f.tcp_idle_timeout)?;
+        let client_timeout = duration("forward.client_timeout", &f.client_timeout)?;
+        if client_timeout.is_zero() {
+            return Err(invalid("forward.client_timeout", "must be above 0"));
+        }
+        let health_check = duration("forward.health_check", &f.health_check)?;
+        if health_check < Duration::from_millis(100) {
+            return Err(invalid("forward.health_check", "must be at least 100ms"));
+        }
         let s = &self.server;
         let tcp_idle_timeout = duration("server.tcp_idle_timeout", &s.tcp_idle_timeout)?;
         let grace_period = duration("server.grace_period", &s.grace_period)?;
@@ -660,6 +723,7 @@ impl FileConfig {
                 transport: cluster_transport,
                 success_max_ttl: cl_success_max,
                 denial_max_ttl: cl_denial_max,
+                stale_window: serve_stale,
             });
         }
         for (i, z) in self.zones.iter().enumerate() {
@@ -686,6 +750,9 @@ impl FileConfig {
                 // A [[zone]] naming a built-in zone overrides its upstreams.
                 existing.upstreams = addrs(&format!("{key}.upstreams"), &z.upstreams, 53)?;
                 existing.transport = transport;
+                if let Some(v) = &z.serve_stale {
+                    existing.stale_window = duration(&format!("{key}.serve_stale"), v)?;
+                }
                 continue;
             }
             zones.push(Zone {
@@ -701,6 +768,10 @@ impl FileConfig {
                     Some(v) => duration(&format!("{key}.denial_max_ttl"), v)?,
                     None => denial_max,
                 },
+                stale_window: match &z.serve_stale {
+                    Some(v) => duration(&format!("{key}.serve_stale"), v)?,
+                    None => serve_stale,
+                },
             });
         }
         zones.push(Zone {
@@ -710,6 +781,7 @@ impl FileConfig {
             transport: Transport::PreferUdp,
             success_max_ttl: success_max,
             denial_max_ttl: denial_max,
+            stale_window: serve_stale,
         });
         // Most specific first: longest suffix match is then the first zone that contains the name.
         zones.sort_by_key(|z| std::cmp::Reverse(z.wire.len()));
@@ -783,6 +855,13 @@ impl FileConfig {
             cache_max_bytes: c.max_bytes,
             min_ttl,
             servfail_ttl,
+            stale_answer_ttl,
+            stale_recheck,
+            prefetch_hits: c.prefetch,
+            prefetch_percentage: c.prefetch_percentage,
+            client_timeout,
+            max_fails: f.max_fails,
+            health_check,
             upstream_timeout,
             query_timeout,
             tcp_pool_size: f.tcp_pool_size,

@@ -378,6 +378,24 @@ pub fn push_opt(out: &mut Vec<u8>, udp_size: u16, dnssec_ok: bool, ext_rcode: u8
     out.extend_from_slice(&[0, 0]);
 }
 
+/// Extended DNS Error option (RFC 8914): code, length and the 2-byte INFO-CODE, no text.
+pub const EDE_LEN: usize = 6;
+const OPTION_EDE: u16 = 15;
+/// INFO-CODE 3: the answer is stale (RFC 8767).
+pub const EDE_STALE_ANSWER: u16 = 3;
+
+/// Adds an Extended DNS Error option to the OPT record that ends `out` (as [`push_opt`] wrote
+/// it, with no options yet).
+pub fn add_ede(out: &mut Vec<u8>, info_code: u16) {
+    let n = out.len();
+    debug_assert!(n >= OPT_LEN && u16_at(out, n - OPT_LEN + 1) == TYPE_OPT);
+    let rdlen = u16_at(out, n - 2) + EDE_LEN as u16;
+    out[n - 2..].copy_from_slice(&rdlen.to_be_bytes());
+    out.extend_from_slice(&OPTION_EDE.to_be_bytes());
+    out.extend_from_slice(&2u16.to_be_bytes());
+    out.extend_from_slice(&info_code.to_be_bytes());
+}
+
 /// Header-only (plus question, when parseable) error reply to a rejected or failed query.
 ///
 /// `question` is the client's question bytes when known. `edns` adds our OPT record.

@@ -495,7 +495,7 @@ impl Metrics {
         );
         let healthcheck_failures = counter_vec(
             "coredns_forward_healthcheck_failures_total",
-            "Counter of the number of failed exchanges (timeouts and errors) per upstream.",
+            "Counter of the number of failed healthchecks.",
             &["to"],
         );
         let upstream_queries = counter_vec(

@@ -55,7 +55,7 @@ struct Node {
 impl Node {
     fn new() -> Node {
         Node {
-            dir: tempfile::tempdir().unwrap(),
+            dir: state_dir(),
             dns: SocketAddr::from(([127, 0, 0, 1], free_port())),
             admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
             up: upstream(),

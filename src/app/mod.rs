@@ -79,6 +79,9 @@ fn ignore_stray_signals() {
     }
 }
 
+/// How long shutdown waits for the cache snapshot to be written.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a starting or exiting instance waits for another one's node setup or teardown.
 const NODE_LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -342,6 +345,10 @@ pub async fn run(
         None => None,
     };
     let probe = tokio::spawn(probe_upstreams(ctx.clone(), ready.clone()));
+    let health = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ctx.forwarder.run_health_checks().await })
+    };
     let sync_cancel = CancellationToken::new();
     let sync = {
         let node = node.clone();
@@ -380,6 +387,7 @@ pub async fn run(
     shutdown.await;
     ready.shutting_down.store(true, Ordering::Relaxed);
     probe.abort();
+    health.abort();
     purge.abort();
     if let Some(t) = snapshots {
         t.abort();
@@ -392,7 +400,12 @@ pub async fn run(
     let _ = sync.await;
     if let (Some(s), true) = (&state, settings.state.warm_restart) {
         let (path, cache, metrics) = (s.snapshot_path(), ctx.cache.clone(), metrics.clone());
-        let _ = tokio::task::spawn_blocking(move || warm::save(&cache, &path, &metrics)).await;
+        let save = tokio::task::spawn_blocking(move || warm::save(&cache, &path, &metrics));
+        // A state directory on a slow disk must not hold the exit past the pod's grace period:
+        // the previous snapshot stays in place if this one does not finish.
+        if tokio::time::timeout(SNAPSHOT_WAIT, save).await.is_err() {
+            warn!(wait = ?SNAPSHOT_WAIT, "cache snapshot still being written; exiting without it");
+        }
     }
     // The interface and rules belong to the node: only the last instance removes them, while
     // still answering, so traffic falls back (to kube-dns in transparent mode) instead of

@@ -53,6 +53,13 @@ impl Entry {
         }
     }
 
+    /// This entry may be served stale for `window` past its TTL (RFC 8767).
+    pub fn with_stale_window(mut self, window: Duration) -> Self {
+        let w = window.as_secs().min(u32::MAX as u64) as u32;
+        self.stale = self.ttl.saturating_add(w);
+        self
+    }
+
     /// The answer wire bytes.
     #[inline]
     pub fn wire(&self) -> &[u8] {
@@ -119,6 +126,12 @@ pub struct EntryRef<'a> {
     pub key_flags: u8,
     pub kind: AnswerKind,
     pub zone: u16,
+    /// Lifetime in seconds from the store time.
+    pub ttl: u32,
+    /// Store time (ms since the cache's epoch): tells one lifetime of a key from the next.
+    pub stored_ms: u64,
+    /// Age in milliseconds at the lookup.
+    pub age_ms: u64,
 }
 
 impl EntryRef<'_> {
@@ -144,6 +157,30 @@ impl EntryRef<'_> {
     ) {
         let offs = offsets(&self.payload[self.wire_len..]);
         render(self.wire(), offs, q, pkt, age, max_len, opt_size, out)
+    }
+
+    /// Writes a stale reply (RFC 8767): every TTL is `ttl`, and when the client sent EDNS our
+    /// OPT record carries Extended DNS Error 3 (Stale Answer, RFC 8914).
+    pub fn render_stale(
+        &self,
+        q: &Query,
+        pkt: &[u8],
+        ttl: u32,
+        max_len: usize,
+        opt_size: u16,
+        out: &mut Vec<u8>,
+    ) {
+        // Room for the EDE option, so adding it never pushes the reply over the client's size.
+        let room = if q.edns.is_some() { dns::EDE_LEN } else { 0 };
+        self.render(q, pkt, 0, max_len.saturating_sub(room), opt_size, out);
+        if out[2] & (dns::FLAG_TC >> 8) as u8 == 0 {
+            for off in offsets(&self.payload[self.wire_len..]) {
+                out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
+            }
+        }
+        if q.edns.is_some() {
+            dns::add_ede(out, dns::EDE_STALE_ANSWER);
+        }
     }
 }
 

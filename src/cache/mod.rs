@@ -374,14 +374,41 @@ impl Cache {
         now: Instant,
         f: impl FnOnce(&EntryRef<'_>, u32) -> R,
     ) -> Option<R> {
+        self.find::<false, R>(key, q, now, f)
+    }
+
+    /// Like [`Cache::lookup`], but also finds an entry whose TTL ran out and whose stale horizon
+    /// is still ahead (RFC 8767): `f` sees its age, which may exceed its TTL. Not on the hit
+    /// path: the miss path asks when the upstreams cannot answer.
+    pub fn lookup_stale<R>(
+        &self,
+        key: u64,
+        q: &Query,
+        now: Instant,
+        f: impl FnOnce(&EntryRef<'_>, u32) -> R,
+    ) -> Option<R> {
+        self.find::<true, R>(key, q, now, f)
+    }
+
+    #[inline(always)]
+    fn find<const STALE: bool, R>(
+        &self,
+        key: u64,
+        q: &Query,
+        now: Instant,
+        f: impl FnOnce(&EntryRef<'_>, u32) -> R,
+    ) -> Option<R> {
         let now_ms = self.ms(now);
         self.read(self.shard(key), |shard| {
             let e = shard.entry(shard.find(key)?);
-            let age = now_ms.saturating_sub(rd_u64(e, H_STORED)) / 1000;
+            let stored = rd_u64(e, H_STORED);
+            let age = now_ms.saturating_sub(stored) / 1000;
             let flags = e[H_FLAGS];
             let wire_len = rd_u16(e, H_WIRE) as usize;
             let qb = q.question_lower();
-            if age >= rd_u32(e, H_TTL) as u64
+            let ttl = rd_u32(e, H_TTL);
+            let horizon = if STALE { rd_u32(e, H_STALE) } else { ttl };
+            if age >= horizon as u64
                 || flags != q.key_flags()
                 || e.get(HDR + HEADER_LEN..HDR + HEADER_LEN + qb.len()) != Some(qb)
                 || HEADER_LEN + qb.len() > wire_len
@@ -394,6 +421,9 @@ impl Cache {
                 key_flags: flags,
                 kind: kind_from_u8(e[H_KIND]),
                 zone: rd_u16(e, H_ZONE),
+                ttl,
+                stored_ms: stored,
+                age_ms: now_ms.saturating_sub(stored),
             };
             Some(f(&view, age as u32))
         })

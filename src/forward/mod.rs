@@ -3,17 +3,26 @@
 //!
 //! Upstreams of a zone are tried in turn within one overall deadline (`forward.query_timeout`),
 //! each attempt bounded by `forward.timeout`: a silent, failing or SERVFAILing upstream is passed
-//! over for the next; when all fail the caller answers SERVFAIL well inside a client's timeout.
+//! over for the next; when all fail the caller answers SERVFAIL well inside a client's timeout
+//! (or a stale answer: `server::Context::resolve`).
+//!
+//! Identical misses in flight share one exchange (`flights`). An upstream that fails
+//! `forward.max_fails` times in a row is marked down and probed in the background every
+//! `forward.health_check` (`health`); it is used again as soon as it answers.
 
+pub mod counters;
+mod flights;
+mod health;
 mod tcp;
 mod udp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tracing::debug;
 
 use crate::cache::{Cache, Entry};
@@ -21,7 +30,11 @@ use crate::config::{Settings, Transport};
 use crate::dns::{self, AnswerKind, Query, Response};
 use crate::metrics::{Metrics, UpstreamMetrics, UpstreamTransport};
 
+pub use flights::Outcome as FlightOutcome;
 pub use tcp::TcpPool;
+
+use self::counters::Counters;
+use self::flights::{Flights, Join};
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +64,13 @@ pub enum Outcome {
     Error,
 }
 
-/// Per-upstream state: consecutive failures order the upstreams (healthy ones first).
+/// Per-upstream state: consecutive failures, and whether it is marked down.
 struct UpstreamState {
     fails: AtomicU32,
+    /// Marked down after `max_fails` consecutive failures; up again once a probe is answered.
+    down: AtomicBool,
+    /// The transport its zone reaches it by (health probes use the same).
+    transport: Transport,
     metrics: Arc<UpstreamMetrics>,
 }
 
@@ -68,6 +85,14 @@ pub struct Forwarder {
     rotate: AtomicUsize,
     /// Forwarded queries in flight, bounded by `forward.max_inflight`.
     inflight: AtomicUsize,
+    flights: Flights,
+    /// Keys whose refresh failed recently, with the time until which stale answers are served
+    /// without asking upstream again (RFC 8767's failure recheck timer).
+    stale_failures: Mutex<HashMap<u64, Instant>>,
+    /// Upstreams just marked down, for the health checker.
+    down_tx: tokio::sync::mpsc::UnboundedSender<SocketAddr>,
+    down_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<SocketAddr>>>,
+    pub counters: Counters,
 }
 
 /// Holds one `inflight` slot; released on drop.
@@ -88,6 +113,8 @@ impl Forwarder {
             for &u in &z.upstreams {
                 let st = state.entry(u).or_insert_with(|| UpstreamState {
                     fails: AtomicU32::new(0),
+                    down: AtomicBool::new(false),
+                    transport: z.transport,
                     metrics: Arc::new(metrics.upstream(u)),
                 });
                 if z.transport == Transport::Tcp {
@@ -103,6 +130,8 @@ impl Forwarder {
                 }
             }
         }
+        let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
+        let counters = Counters::register(&metrics.registry);
         Forwarder {
             settings,
             cache,
@@ -111,6 +140,11 @@ impl Forwarder {
             state,
             rotate: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
+            flights: Flights::default(),
+            stale_failures: Mutex::new(HashMap::new()),
+            down_tx,
+            down_rx: Mutex::new(Some(down_rx)),
+            counters,
         }
     }
 
@@ -125,22 +159,88 @@ impl Forwarder {
         Some(InflightGuard(self))
     }
 
-    /// The zone's upstreams, those without recent failures first, rotating the first pick.
+    /// The zone's upstreams in the order to try them: those up first, rotating the first pick
+    /// among them; those marked down last (tried only when every other one failed).
     fn ordered(&self, upstreams: &[SocketAddr]) -> Vec<SocketAddr> {
         let n = upstreams.len();
         let start = self.rotate.fetch_add(1, Ordering::Relaxed) % n.max(1);
         let mut v: Vec<SocketAddr> = (0..n).map(|i| upstreams[(start + i) % n]).collect();
-        v.sort_by_key(|u| self.state[u].fails.load(Ordering::Relaxed).min(3));
+        v.sort_by_key(|u| self.state[u].down.load(Ordering::Relaxed));
+        if v.first()
+            .is_some_and(|u| self.state[u].down.load(Ordering::Relaxed))
+        {
+            self.counters.broken.inc();
+        }
         v
     }
 
+    /// Counts an exchange's result: `max_fails` failures in a row mark the upstream down (the
+    /// health checker then probes it); any answer marks it up.
     fn record(&self, upstream: SocketAddr, ok: bool) {
-        let fails = &self.state[&upstream].fails;
+        let st = &self.state[&upstream];
         if ok {
-            fails.store(0, Ordering::Relaxed);
-        } else {
-            fails.fetch_add(1, Ordering::Relaxed);
+            st.fails.store(0, Ordering::Relaxed);
+            st.down.store(false, Ordering::Relaxed);
+            return;
         }
+        let fails = st.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        let max = self.settings.max_fails;
+        if max > 0 && fails >= max && !st.down.swap(true, Ordering::Relaxed) {
+            crate::log_limited!(warn, upstream = %upstream, fails, "upstream marked down; probing it");
+            let _ = self.down_tx.send(upstream);
+        }
+    }
+
+    /// Resolves `q` (cache key `key`) through one exchange shared with every identical miss in
+    /// flight. Returns the outcome and whether this caller waited on another's exchange.
+    pub async fn resolve_shared(&self, q: &crate::dns::Query, key: u64) -> (FlightOutcome, bool) {
+        let mut question = q.question_lower().to_vec();
+        question.push(q.key_flags());
+        match self.flights.join(key, &question) {
+            Join::Wait(rx) => {
+                if let Some(outcome) = flights::wait(rx).await {
+                    self.counters.coalesced.inc();
+                    return (outcome, true);
+                }
+                // The leader went away without an answer: resolve on our own.
+                (self.resolve_via(q).await.map_err(Arc::new), false)
+            }
+            Join::Lead(leader) => {
+                let outcome = self.resolve_via(q).await.map_err(Arc::new);
+                self.note_refresh(key, outcome.is_ok());
+                leader.land(&outcome);
+                (outcome, false)
+            }
+        }
+    }
+
+    /// True when an identical miss is being resolved right now.
+    pub fn in_flight(&self, key: u64) -> bool {
+        self.flights.in_air(key)
+    }
+
+    /// Remembers a failed resolution of `key` for `cache.stale_recheck` (stale answers are then
+    /// served without asking upstream); forgets it on success.
+    fn note_refresh(&self, key: u64, ok: bool) {
+        if self.settings.stale_recheck.is_zero() {
+            return;
+        }
+        let mut m = self.stale_failures.lock();
+        if ok {
+            m.remove(&key);
+        } else {
+            let now = Instant::now();
+            if m.len() > 4096 {
+                m.retain(|_, until| *until > now);
+            }
+            m.insert(key, now + self.settings.stale_recheck);
+        }
+    }
+
+    /// True while a failed refresh of `key` is recent enough to serve stale without asking.
+    pub fn recently_failed(&self, key: u64, now: Instant) -> bool {
+        let m = self.stale_failures.lock();
+        !m.is_empty() && m.get(&key).is_some_and(|until| *until > now)
     }
 
     /// Resolves `q` through its zone's upstreams; caches what may be cached and returns the
@@ -182,7 +282,6 @@ impl Forwarder {
                 }
                 Err(e) => {
                     self.record(upstream, false);
-                    self.metrics.forward_failure(upstream);
                     crate::log_limited!(
                         warn,
                         upstream = %upstream,
@@ -304,6 +403,12 @@ impl Forwarder {
             }
         }
         // Not cacheable: served once, as received (lifetime zero).
+        // SERVFAIL is never served stale: a stale answer stands in for a failure.
+        let stale = if kind == AnswerKind::ServFail {
+            Duration::ZERO
+        } else {
+            zone.stale_window
+        };
         let entry = Entry::new(
             wire,
             ttl_offsets,
@@ -312,7 +417,8 @@ impl Forwarder {
             zone_idx as u16,
             now,
             Duration::from_secs(ttl.unwrap_or(0) as u64),
-        );
+        )
+        .with_stale_window(stale);
         if ttl.is_some() {
             let key = self.cache.key(q.question_lower(), q.key_flags());
             self.cache.insert(key, entry.clone());

@@ -46,8 +46,32 @@ pub fn load_handed(cache: &Cache, zones: usize, bytes: &[u8], metrics: &Metrics)
     }
 }
 
+/// Removes temporary snapshot files (`.<name>.<pid>.<n>.tmp`) that a process killed while
+/// writing left beside `path`; those of a live process are its own business.
+fn remove_abandoned_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let file = e.file_name();
+        let file = file.to_string_lossy();
+        let Some(rest) = file
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let pid = rest.split('.').next().unwrap_or("");
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Loads the snapshot file at `path`, if there is one.
 pub fn load_file(cache: &Cache, zones: usize, path: &Path, metrics: &Metrics) {
+    remove_abandoned_temps(path);
     match load_snapshot_file(cache, path, Instant::now(), SystemTime::now(), zones) {
         Ok(Some(stats)) => loaded(metrics, "snapshot", &stats),
         Ok(None) => {

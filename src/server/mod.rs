@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::cache::Cache;
 use crate::config::Settings;
 use crate::dns::{self, Query, Reject};
-use crate::forward::Forwarder;
+use crate::forward::{FlightOutcome, Forwarder};
 use crate::metrics::{HitTiming, Metrics, Proto, WorkerStats};
 
 /// What the hot path and the miss path share.
@@ -24,6 +24,14 @@ pub struct Context {
     pub cache: Arc<Cache>,
     pub forwarder: Forwarder,
     pub metrics: Arc<Metrics>,
+    /// The shared runtime, for work that outlives the query that started it (a refresh behind a
+    /// stale answer, a prefetch); None outside a runtime (benchmarks).
+    rt: Option<tokio::runtime::Handle>,
+    /// This context, for such work to hold on to.
+    me: std::sync::Weak<Context>,
+    /// A hit is in its entry's prefetch window when `age_ms * 100 >= ttl * prefetch_from_ms`:
+    /// `1000 * (100 - prefetch_percentage)`, or a value no hit reaches when prefetch is off.
+    prefetch_from_ms: u64,
 }
 
 /// The result of the synchronous part of handling one packet.
@@ -59,11 +67,19 @@ impl Context {
         }));
         metrics.set_cache(cache.clone());
         let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
-        Arc::new(Context {
+        let settings_prefetch = (settings.prefetch_hits, settings.prefetch_percentage.min(99));
+        Arc::new_cyclic(|me| Context {
             settings,
             cache,
             forwarder,
             metrics,
+            rt: tokio::runtime::Handle::try_current().ok(),
+            me: me.clone(),
+            prefetch_from_ms: if settings_prefetch.0 == 0 {
+                1 << 31
+            } else {
+                1000 * (100 - settings_prefetch.1 as u64)
+            },
         })
     }
 
@@ -145,20 +161,70 @@ impl Context {
         let max_len = self.max_len(q, proto);
         let hit = self.cache.lookup(key, q, start, |e, age| {
             e.render(q, pkt, age, max_len, self.settings.edns_udp_size, out);
-            (e.zone, e.kind)
+            (e.zone, e.kind, e.ttl, e.stored_ms, e.age_ms)
         });
         match hit {
-            Some((zone, kind)) => {
+            Some((zone, kind, ttl, stored_ms, age_ms)) => {
                 let timing =
                     stats.record_hit(zone as usize, proto, src.is_ipv6(), q, pkt.len(), out, kind);
                 if self.metrics.logs_queries() {
                     self.metrics
                         .query_log(q, src, out, true, None, start.elapsed());
                 }
+                // In the last `prefetch_percentage` of its TTL: a candidate for a refresh.
+                if age_ms * 100 >= ttl as u64 * self.prefetch_from_ms {
+                    self.prefetch_hit(q, key, stored_ms);
+                }
                 Handled::Hit(timing)
             }
             None => Handled::Miss(*q),
         }
+    }
+
+    /// A hit in its entry's prefetch window. Each worker thread counts such hits per entry
+    /// lifetime in a table of its own (no shared write); at `cache.prefetch` hits it claims the
+    /// refresh, unless one is already in flight, and the refresh runs on the shared runtime.
+    #[cold]
+    #[inline(never)]
+    fn prefetch_hit(&self, q: &Query, key: u64, stored_ms: u64) {
+        use std::cell::RefCell;
+        const SLOTS: usize = 64;
+        thread_local! {
+            /// Per slot: key, store time of the entry's lifetime, hits counted (MAX: claimed).
+            static SEEN: RefCell<[(u64, u64, u32); SLOTS]> = const { RefCell::new([(0, 0, 0); SLOTS]) };
+        }
+        let need = self.settings.prefetch_hits;
+        let claim = SEEN.with(|seen| {
+            let mut seen = seen.borrow_mut();
+            let slot = &mut seen[(key as usize) % SLOTS];
+            if slot.0 != key || slot.1 != stored_ms {
+                *slot = (key, stored_ms, 0);
+            }
+            if slot.2 == u32::MAX {
+                return false;
+            }
+            slot.2 += 1;
+            if slot.2 < need {
+                return false;
+            }
+            slot.2 = u32::MAX;
+            true
+        });
+        if !claim || self.forwarder.in_flight(key) {
+            return;
+        }
+        let (Some(rt), Some(ctx)) = (&self.rt, self.me.upgrade()) else {
+            return;
+        };
+        let q = *q;
+        rt.spawn(async move {
+            let Some(_slot) = ctx.forwarder.try_acquire() else {
+                return;
+            };
+            if let (Ok(_), false) = ctx.forwarder.resolve_shared(&q, key).await {
+                ctx.forwarder.counters.prefetch.inc();
+            }
+        });
     }
 
     fn max_len(&self, q: &Query, proto: Proto) -> usize {
@@ -168,7 +234,51 @@ impl Context {
         }
     }
 
-    /// Resolves a miss and writes the reply for it. Always produces a reply: SERVFAIL when the
+    /// Writes the stale answer for `q` if the cache still holds one (RFC 8767); true if it did.
+    fn render_stale(
+        &self,
+        q: &Query,
+        key: u64,
+        pkt: &[u8],
+        max_len: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let ttl = self
+            .settings
+            .stale_answer_ttl
+            .as_secs()
+            .min(u32::MAX as u64) as u32;
+        let size = self.settings.edns_udp_size;
+        let served = self
+            .cache
+            .lookup_stale(key, q, Instant::now(), |e, _| {
+                e.render_stale(q, pkt, ttl, max_len, size, out)
+            })
+            .is_some();
+        if served {
+            self.forwarder.counters.served_stale.inc();
+        }
+        served
+    }
+
+    /// Resolves `q` for a client that a stale answer can stand in for: the refresh runs on the
+    /// shared runtime and outlives the wait, so a fresh answer replaces the stale entry whenever
+    /// it comes. None: no fresh answer within `forward.client_timeout`.
+    async fn resolve_behind_stale(&self, q: &Query, key: u64) -> Option<FlightOutcome> {
+        let (Some(rt), Some(ctx)) = (&self.rt, self.me.upgrade()) else {
+            return Some(self.forwarder.resolve_shared(q, key).await.0);
+        };
+        let q = *q;
+        let refresh = rt.spawn(async move { ctx.forwarder.resolve_shared(&q, key).await.0 });
+        match tokio::time::timeout(self.settings.client_timeout, refresh).await {
+            Ok(Ok(outcome)) => Some(outcome),
+            _ => None,
+        }
+    }
+
+    /// Resolves a miss and writes the reply for it. Always produces a reply: a fresh answer; a
+    /// stale one (RFC 8767) when the zone serves stale, the cache still holds the name and the
+    /// upstreams fail or stay silent past `forward.client_timeout`; otherwise SERVFAIL when the
     /// upstreams fail, REFUSED when too many queries are already in flight.
     pub async fn resolve(
         &self,
@@ -184,40 +294,86 @@ impl Context {
         let edns = q.edns.map(|e| (self.settings.edns_udp_size, e.dnssec_ok));
         let question = &pkt[dns::HEADER_LEN..q.question_end];
         let zone = self.settings.route(q.qname_lower());
-        let upstream = match self.forwarder.try_acquire() {
-            None => {
-                crate::log_limited!(
-                    warn,
-                    max_inflight = self.settings.max_inflight,
-                    "too many forwarded queries in flight, refusing"
-                );
-                dns::write_error_reply(
-                    pkt,
-                    dns::RCODE_REFUSED as u16,
-                    Some(question),
-                    edns,
-                    &mut out,
-                );
-                None
-            }
-            // The slot is held until the upstream answers.
-            Some(_slot) => match self.forwarder.resolve_via(q).await {
-                Ok((entry, upstream)) => {
-                    entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
-                    Some(upstream)
-                }
-                Err(e) => {
-                    crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL");
-                    dns::write_error_reply(
-                        pkt,
-                        dns::RCODE_SERVFAIL as u16,
-                        Some(question),
-                        edns,
-                        &mut out,
+        let key = self.cache.key(q.question_lower(), q.key_flags());
+        let stale_zone = !self.settings.zones[zone].stale_window.is_zero();
+        let has_stale = stale_zone
+            && self
+                .cache
+                .lookup_stale(key, q, Instant::now(), |_, _| ())
+                .is_some();
+        let upstream = if has_stale
+            && self.forwarder.recently_failed(key, Instant::now())
+            && self.render_stale(q, key, pkt, max_len, &mut out)
+        {
+            // The last refresh failed moments ago: no new attempt until the recheck time.
+            None
+        } else {
+            match self.forwarder.try_acquire() {
+                None => {
+                    self.forwarder.counters.max_concurrent_rejects.inc();
+                    crate::log_limited!(
+                        warn,
+                        max_inflight = self.settings.max_inflight,
+                        "too many forwarded queries in flight, refusing"
                     );
+                    if !(has_stale && self.render_stale(q, key, pkt, max_len, &mut out)) {
+                        dns::write_error_reply(
+                            pkt,
+                            dns::RCODE_REFUSED as u16,
+                            Some(question),
+                            edns,
+                            &mut out,
+                        );
+                    }
                     None
                 }
-            },
+                // The slot is held until the upstream answers (or the client's wait ends).
+                Some(_slot) => {
+                    let outcome = if has_stale {
+                        self.resolve_behind_stale(q, key).await
+                    } else {
+                        Some(self.forwarder.resolve_shared(q, key).await.0)
+                    };
+                    match outcome {
+                        Some(Ok((entry, upstream)))
+                            if !(has_stale
+                                && matches!(
+                                    entry.rcode(),
+                                    dns::RCODE_SERVFAIL | dns::RCODE_REFUSED
+                                )) =>
+                        {
+                            entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
+                            Some(upstream)
+                        }
+                        _ if has_stale && self.render_stale(q, key, pkt, max_len, &mut out) => None,
+                        Some(Ok((entry, upstream))) => {
+                            entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
+                            Some(upstream)
+                        }
+                        Some(Err(e)) => {
+                            crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL");
+                            dns::write_error_reply(
+                                pkt,
+                                dns::RCODE_SERVFAIL as u16,
+                                Some(question),
+                                edns,
+                                &mut out,
+                            );
+                            None
+                        }
+                        None => {
+                            dns::write_error_reply(
+                                pkt,
+                                dns::RCODE_SERVFAIL as u16,
+                                Some(question),
+                                edns,
+                                &mut out,
+                            );
+                            None
+                        }
+                    }
+                }
+            }
         };
         let elapsed = start.elapsed();
         stats.record(

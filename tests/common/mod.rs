@@ -16,6 +16,15 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::rdata::{A, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
+/// A fresh state directory on tmpfs when the machine has one, as `/run/nodedns` is on a node
+/// (a snapshot's fsync on a busy disk can take seconds).
+pub fn state_dir() -> tempfile::TempDir {
+    match std::path::Path::new("/dev/shm") {
+        p if p.is_dir() => tempfile::tempdir_in(p).unwrap_or_else(|_| tempfile::tempdir().unwrap()),
+        _ => tempfile::tempdir().unwrap(),
+    }
+}
+
 /// A running `nodedns` child process. Killed on drop; its log is printed if the test failed.
 pub struct Nodedns {
     pub child: Child,
@@ -46,7 +55,7 @@ impl Nodedns {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodedns"));
         // Each instance gets a state directory of its own, so concurrent tests never find each
         // other's lease or handover socket.
-        let state = (!args.contains(&"--state-dir")).then(|| tempfile::tempdir().unwrap());
+        let state = (!args.contains(&"--state-dir")).then(state_dir);
         if let Some(dir) = &state {
             cmd.arg("--state-dir").arg(dir.path());
         }

@@ -294,7 +294,13 @@ impl Cluster {
                 }
             })
         });
-        let state = std::env::temp_dir().join(format!("{}-state", node.name));
+        let tmpfs = Path::new("/dev/shm");
+        let base = if tmpfs.is_dir() {
+            tmpfs.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let state = base.join(format!("{}-state", node.name));
         let _ = std::fs::remove_dir_all(&state);
         Ok(Cluster {
             state,
