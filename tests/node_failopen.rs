@@ -171,6 +171,22 @@ fn crash_and_recover(tag: &str, mode: Mode, firewall: &str) {
         coredns_count(&c, Via::Udp) >= udp_before + LOOKUPS,
         "the pod's queries did not reach CoreDNS directly"
     );
+    // Host-network clients are not redirected (their NOTRACK is in raw OUTPUT, where no socket
+    // check is possible); they are refused at once, not left waiting.
+    c.set_node_nameserver(ask);
+    let started = Instant::now();
+    let (ok, out) = c.node.sh(&format!("getent hosts {NAME}"));
+    let refused_after = started.elapsed();
+    c.clear_node_nameserver();
+    eprintln!("{mode:?}/{firewall}: host-network lookup refused after {refused_after:?}");
+    assert!(
+        !ok && out.trim().is_empty(),
+        "host-network client answered: {out}"
+    );
+    assert!(
+        refused_after < LOOKUP_DEADLINE,
+        "host-network client waited {refused_after:?}: {out}"
+    );
     // TCP too (a whole handshake through the redirect and the DNAT).
     let started = Instant::now();
     let out = c.pod.sh_ok(&format!(

@@ -288,6 +288,50 @@ fn iptables_rules_are_installed_restored_and_removed() {
 }
 
 #[test]
+fn switching_the_firewall_backend_moves_the_rules() {
+    require!(
+        have("iptables-nft-save") && have("nft"),
+        "needs iptables-nft and nft"
+    );
+    let ns = netns!("switch");
+    let mut cfg = lo_config(&["169.254.20.10:53"]);
+    cfg.setup_interface = false;
+    cfg.fail_open_to = Some("10.96.0.10".parse().unwrap());
+    // A run with firewall = iptables: 12 iptables rules, the fail-open redirect alone in nft.
+    let (first, _) = manager(cfg.clone());
+    ns.setup_rules(&first).expect("setup_rules (iptables)");
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
+    let table = ns.sh_ok("nft list table inet nodedns");
+    assert_eq!(table.matches("comment \"nodedns").count(), 5, "{table}");
+    drop(first); // killed: nothing torn down
+
+    // The next run uses nftables: the iptables rules go, the table holds everything.
+    cfg.firewall = Firewall::Nftables;
+    let (second, errors) = manager(cfg.clone());
+    ns.setup_rules(&second).expect("setup_rules (nftables)");
+    assert!(ns.our_rules("iptables-nft-save").is_empty());
+    let table = ns.sh_ok("nft list table inet nodedns");
+    assert_eq!(
+        table.matches("comment \"nodedns").count(),
+        12 + 5,
+        "{table}"
+    );
+    drop(second);
+
+    // Back to iptables without fail-open: the rules return and our nftables table goes.
+    cfg.firewall = Firewall::Iptables;
+    cfg.fail_open_to = None;
+    let (third, _) = manager(cfg);
+    ns.setup_rules(&third)
+        .expect("setup_rules (iptables, no fail-open)");
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
+    assert!(!ns.sh("nft list table inet nodedns").0);
+    ns.teardown(&third).expect("teardown");
+    assert!(ns.our_rules("iptables-nft-save").is_empty());
+    assert!(errors.all().is_empty(), "{:?}", errors.all());
+}
+
+#[test]
 fn ipv6_listen_address_uses_ip6tables() {
     require!(
         have("ip6tables-nft") && have("ip6tables-nft-save") && have("iptables-nft-save"),
@@ -579,6 +623,19 @@ fn pod_resolves_through_nodedns_and_sigterm_cleans_up() {
         d.log()
     );
     assert!(d.log().contains("added it back"), "{}", d.log());
+
+    // The fail-open table deleted by hand is back within one sync interval too.
+    c.node.sh_ok("nft delete table inet nodedns");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.node.sh("nft list table inet nodedns").0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        c.node.sh_ok("nft list table inet nodedns"),
+        table,
+        "{}",
+        d.log()
+    );
 
     // SIGTERM: every rule, our table and our address go; lo stays.
     d.terminate();

@@ -566,10 +566,9 @@ impl NodeManager {
                     break errs;
                 };
                 // The fail-open table, if an earlier or this run made one.
-                let nft = if self.failopen().is_some() {
-                    Some(self.nft()?)
-                } else {
-                    Nft::find().ok()
+                let nft = match self.failopen() {
+                    Some(_) => self.nft().map_err(|e| errs.push(e)).ok(),
+                    None => Nft::find().ok(),
                 };
                 if let Some(nft) = nft {
                     if let Err(e) = self.delete_nft(&nft, st).await {

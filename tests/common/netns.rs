@@ -193,6 +193,7 @@ pub struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.etc);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.node.name));
     }
 }
 
@@ -283,6 +284,23 @@ impl Cluster {
             format!("nameserver {nameserver}\nsearch {SEARCH}\noptions ndots:5\n"),
         )
         .unwrap();
+    }
+
+    /// Gives processes run in the node namespace (host-network clients) a resolv.conf with
+    /// `nameserver`. Call only while no nodedns runs: nodedns reads it at start.
+    pub fn set_node_nameserver(&self, nameserver: &str) {
+        let dir = Path::new("/etc/netns").join(&self.node.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\nsearch {SEARCH}\noptions ndots:5\n"),
+        )
+        .unwrap();
+    }
+
+    /// Removes what `set_node_nameserver` wrote.
+    pub fn clear_node_nameserver(&self) {
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.node.name));
     }
 
     /// Plays kube-proxy (iptables mode) on the node: the Service IP `service_ip`:53, UDP and
