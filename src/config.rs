@@ -783,6 +783,12 @@ impl FileConfig {
                 out.cluster_dns = names(&cl.upstreams);
             }
         }
+        if out.node.fail_open_to.trim().is_empty() {
+            out.node.fail_open_to = s
+                .node
+                .fail_open_to
+                .map_or_else(|| "off".to_string(), |ip| ip.to_string());
+        }
         out
     }
 }
@@ -945,6 +951,9 @@ mod tests {
         let r = f.resolved(&f.validate(&e).unwrap());
         assert_eq!(r.upstreams, vec!["127.0.0.53:53"]);
         assert_eq!(r.cluster_dns, vec!["10.96.0.11:53"]);
+        assert_eq!(r.node.fail_open_to, "10.96.0.11");
+        e.kube_dns_upstream = None;
+        assert_eq!(f.resolved(&f.validate(&e).unwrap()).node.fail_open_to, "off");
     }
 
     #[test]
