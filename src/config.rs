@@ -953,7 +953,10 @@ mod tests {
         assert_eq!(r.cluster_dns, vec!["10.96.0.11:53"]);
         assert_eq!(r.node.fail_open_to, "10.96.0.11");
         e.kube_dns_upstream = None;
-        assert_eq!(f.resolved(&f.validate(&e).unwrap()).node.fail_open_to, "off");
+        assert_eq!(
+            f.resolved(&f.validate(&e).unwrap()).node.fail_open_to,
+            "off"
+        );
     }
 
     #[test]

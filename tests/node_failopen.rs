@@ -307,6 +307,11 @@ fn node_cache_rules_are_removed_on_start() {
         .sh_ok("iptables-nft -t raw -S PREROUTING")
         .contains("--comment other -j ACCEPT"));
     assert_eq!(c.node.our_rules("iptables-nft-save").len(), 12);
+    assert!(
+        !d.log().contains("removed iptables rules of an earlier"),
+        "{}",
+        d.log()
+    );
 
     // Nothing unconditional is left to defeat the fail-open: with nodedns gone, the pod's
     // lookups are answered.
@@ -315,4 +320,27 @@ fn node_cache_rules_are_removed_on_start() {
     for _ in 0..3 {
         assert!(lookup(&c) < LOOKUP_DEADLINE);
     }
+
+    // With firewall = nftables node-cache's iptables rules go too, and so do ours from the
+    // iptables run above (the table now holds every rule).
+    for rule in &node_cache {
+        c.node.sh_ok(rule);
+    }
+    assert_eq!(leftovers(&c), 8);
+    let d = c.start_nodedns(&["--firewall", "nftables", "--fail-open-to", KUBE_DNS_IP]);
+    assert_eq!(leftovers(&c), 0, "{}", c.node.sh_ok("iptables-nft-save"));
+    assert!(c.node.our_rules("iptables-nft-save").is_empty());
+    assert!(
+        d.log().contains("removed node-cache's iptables rules")
+            && d.log().contains("removed iptables rules of an earlier"),
+        "{}",
+        d.log()
+    );
+    let table = c.node.sh_ok("nft list table inet nodedns");
+    assert_eq!(
+        table.matches("comment \"nodedns").count(),
+        12 + 5,
+        "{table}"
+    );
+    lookup(&c);
 }

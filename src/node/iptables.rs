@@ -209,29 +209,30 @@ impl Iptables {
         Ok(self.sweep_where(v6, is_ours).await?.len())
     }
 
-    /// Deletes the rules of ours that are not in `wanted` (e.g. left by a run with other listen
-    /// addresses, or by an older nodedns whose NOTRACK was unconditional). Returns them, as
-    /// `iptables -S` printed them, with their table.
-    pub(crate) async fn remove_stale(
+    /// Deletes, in one pass over our chains, node-cache's rules (found by their comment, so a
+    /// migration leaves none of its unconditional NOTRACK rules behind) and the rules of ours
+    /// that are not in `wanted` (left by a run with other listen addresses, an older nodedns
+    /// whose NOTRACK was unconditional, or the other firewall backend). Returns both, as
+    /// `-t TABLE` plus the line `iptables -S` printed.
+    pub(crate) async fn remove_leftovers(
         &self,
         v6: bool,
         wanted: &[Rule],
-    ) -> Result<Vec<String>, IptError> {
+    ) -> Result<(Vec<String>, Vec<String>), IptError> {
         let wanted: Vec<(Table, Vec<String>)> = wanted
             .iter()
             .filter(|r| r.is_v6() == v6)
             .map(|r| (r.table, r.save_args()))
             .collect();
-        self.sweep_where_in(v6, |table, args| {
-            is_ours(args) && !wanted.iter().any(|(t, w)| *t == table && w == args)
-        })
-        .await
-    }
-
-    /// Deletes the rules node-cache (NodeLocal DNSCache) installs, found by their comment, so a
-    /// migration leaves none of its unconditional NOTRACK rules behind. Returns them.
-    pub(crate) async fn remove_node_cache(&self, v6: bool) -> Result<Vec<String>, IptError> {
-        self.sweep_where(v6, is_node_cache).await
+        let removed = self
+            .sweep_where_in(v6, |table, args| {
+                is_node_cache(args)
+                    || (is_ours(args) && !wanted.iter().any(|(t, w)| *t == table && w == args))
+            })
+            .await?;
+        Ok(removed
+            .into_iter()
+            .partition(|line| comment_starts_with(&split_rule(line), NODE_CACHE_COMMENT_PREFIX)))
     }
 
     async fn sweep_where(
@@ -318,10 +319,12 @@ fn is_node_cache(args: &[String]) -> bool {
 }
 
 fn has_comment_prefix(args: &[String], prefix: &str) -> bool {
-    args.first().map(String::as_str) == Some("-A")
-        && args
-            .windows(2)
-            .any(|w| w[0] == "--comment" && w[1].starts_with(prefix))
+    args.first().map(String::as_str) == Some("-A") && comment_starts_with(args, prefix)
+}
+
+fn comment_starts_with(args: &[String], prefix: &str) -> bool {
+    args.windows(2)
+        .any(|w| w[0] == "--comment" && w[1].starts_with(prefix))
 }
 
 /// Splits one line of `iptables -S` output into arguments, honouring the double quotes (and

@@ -1,4 +1,4 @@
-//! Node setup: link-local interface and conntrack-bypass firewall rules (see issue 4).
+//! Node setup: link-local interface and conntrack-bypass firewall rules.
 //!
 //! What node-cache does on a node, done by [`NodeManager`]:
 //! 1. [`NodeManager::setup_interface`] before the listeners bind: a `dummy` link (default
@@ -504,13 +504,7 @@ impl NodeManager {
             };
             let has_v6 = self.rules.iter().any(Rule::is_v6);
             for v6 in [false, true] {
-                let res = async {
-                    let node_cache = ipt.remove_node_cache(v6).await?;
-                    let stale = ipt.remove_stale(v6, wanted).await?;
-                    Ok::<_, IptError>((node_cache, stale))
-                }
-                .await;
-                match res {
+                match ipt.remove_leftovers(v6, wanted).await {
                     Ok((node_cache, stale)) => {
                         if !node_cache.is_empty() {
                             info!(removed = node_cache.len(), rules = ?node_cache, ipv6 = v6,
