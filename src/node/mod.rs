@@ -142,6 +142,8 @@ struct State {
     iptables: Option<Iptables>,
     /// `nft list table` right after our last apply, to notice changes.
     nft_applied: Option<String>,
+    /// node-cache's rules and stale rules of ours are gone (done once, retried by sync).
+    leftovers_removed: bool,
     torn_down: bool,
 }
 
@@ -364,11 +366,14 @@ impl NodeManager {
             return Ok(());
         }
         let mut errs = Vec::new();
-        if !resync {
+        if !st.leftovers_removed {
             // Adopt what an earlier run (or node-cache) left: drop what we would not install,
-            // keep the rest, so nothing is doubled and nothing unconditional stays.
-            if let Err(e) = self.remove_leftovers(st).await {
-                errs.push(e);
+            // keep the rest, so nothing is doubled and nothing unconditional stays. A failure
+            // here does not stop serving; the next sync tries again.
+            match self.remove_leftovers(st).await {
+                Ok(()) => st.leftovers_removed = true,
+                Err(e) => warn!(error = %format!("{e:#}"),
+                    "could not remove leftover firewall rules: retrying at the next sync"),
             }
         }
         match self.cfg.firewall {
