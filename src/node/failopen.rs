@@ -25,7 +25,8 @@ use std::net::IpAddr;
 
 /// The packet and conntrack mark bit of a redirected connection. Outside kube-proxy's
 /// 0x4000/0x8000, Calico's 0xffff0000, Cilium's 0x0f00 and the AWS VPC CNI's 0x80; the packet
-/// bit is cleared again right after conntrack, before anything else sees it.
+/// bit is cleared again right after conntrack (priority -199), so only raw-table rules can see
+/// it on the packet.
 pub(crate) const MARK: u32 = 0x0000_0040;
 
 /// The Service port: only LOCAL_IP:53 is redirected, as kube-dns serves port 53.
