@@ -81,6 +81,10 @@ pub struct Args {
     /// [default: 60s].
     #[arg(long, value_name = "DURATION")]
     pub snapshot_interval: Option<String>,
+    /// kube-dns Service IP that queries to the link-local address go to while no nodedns
+    /// listens, or "off" [default: the cluster DNS IP when listening on a link-local address].
+    #[arg(long, value_name = "IP|off")]
+    pub fail_open_to: Option<String>,
 }
 
 /// The configuration file, also the effective configuration printed by `--check-config`.
@@ -237,6 +241,8 @@ pub struct NodeSection {
     pub firewall: String,
     pub sync_interval: String,
     pub skip_teardown: bool,
+    /// "" (the default), "off" or an IP; see `Args::fail_open_to`.
+    pub fail_open_to: String,
 }
 
 impl Default for NodeSection {
@@ -248,6 +254,7 @@ impl Default for NodeSection {
             firewall: "iptables".into(),
             sync_interval: "60s".into(),
             skip_teardown: false,
+            fail_open_to: String::new(),
         }
     }
 }
@@ -457,6 +464,7 @@ pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
     set(&mut cfg.node.sync_interval, &a.sync_interval);
     set(&mut cfg.state.dir, &a.state_dir);
     set(&mut cfg.state.snapshot_interval, &a.snapshot_interval);
+    set(&mut cfg.node.fail_open_to, &a.fail_open_to);
     if let Some(w) = a.workers {
         cfg.workers = w;
     }
@@ -694,6 +702,31 @@ impl FileConfig {
                 ),
             ));
         }
+        let fail_open_to = match self.node.fail_open_to.trim() {
+            "off" => None,
+            // Pods asking a link-local address would be left with no answer while nodedns is
+            // down; the cluster DNS (kube-dns-upstream) Service reaches the same CoreDNS.
+            "" => listen
+                .iter()
+                .any(|sa| matches!(sa.ip(), IpAddr::V4(v4) if v4.is_link_local()))
+                .then(|| cluster_dns.first().map(|c| c.ip()))
+                .flatten(),
+            v => {
+                let ip = v.parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        "node.fail_open_to",
+                        format!("{v:?} is not an IP address or \"off\""),
+                    )
+                })?;
+                if ip.is_unspecified() || ip.is_loopback() {
+                    return Err(invalid(
+                        "node.fail_open_to",
+                        format!("{ip} cannot be the kube-dns Service IP"),
+                    ));
+                }
+                Some(ip)
+            }
+        };
         let (cluster_name, cluster_wire) = zone_name("cluster_domain", &self.cluster_domain)?;
         if cluster_wire.len() == 1 {
             return Err(invalid("cluster_domain", "must not be the root"));
@@ -816,6 +849,7 @@ impl FileConfig {
             skip_teardown: n.skip_teardown,
             listen: listen.clone(),
             health_port: health.map(|h| h.port()),
+            fail_open_to,
         };
         let st = &self.state;
         let state_dir = match st.dir.trim() {
@@ -897,6 +931,12 @@ impl FileConfig {
             }) {
                 out.cluster_dns = names(&cl.upstreams);
             }
+        }
+        if out.node.fail_open_to.trim().is_empty() {
+            out.node.fail_open_to = s
+                .node
+                .fail_open_to
+                .map_or_else(|| "off".to_string(), |ip| ip.to_string());
         }
         out
     }
@@ -985,6 +1025,33 @@ mod tests {
     }
 
     #[test]
+    fn fail_open_defaults_to_the_cluster_dns_on_the_link_local_address() {
+        let (_d, mut e) = env("nameserver 127.0.0.53\n");
+        e.kube_dns_upstream = Some(("10.96.0.11".into(), None));
+        let s = FileConfig::default().validate(&e).unwrap();
+        assert_eq!(s.node.fail_open_to, Some("10.96.0.11".parse().unwrap()));
+        // Not on a link-local address (e.g. only the kube-dns IP): kube-proxy is the fallback.
+        let c: FileConfig = toml::from_str("listen = [\"10.96.0.10:53\"]").unwrap();
+        assert_eq!(c.validate(&e).unwrap().node.fail_open_to, None);
+        // No cluster DNS: nothing to default to.
+        e.kube_dns_upstream = None;
+        let s = FileConfig::default().validate(&e).unwrap();
+        assert_eq!(s.node.fail_open_to, None);
+        let c: FileConfig = toml::from_str("[node]\nfail_open_to = \"10.96.0.10\"").unwrap();
+        let s = c.validate(&e).unwrap();
+        assert_eq!(s.node.fail_open_to, Some("10.96.0.10".parse().unwrap()));
+        let mut c = FileConfig::default();
+        apply_flags(
+            &mut c,
+            &Args::parse_from(["nodedns", "--fail-open-to", "off"]),
+        );
+        e.kube_dns_upstream = Some(("10.96.0.11".into(), None));
+        assert_eq!(c.validate(&e).unwrap().node.fail_open_to, None);
+        assert!(err("[node]\nfail_open_to = \"kube-dns\"").starts_with("node.fail_open_to:"));
+        assert!(err("[node]\nfail_open_to = \"0.0.0.0\"").starts_with("node.fail_open_to:"));
+    }
+
+    #[test]
     fn stub_zone_longest_suffix_wins() {
         let (_d, e) = env("nameserver 127.0.0.53\n");
         let c: FileConfig = toml::from_str(
@@ -1033,6 +1100,12 @@ mod tests {
         let r = f.resolved(&f.validate(&e).unwrap());
         assert_eq!(r.upstreams, vec!["127.0.0.53:53"]);
         assert_eq!(r.cluster_dns, vec!["10.96.0.11:53"]);
+        assert_eq!(r.node.fail_open_to, "10.96.0.11");
+        e.kube_dns_upstream = None;
+        assert_eq!(
+            f.resolved(&f.validate(&e).unwrap()).node.fail_open_to,
+            "off"
+        );
     }
 
     #[test]

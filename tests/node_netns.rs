@@ -71,6 +71,7 @@ fn lo_config(listen: &[&str]) -> NodeConfig {
         skip_teardown: false,
         listen: listen.iter().map(|s| s.parse().unwrap()).collect(),
         health_port: Some(8080),
+        fail_open_to: None,
     }
 }
 
@@ -87,7 +88,7 @@ macro_rules! netns {
     };
 }
 
-const RAW_UDP_PREROUTING: &str = "-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK";
+const RAW_UDP_PREROUTING: &str = "-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53 -m socket --nowildcard -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK";
 
 // ---------------------------------------------------------------------------------------------
 // Interface
@@ -199,21 +200,33 @@ fn iptables_rules_are_installed_restored_and_removed() {
     let ns = netns!("ipt");
     // Someone else's rule, which must stay below ours and survive our teardown.
     ns.sh_ok("iptables-nft -t raw -A PREROUTING -p icmp -j ACCEPT");
-    // A leftover from a run with another listen address: teardown sweeps it too.
+    // Leftovers from a run with another listen address, and from an older nodedns whose
+    // NOTRACK was unconditional: setup removes both (it installs neither).
     ns.sh_ok("iptables-nft -t raw -A OUTPUT -d 169.254.99.99/32 -p udp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK");
+    ns.sh_ok("iptables-nft -t raw -A PREROUTING -d 169.254.20.10/32 -p udp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK");
     let (m, errors) = manager(lo_config(&["169.254.20.10:53"]));
     ns.setup_interface(&m).expect("setup_interface");
     ns.setup_rules(&m).expect("setup_rules");
 
     let rules = ns.our_rules("iptables-nft-save");
-    assert_eq!(rules.len(), 12 + 1, "{rules:#?}");
+    assert_eq!(rules.len(), 12, "{rules:#?}");
+    assert!(
+        !rules.iter().any(|r| r.contains("169.254.99.99")),
+        "{rules:#?}"
+    );
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r.contains("-A PREROUTING") && !r.contains("-m socket --nowildcard")),
+        "{rules:#?}"
+    );
     let raw = ns.sh_ok("iptables-nft -t raw -S");
     let filter = ns.sh_ok("iptables-nft -S");
     // Backend detection must not have instantiated empty legacy tables.
     assert!(!raw.contains("iptables-legacy tables present"), "{raw}");
     for want in [
         RAW_UDP_PREROUTING,
-        "-A PREROUTING -d 169.254.20.10/32 -p tcp -m tcp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK",
+        "-A PREROUTING -d 169.254.20.10/32 -p tcp -m tcp --dport 53 -m socket --nowildcard -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK",
         "-A OUTPUT -s 169.254.20.10/32 -p udp -m udp --sport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK",
         "-A OUTPUT -d 169.254.20.10/32 -p tcp -m tcp --dport 53 -m comment --comment \"nodedns: skip conntrack for host-network clients\" -j NOTRACK",
         "-A OUTPUT -d 169.254.20.10/32 -p tcp -m tcp --dport 8080 -m comment --comment \"nodedns: skip conntrack for health checks\" -j NOTRACK",
@@ -238,7 +251,7 @@ fn iptables_rules_are_installed_restored_and_removed() {
     );
     // Idempotent: nothing doubles.
     ns.setup_rules(&m).expect("second setup_rules");
-    assert_eq!(ns.our_rules("iptables-nft-save").len(), 13);
+    assert_eq!(ns.our_rules("iptables-nft-save"), rules);
     // Nothing went to the legacy backend, nor to ip6tables.
     if have("iptables-legacy-save") {
         assert!(ns.our_rules("iptables-legacy-save").is_empty());
@@ -250,12 +263,15 @@ fn iptables_rules_are_installed_restored_and_removed() {
         "iptables-nft -t raw {}",
         RAW_UDP_PREROUTING.replacen("-A", "-D", 1)
     ));
-    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 11);
     ns.sync(&m).expect("sync");
     let raw = ns.sh_ok("iptables-nft -t raw -S");
     assert!(raw.lines().any(|l| l == RAW_UDP_PREROUTING), "{raw}");
-    assert_eq!(ns.our_rules("iptables-nft-save").len(), 13);
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
 
+    // A rule of ours that appeared while running is not ours to keep: teardown sweeps it too.
+    ns.sh_ok("iptables-nft -t raw -A OUTPUT -d 169.254.99.99/32 -p udp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK");
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 13);
     ns.teardown(&m).expect("teardown");
     assert!(
         ns.our_rules("iptables-nft-save").is_empty(),
@@ -267,6 +283,50 @@ fn iptables_rules_are_installed_restored_and_removed() {
     assert!(!ns.lo_addrs().contains("169.254.20.10/32"));
     // After teardown, sync does nothing (no rule comes back).
     ns.sync(&m).expect("sync after teardown");
+    assert!(ns.our_rules("iptables-nft-save").is_empty());
+    assert!(errors.all().is_empty(), "{:?}", errors.all());
+}
+
+#[test]
+fn switching_the_firewall_backend_moves_the_rules() {
+    require!(
+        have("iptables-nft-save") && have("nft"),
+        "needs iptables-nft and nft"
+    );
+    let ns = netns!("switch");
+    let mut cfg = lo_config(&["169.254.20.10:53"]);
+    cfg.setup_interface = false;
+    cfg.fail_open_to = Some("10.96.0.10".parse().unwrap());
+    // A run with firewall = iptables: 12 iptables rules, the fail-open redirect alone in nft.
+    let (first, _) = manager(cfg.clone());
+    ns.setup_rules(&first).expect("setup_rules (iptables)");
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
+    let table = ns.sh_ok("nft list table inet nodedns");
+    assert_eq!(table.matches("comment \"nodedns").count(), 5, "{table}");
+    drop(first); // killed: nothing torn down
+
+    // The next run uses nftables: the iptables rules go, the table holds everything.
+    cfg.firewall = Firewall::Nftables;
+    let (second, errors) = manager(cfg.clone());
+    ns.setup_rules(&second).expect("setup_rules (nftables)");
+    assert!(ns.our_rules("iptables-nft-save").is_empty());
+    let table = ns.sh_ok("nft list table inet nodedns");
+    assert_eq!(
+        table.matches("comment \"nodedns").count(),
+        12 + 5,
+        "{table}"
+    );
+    drop(second);
+
+    // Back to iptables without fail-open: the rules return and our nftables table goes.
+    cfg.firewall = Firewall::Iptables;
+    cfg.fail_open_to = None;
+    let (third, _) = manager(cfg);
+    ns.setup_rules(&third)
+        .expect("setup_rules (iptables, no fail-open)");
+    assert_eq!(ns.our_rules("iptables-nft-save").len(), 12);
+    assert!(!ns.sh("nft list table inet nodedns").0);
+    ns.teardown(&third).expect("teardown");
     assert!(ns.our_rules("iptables-nft-save").is_empty());
     assert!(errors.all().is_empty(), "{:?}", errors.all());
 }
@@ -284,7 +344,7 @@ fn ipv6_listen_address_uses_ip6tables() {
     let v6 = ns.our_rules("ip6tables-nft-save");
     assert_eq!(v6.len(), 12, "{v6:#?}");
     assert!(v6.iter().any(|l| l
-        == "-A PREROUTING -d fd00::53/128 -p udp -m udp --dport 53 -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK"));
+        == "-A PREROUTING -d fd00::53/128 -p udp -m udp --dport 53 -m socket --nowildcard -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK"));
     assert!(ns.our_rules("iptables-nft-save").is_empty());
     ns.teardown(&m).expect("teardown");
     assert!(ns.our_rules("ip6tables-nft-save").is_empty());
@@ -421,7 +481,7 @@ fn nftables_table_is_applied_restored_and_removed_atomically() {
     assert!(table.contains("type filter hook prerouting priority raw; policy accept;"));
     assert!(table.contains("type filter hook input priority filter; policy accept;"));
     assert!(table.contains(
-        "ip daddr 169.254.20.10 udp dport 53 notrack comment \"nodedns: skip conntrack\""
+        "ip daddr 169.254.20.10 udp dport 53 socket transparent 0 notrack comment \"nodedns: skip conntrack\""
     ));
     assert!(table
         .contains("ip6 saddr fd00::53 tcp sport 53 accept comment \"nodedns: allow DNS traffic\""));
@@ -441,7 +501,7 @@ fn nftables_table_is_applied_restored_and_removed_atomically() {
     let handles = ns.sh_ok("nft -a list chain inet nodedns raw_prerouting");
     let handle = handles
         .lines()
-        .find(|l| l.contains("ip daddr 169.254.20.10 udp dport 53 notrack"))
+        .find(|l| l.contains("ip daddr 169.254.20.10 udp dport 53 socket transparent 0 notrack"))
         .and_then(|l| l.rsplit("# handle ").next())
         .expect("rule handle")
         .trim()
@@ -539,9 +599,13 @@ fn pod_resolves_through_nodedns_and_sigterm_cleans_up() {
     // The search list walk went through nodedns to the cluster upstream.
     assert!(c.cluster.count("example.org.default.svc.cluster.local") >= 1);
 
-    // Interface and rules in place on the node.
+    // Interface and rules in place on the node; with firewall = iptables the fail-open redirect
+    // (5 rules, to the cluster DNS IP by default) is the only content of our nftables table.
     assert!(c.node.lo_addrs().contains("169.254.20.10/32"));
     assert_eq!(c.node.our_rules("iptables-nft-save").len(), 12);
+    let table = c.node.sh_ok("nft list table inet nodedns");
+    assert_eq!(table.matches("comment \"nodedns").count(), 5, "{table}");
+    assert!(table.contains("ip daddr set 10.201.0.2"), "{table}");
 
     // A rule deleted by hand is back within one sync interval (1 s).
     c.node.sh_ok(&format!(
@@ -560,9 +624,23 @@ fn pod_resolves_through_nodedns_and_sigterm_cleans_up() {
     );
     assert!(d.log().contains("added it back"), "{}", d.log());
 
-    // SIGTERM: every rule and our address go; lo stays.
+    // The fail-open table deleted by hand is back within one sync interval too.
+    c.node.sh_ok("nft delete table inet nodedns");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.node.sh("nft list table inet nodedns").0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        c.node.sh_ok("nft list table inet nodedns"),
+        table,
+        "{}",
+        d.log()
+    );
+
+    // SIGTERM: every rule, our table and our address go; lo stays.
     d.terminate();
     assert!(c.node.our_rules("iptables-nft-save").is_empty());
+    assert!(!c.node.sh("nft list table inet nodedns").0);
     let addrs = c.node.lo_addrs();
     assert!(!addrs.contains("169.254.20.10/32"), "{addrs}");
     assert!(addrs.contains("127.0.0.1/8"), "{addrs}");
@@ -626,7 +704,17 @@ fn nftables_and_skip_teardown_end_to_end() {
     ));
     assert_eq!(out.trim(), "10.96.1.5");
     let table = c.node.sh_ok("nft list table inet nodedns");
-    assert_eq!(table.matches("comment \"nodedns").count(), 12, "{table}");
+    // node-cache's 12 plus the 5 fail-open rules (fail_open_to defaults to the cluster DNS IP).
+    assert_eq!(
+        table.matches("comment \"nodedns").count(),
+        12 + 5,
+        "{table}"
+    );
+    assert_eq!(
+        table.matches("comment \"nodedns: fail open").count(),
+        5,
+        "{table}"
+    );
     // Removed by hand: back within a sync interval.
     c.node.sh_ok("nft delete table inet nodedns");
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -12,7 +12,7 @@ use std::process::Output;
 use tracing::{debug, info};
 
 use super::exec::{find_binary, output_text, run};
-use super::rules::{Rule, CHAINS, COMMENT_PREFIX};
+use super::rules::{Rule, Table, CHAINS, COMMENT_PREFIX};
 
 /// Seconds to wait for the xtables lock, like Kubernetes' own iptables calls.
 const LOCK_WAIT_SECS: &str = "5";
@@ -206,14 +206,57 @@ impl Iptables {
     /// Deletes any rule in our chains whose comment names nodedns, e.g. left over from a run
     /// with other listen addresses. Returns how many were deleted.
     pub(crate) async fn sweep(&self, v6: bool) -> Result<usize, IptError> {
+        Ok(self.sweep_where(v6, is_ours).await?.len())
+    }
+
+    /// Deletes, in one pass over our chains, node-cache's rules (found by their comment, so a
+    /// migration leaves none of its unconditional NOTRACK rules behind) and the rules of ours
+    /// that are not in `wanted` (left by a run with other listen addresses, an older nodedns
+    /// whose NOTRACK was unconditional, or the other firewall backend). Returns both, as
+    /// `-t TABLE` plus the line `iptables -S` printed.
+    pub(crate) async fn remove_leftovers(
+        &self,
+        v6: bool,
+        wanted: &[Rule],
+    ) -> Result<(Vec<String>, Vec<String>), IptError> {
+        let wanted: Vec<(Table, Vec<String>)> = wanted
+            .iter()
+            .filter(|r| r.is_v6() == v6)
+            .map(|r| (r.table, r.save_args()))
+            .collect();
+        let removed = self
+            .sweep_where_in(v6, |table, args| {
+                is_node_cache(args)
+                    || (is_ours(args) && !wanted.iter().any(|(t, w)| *t == table && w == args))
+            })
+            .await?;
+        Ok(removed
+            .into_iter()
+            .partition(|line| comment_starts_with(&split_rule(line), NODE_CACHE_COMMENT_PREFIX)))
+    }
+
+    async fn sweep_where(
+        &self,
+        v6: bool,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Result<Vec<String>, IptError> {
+        self.sweep_where_in(v6, |_, args| pred(args)).await
+    }
+
+    /// Deletes, one at a time, every rule in our chains for which `pred(table, args)` holds.
+    async fn sweep_where_in(
+        &self,
+        v6: bool,
+        pred: impl Fn(Table, &[String]) -> bool,
+    ) -> Result<Vec<String>, IptError> {
         if v6 && self.v6.is_none() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         if self.mode == Mode::Legacy && !legacy_tables_present(v6) {
             // No legacy table, so no rule of ours; listing would only instantiate empty tables.
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let mut deleted = 0;
+        let mut deleted = Vec::new();
         for (table, chain) in CHAINS {
             let list = vec![
                 "-t".to_string(),
@@ -228,9 +271,14 @@ impl Iptables {
                     return Err(self.failure(v6, "listing rules", &out));
                 }
                 let listing = String::from_utf8_lossy(&out.stdout).into_owned();
-                let Some(mut args) = listing.lines().map(split_rule).find(|a| is_ours(a)) else {
+                let Some((line, mut args)) = listing
+                    .lines()
+                    .map(|l| (l, split_rule(l)))
+                    .find(|(_, a)| pred(table, a))
+                else {
                     break;
                 };
+                let line = format!("-t {} {line}", table.name());
                 rounds += 1;
                 if rounds > MAX_DELETE_ROUNDS {
                     return Err(IptError::Other(format!(
@@ -246,7 +294,7 @@ impl Iptables {
                 if !out.status.success() {
                     return Err(self.failure(v6, "deleting a leftover rule", &out));
                 }
-                deleted += 1;
+                deleted.push(line);
             }
         }
         Ok(deleted)
@@ -257,12 +305,26 @@ fn is_lock_error(text: &str) -> bool {
     text.contains("xtables lock") || text.contains("lock file")
 }
 
+/// Every comment node-cache attaches to its rules starts with this.
+const NODE_CACHE_COMMENT_PREFIX: &str = "NodeLocal DNS Cache:";
+
 /// Whether a split `-A CHAIN ...` line carries a comment naming nodedns.
 fn is_ours(args: &[String]) -> bool {
-    args.first().map(String::as_str) == Some("-A")
-        && args
-            .windows(2)
-            .any(|w| w[0] == "--comment" && w[1].starts_with(COMMENT_PREFIX))
+    has_comment_prefix(args, COMMENT_PREFIX)
+}
+
+/// Whether a split `-A CHAIN ...` line is one of node-cache's.
+fn is_node_cache(args: &[String]) -> bool {
+    has_comment_prefix(args, NODE_CACHE_COMMENT_PREFIX)
+}
+
+fn has_comment_prefix(args: &[String], prefix: &str) -> bool {
+    args.first().map(String::as_str) == Some("-A") && comment_starts_with(args, prefix)
+}
+
+fn comment_starts_with(args: &[String], prefix: &str) -> bool {
+    args.windows(2)
+        .any(|w| w[0] == "--comment" && w[1].starts_with(prefix))
 }
 
 /// Splits one line of `iptables -S` output into arguments, honouring the double quotes (and
@@ -376,6 +438,22 @@ mod tests {
             r#"-A OUTPUT -m comment --comment "kube-proxy" -j KUBE"#
         )));
         assert!(!is_ours(&split_rule("-P OUTPUT ACCEPT")));
+        let nc = split_rule(
+            r#"-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53 -m comment --comment "NodeLocal DNS Cache: skip conntrack" -j NOTRACK"#,
+        );
+        assert!(is_node_cache(&nc) && !is_ours(&nc));
+        assert!(!is_node_cache(&args));
+    }
+
+    #[test]
+    fn our_rules_are_recognised_in_save_form() {
+        let listen = vec!["169.254.20.10:53".parse().unwrap()];
+        let rules = crate::node::rules::build(&listen, Some(8080));
+        let line = r#"-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53 -m socket --nowildcard -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#;
+        assert!(rules.iter().any(|r| r.save_args() == split_rule(line)));
+        // The unconditional rule of an older nodedns is not one of today's.
+        let old = line.replace(" -m socket", "");
+        assert!(!rules.iter().any(|r| r.save_args() == split_rule(&old)));
     }
 
     #[test]

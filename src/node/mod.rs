@@ -1,15 +1,20 @@
-//! Node setup: link-local interface and conntrack-bypass firewall rules (see issue 4).
+//! Node setup: link-local interface and conntrack-bypass firewall rules.
 //!
 //! What node-cache does on a node, done by [`NodeManager`]:
 //! 1. [`NodeManager::setup_interface`] before the listeners bind: a `dummy` link (default
 //!    `nodelocaldns`) holding every listen IP as /32 or /128, or, where the kernel has no dummy
 //!    link type, an existing link named by the operator (e.g. `lo`).
 //! 2. [`NodeManager::setup_rules`] once the listeners answer: NOTRACK/ACCEPT rules for DNS and the
-//!    health port, through iptables (nf_tables or legacy, detected) or one nftables table.
+//!    health port, through iptables (nf_tables or legacy, detected) or one nftables table, and
+//!    the fail-open redirect (nftables in either case). NOTRACK in raw PREROUTING applies only
+//!    while a nodedns socket listens, so a node whose nodedns is gone still answers pods through
+//!    CoreDNS. Leftovers are adopted: node-cache's rules and stale rules of ours are removed
+//!    first, rules already in place are kept.
 //! 3. [`NodeManager::run_sync_loop`]: every `sync_interval` put back whatever went missing.
 //! 4. [`NodeManager::teardown`] on exit: rules first, then the addresses / our link.
 
 mod exec;
+mod failopen;
 mod iptables;
 mod link;
 mod nft;
@@ -27,6 +32,7 @@ use anyhow::anyhow;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
+use self::failopen::{FailOpen, NotPlanned};
 use self::iptables::{IptError, Iptables};
 use self::link::LinkError;
 use self::nft::Nft;
@@ -87,6 +93,9 @@ pub struct NodeConfig {
     pub listen: Vec<SocketAddr>,
     /// Health port (tcp) to exempt from conntrack on every listen IP, node-cache's 8080.
     pub health_port: Option<u16>,
+    /// The kube-dns Service IP: while no nodedns socket listens on the link-local listen IP,
+    /// queries to it on port 53 are redirected there (see `failopen`). None: no redirect.
+    pub fail_open_to: Option<IpAddr>,
 }
 
 impl Default for NodeConfig {
@@ -100,6 +109,7 @@ impl Default for NodeConfig {
             skip_teardown: false,
             listen: Vec::new(),
             health_port: None,
+            fail_open_to: None,
         }
     }
 }
@@ -132,6 +142,8 @@ struct State {
     iptables: Option<Iptables>,
     /// `nft list table` right after our last apply, to notice changes.
     nft_applied: Option<String>,
+    /// node-cache's rules and stale rules of ours are gone (done once, retried by sync).
+    leftovers_removed: bool,
     torn_down: bool,
 }
 
@@ -140,6 +152,8 @@ pub struct NodeManager {
     cfg: NodeConfig,
     errors: Arc<dyn SetupErrorSink>,
     rules: Vec<Rule>,
+    /// The fail-open redirect, or why there is none.
+    failopen: Result<FailOpen, NotPlanned>,
     /// IPs to hold on the link: listen IPs except unspecified and loopback ones.
     link_ips: Vec<IpAddr>,
     state: tokio::sync::Mutex<State>,
@@ -148,6 +162,7 @@ pub struct NodeManager {
 impl NodeManager {
     pub fn new(cfg: NodeConfig, errors: Arc<dyn SetupErrorSink>) -> Self {
         let rules = rules::build(&cfg.listen, cfg.health_port);
+        let failopen = failopen::plan(&cfg.listen, cfg.fail_open_to);
         let link_ips = rules::listen_ips(&cfg.listen)
             .into_iter()
             .filter(|ip| !ip.is_loopback())
@@ -156,6 +171,7 @@ impl NodeManager {
             cfg,
             errors,
             rules,
+            failopen,
             link_ips,
             state: tokio::sync::Mutex::new(State::default()),
         }
@@ -340,15 +356,29 @@ impl NodeManager {
         Nft::find().inspect_err(|_| self.errors.setup_error("iptables"))
     }
 
+    fn failopen(&self) -> Option<&FailOpen> {
+        self.failopen.as_ref().ok()
+    }
+
     async fn ensure_rules(&self, st: &mut State, resync: bool) -> anyhow::Result<()> {
-        if self.rules.is_empty() {
+        if self.rules.is_empty() && self.failopen().is_none() {
             debug!("no listen address needs firewall rules");
             return Ok(());
+        }
+        let mut errs = Vec::new();
+        if !st.leftovers_removed {
+            // Adopt what an earlier run (or node-cache) left: drop what we would not install,
+            // keep the rest, so nothing is doubled and nothing unconditional stays. A failure
+            // here does not stop serving; the next sync tries again.
+            match self.remove_leftovers(st).await {
+                Ok(()) => st.leftovers_removed = true,
+                Err(e) => warn!(error = %format!("{e:#}"),
+                    "could not remove leftover firewall rules: retrying at the next sync"),
+            }
         }
         match self.cfg.firewall {
             Firewall::Iptables => {
                 let ipt = self.iptables(st).await?;
-                let mut errs = Vec::new();
                 let mut added = 0;
                 for rule in &self.rules {
                     match ipt.ensure(rule).await {
@@ -375,33 +405,146 @@ impl NodeManager {
                 if !resync {
                     info!(backend = %ipt.mode, added, total = self.rules.len(), "iptables rules in place");
                 }
-                combine(errs)
+                if self.failopen().is_some() {
+                    // iptables has no stateless NAT: the redirect is an nftables table either way.
+                    if let Err(e) = self.ensure_nft(st, resync, &[]).await {
+                        errs.push(e.context(
+                            "fail-open redirect (nftables, also with firewall = iptables; set \
+                             node.fail_open_to = \"off\" to run without it)",
+                        ));
+                    }
+                }
             }
             Firewall::Nftables => {
-                let nft = self.nft()?;
-                let result: anyhow::Result<()> = async {
-                    if resync {
-                        let current = nft.list().await?;
-                        match (&current, &st.nft_applied) {
-                            (Some(cur), Some(applied)) if cur == applied => return Ok(()),
-                            (None, _) => warn!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
-                                "nftables table was missing: re-creating it"),
-                            _ => warn!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
-                                "nftables table was changed: replacing it"),
-                        }
-                    }
-                    nft.apply(&self.rules).await?;
-                    st.nft_applied = nft.list().await?;
-                    if !resync {
-                        info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
-                            rules = self.rules.len(), "nftables rules in place");
-                    }
-                    Ok(())
+                if let Err(e) = self.ensure_nft(st, resync, &self.rules).await {
+                    errs.push(e);
                 }
-                .await;
-                result.inspect_err(|_| self.errors.setup_error("iptables"))
             }
         }
+        if !resync && errs.is_empty() {
+            self.log_fail_open();
+        }
+        combine(errs)
+    }
+
+    /// Says what keeps pods' DNS working while no nodedns runs.
+    fn log_fail_open(&self) {
+        match &self.failopen {
+            Ok(f) => info!(
+                from = %f.from, to = %f.to, port = failopen::DNS_PORT,
+                table = %format!("{} {}", nft::FAMILY, nft::TABLE),
+                "fail-open in place: while no nodedns socket listens on {}:{}, pods' queries to it \
+                 go to {} through kube-proxy",
+                f.from, failopen::DNS_PORT, f.to
+            ),
+            Err(NotPlanned::Off) => {
+                let link_local: Vec<IpAddr> = rules::listen_ips(&self.cfg.listen)
+                    .into_iter()
+                    .filter(failopen::is_link_local)
+                    .collect();
+                if !link_local.is_empty() {
+                    warn!(addresses = ?link_local, "fail-open off (no fail_open_to): while nodedns \
+                          is not running, pods' queries to these addresses get no answer");
+                }
+            }
+            Err(NotPlanned::NoSource(to)) => info!(%to,
+                "fail-open not needed: no listen address on port 53 other than its target"),
+        }
+        if self.rules.iter().any(|r| r.if_listening) {
+            info!(
+                "NOTRACK in raw PREROUTING applies only while a nodedns socket listens; NOTRACK \
+                   in raw OUTPUT (host-network clients) is unconditional"
+            );
+        }
+    }
+
+    /// Creates or re-checks our nftables table: `rules` plus the fail-open chains.
+    async fn ensure_nft(&self, st: &mut State, resync: bool, rules: &[Rule]) -> anyhow::Result<()> {
+        let nft = self.nft()?;
+        let result: anyhow::Result<()> = async {
+            if resync {
+                let current = nft.list().await?;
+                match (&current, &st.nft_applied) {
+                    (Some(cur), Some(applied)) if cur == applied => return Ok(()),
+                    (None, _) => warn!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
+                        "nftables table was missing: re-creating it"),
+                    _ => warn!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
+                        "nftables table was changed: replacing it"),
+                }
+            }
+            let failopen = self.failopen();
+            nft.apply(rules, failopen).await?;
+            st.nft_applied = nft.list().await?;
+            if !resync {
+                let n = rules.len() + failopen.map_or(0, FailOpen::rule_count);
+                info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
+                    rules = n, "nftables rules in place");
+            }
+            Ok(())
+        }
+        .await;
+        result.inspect_err(|_| self.errors.setup_error("iptables"))
+    }
+
+    /// On start: removes node-cache's iptables rules, iptables rules of ours this run would not
+    /// install (another listen address, an older rule form, the other firewall backend) and,
+    /// with firewall = iptables and no fail-open, a table of ours left in nftables.
+    async fn remove_leftovers(&self, st: &mut State) -> anyhow::Result<()> {
+        let ipt = match self.cfg.firewall {
+            Firewall::Iptables => Some(self.iptables(st).await?),
+            // node-cache only ever used iptables; without any iptables there is nothing to find.
+            Firewall::Nftables => match Iptables::detect().await {
+                Ok(ipt) => Some(ipt),
+                Err(e) => {
+                    debug!(error = %e, "no iptables: no node-cache or iptables leftovers to look for");
+                    None
+                }
+            },
+        };
+        let mut errs = Vec::new();
+        if let Some(ipt) = ipt {
+            let wanted: &[Rule] = match self.cfg.firewall {
+                Firewall::Iptables => &self.rules,
+                Firewall::Nftables => &[],
+            };
+            let has_v6 = self.rules.iter().any(Rule::is_v6);
+            for v6 in [false, true] {
+                match ipt.remove_leftovers(v6, wanted).await {
+                    Ok((node_cache, stale)) => {
+                        if !node_cache.is_empty() {
+                            info!(removed = node_cache.len(), rules = ?node_cache, ipv6 = v6,
+                                "removed node-cache's iptables rules");
+                        }
+                        if !stale.is_empty() {
+                            info!(removed = stale.len(), rules = ?stale, ipv6 = v6,
+                                "removed iptables rules of an earlier nodedns run that this one does not use");
+                        }
+                    }
+                    // Without IPv6 listen addresses a missing ip6tables table is no failure.
+                    Err(e) if v6 && !has_v6 && !matches!(e, IptError::Lock(_)) => {
+                        debug!(error = %e, "ip6tables leftover sweep skipped")
+                    }
+                    Err(e) => {
+                        self.errors.setup_error(e.errortype());
+                        errs.push(anyhow!(e));
+                    }
+                }
+            }
+        }
+        if self.cfg.firewall == Firewall::Iptables && self.failopen().is_none() {
+            if let Ok(nft) = Nft::find() {
+                match nft.delete().await {
+                    Ok(true) => info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
+                        "deleted the nftables table of an earlier run (fail-open is off)"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.errors.setup_error("iptables");
+                        errs.push(e);
+                    }
+                }
+            }
+        }
+        combine(errs)
     }
 
     async fn remove_rules(&self, st: &mut State) -> anyhow::Result<()> {
@@ -411,7 +554,7 @@ impl NodeManager {
                 // A stale NOTRACK rule breaks DNS to that IP, so a busy xtables lock (kube-proxy
                 // mid-sync) gets a few more chances before we give up.
                 let mut attempt = 1;
-                loop {
+                let mut errs = loop {
                     let (deleted, errs, locked) = self.remove_iptables_rules(&ipt).await;
                     if locked && attempt < TEARDOWN_LOCK_ATTEMPTS {
                         warn!(attempt, "xtables lock busy while removing rules: retrying");
@@ -419,23 +562,38 @@ impl NodeManager {
                         continue;
                     }
                     info!(deleted, "removed iptables rules");
-                    return combine(errs);
+                    break errs;
+                };
+                // The fail-open table, if an earlier or this run made one.
+                let nft = match self.failopen() {
+                    Some(_) => self.nft().map_err(|e| errs.push(e)).ok(),
+                    None => Nft::find().ok(),
+                };
+                if let Some(nft) = nft {
+                    if let Err(e) = self.delete_nft(&nft, st).await {
+                        errs.push(e);
+                    }
                 }
+                combine(errs)
             }
             Firewall::Nftables => {
                 let nft = self.nft()?;
-                st.nft_applied = None;
-                match nft.delete().await {
-                    Ok(true) => {
-                        info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE), "deleted nftables table");
-                        Ok(())
-                    }
-                    Ok(false) => Ok(()),
-                    Err(e) => {
-                        self.errors.setup_error("iptables");
-                        Err(e)
-                    }
-                }
+                self.delete_nft(&nft, st).await
+            }
+        }
+    }
+
+    async fn delete_nft(&self, nft: &Nft, st: &mut State) -> anyhow::Result<()> {
+        st.nft_applied = None;
+        match nft.delete().await {
+            Ok(true) => {
+                info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE), "deleted nftables table");
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                self.errors.setup_error("iptables");
+                Err(e)
             }
         }
     }

@@ -6,12 +6,16 @@
 //! Note: an `accept` in our filter chains ends evaluation only of our own chain; other tables
 //! hooked at the same point still see the packet. The NOTRACK part (priority raw) is what keeps
 //! DNS out of conntrack.
+//!
+//! The fail-open chains (see `failopen`) live in this table too, also when the NOTRACK rules are
+//! iptables rules: the table then holds only them.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
 use super::exec::{find_binary, output_text, run};
+use super::failopen::FailOpen;
 use super::rules::{Chain, Rule, Table};
 
 pub const FAMILY: &str = "inet";
@@ -56,9 +60,13 @@ impl Nft {
         Ok(Nft { bin })
     }
 
-    /// Atomically creates or replaces our table with exactly these rules.
-    pub(crate) async fn apply(&self, rules: &[Rule]) -> anyhow::Result<()> {
-        let script = render(rules);
+    /// Atomically creates or replaces our table with exactly these rules and fail-open chains.
+    pub(crate) async fn apply(
+        &self,
+        rules: &[Rule],
+        failopen: Option<&FailOpen>,
+    ) -> anyhow::Result<()> {
+        let script = render(rules, failopen);
         let out = run(&self.bin, &["-f".into(), "-".into()], Some(&script))
             .await
             .with_context(|| format!("running {}", self.bin.display()))?;
@@ -107,22 +115,35 @@ impl Nft {
     }
 }
 
-/// The `nft -f` script that replaces our table in one transaction.
-pub(crate) fn render(rules: &[Rule]) -> String {
+/// The `nft -f` script that replaces our table in one transaction. Chains without rules are
+/// left out.
+pub(crate) fn render(rules: &[Rule], failopen: Option<&FailOpen>) -> String {
+    let mut chains: Vec<(String, String, Vec<String>)> = Vec::new();
+    for (name, hook, prio, table, chain) in CHAINS {
+        let body: Vec<String> = rules
+            .iter()
+            .filter(|r| r.table == table && r.chain == chain)
+            .map(Rule::nft_statement)
+            .collect();
+        chains.push((
+            name.to_string(),
+            format!("type filter hook {hook} priority {prio}; policy accept;"),
+            body,
+        ));
+    }
+    if let Some(f) = failopen {
+        for (name, header, body) in f.chains() {
+            chains.push((name.to_string(), header, body));
+        }
+    }
     let mut s = String::new();
     s.push_str(&format!("table {FAMILY} {TABLE}\n"));
     s.push_str(&format!("delete table {FAMILY} {TABLE}\n"));
     s.push_str(&format!("table {FAMILY} {TABLE} {{\n"));
-    for (name, hook, prio, table, chain) in CHAINS {
-        s.push_str(&format!("\tchain {name} {{\n"));
-        s.push_str(&format!(
-            "\t\ttype filter hook {hook} priority {prio}; policy accept;\n"
-        ));
-        for r in rules
-            .iter()
-            .filter(|r| r.table == table && r.chain == chain)
-        {
-            s.push_str(&format!("\t\t{}\n", r.nft_statement()));
+    for (name, header, body) in chains.iter().filter(|(_, _, b)| !b.is_empty()) {
+        s.push_str(&format!("\tchain {name} {{\n\t\t{header}\n"));
+        for r in body {
+            s.push_str(&format!("\t\t{r}\n"));
         }
         s.push_str("\t}\n");
     }
@@ -138,12 +159,31 @@ mod tests {
     #[test]
     fn script_replaces_the_table_in_one_go() {
         let listen = vec!["169.254.20.10:53".parse().unwrap()];
-        let s = render(&build(&listen, Some(8080)));
+        let s = render(&build(&listen, Some(8080)), None);
         assert!(
             s.starts_with("table inet nodedns\ndelete table inet nodedns\ntable inet nodedns {")
         );
         assert_eq!(s.matches(" notrack comment").count(), 8);
         assert_eq!(s.matches(" accept comment").count(), 4);
         assert!(s.contains("type filter hook prerouting priority raw; policy accept;"));
+        assert!(!s.contains("failopen"));
+    }
+
+    #[test]
+    fn fail_open_alone_or_with_the_rules() {
+        let f = FailOpen {
+            from: "169.254.20.10".parse().unwrap(),
+            to: "10.96.0.10".parse().unwrap(),
+        };
+        // With firewall = iptables the table holds only the fail-open chains.
+        let alone = render(&[], Some(&f));
+        assert_eq!(alone.matches("\tchain ").count(), 3, "{alone}");
+        assert_eq!(alone.matches("comment \"nodedns").count(), 5);
+        assert!(alone.contains("chain failopen_prerouting {\n\t\ttype filter hook prerouting priority raw - 1; policy accept;"));
+        let listen = vec!["169.254.20.10:53".parse().unwrap()];
+        let both = render(&build(&listen, Some(8080)), Some(&f));
+        assert_eq!(both.matches("\tchain ").count(), 7);
+        assert_eq!(both.matches("comment \"nodedns").count(), 12 + 5);
+        assert!(render(&[], None).ends_with("table inet nodedns {\n}\n"));
     }
 }

@@ -4,6 +4,15 @@
 //! PREROUTING/OUTPUT and ACCEPT in filter INPUT/OUTPUT for DNS over UDP and TCP in both
 //! directions, NOTRACK in raw OUTPUT for clients on the host network, and NOTRACK for the
 //! health port in both directions.
+//!
+//! One difference from node-cache: the NOTRACK in raw PREROUTING applies only while a socket
+//! that would receive the packet exists (iptables `-m socket --nowildcard`, nftables `socket
+//! transparent 0`; both also find the request and TIME_WAIT sockets of a TCP handshake or close
+//! in progress, which `socket wildcard` does not), i.e. while nodedns runs. When it is gone, pods' packets are conntracked again:
+//! to the kube-dns IP (transparent mode) kube-proxy's DNAT takes them to CoreDNS, to the
+//! link-local IP the fail-open redirect does (see `failopen`). Neither match can be used in raw
+//! OUTPUT: iptables refuses `-m socket` there, and nftables' `socket` looks at the sending
+//! socket there, so NOTRACK for host-network clients stays unconditional.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -94,6 +103,8 @@ pub(crate) struct Rule {
     pub dir: Dir,
     pub port: u16,
     pub verdict: Verdict,
+    /// Only while a socket that would receive the packet exists (raw PREROUTING).
+    pub if_listening: bool,
     pub comment: &'static str,
 }
 
@@ -112,6 +123,11 @@ impl Rule {
             Verdict::Notrack => "NOTRACK",
             Verdict::Accept => "ACCEPT",
         };
+        let socket: &[&str] = if self.if_listening {
+            &["-m", "socket", "--nowildcard"]
+        } else {
+            &[]
+        };
         [
             "-p",
             self.proto.name(),
@@ -119,16 +135,53 @@ impl Rule {
             &self.ip.to_string(),
             port_flag,
             &self.port.to_string(),
+        ]
+        .iter()
+        .chain(socket)
+        .chain(&["-m", "comment", "--comment", self.comment, "-j", target])
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// The rule as `iptables -S CHAIN` prints it, split into arguments, to recognise it among
+    /// the rules found in a chain.
+    pub(crate) fn save_args(&self) -> Vec<String> {
+        let (addr_flag, port_flag) = match self.dir {
+            Dir::Dst => ("-d", "--dport"),
+            Dir::Src => ("-s", "--sport"),
+        };
+        let prefix = if self.is_v6() { 128 } else { 32 };
+        let mut args: Vec<String> = [
+            "-A",
+            self.chain.name(),
+            addr_flag,
+            &format!("{}/{prefix}", self.ip),
+            "-p",
+            self.proto.name(),
             "-m",
-            "comment",
-            "--comment",
-            self.comment,
-            "-j",
-            target,
+            self.proto.name(),
+            port_flag,
+            &self.port.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect()
+        .collect();
+        if self.if_listening {
+            args.extend(["-m", "socket", "--nowildcard"].map(String::from));
+        }
+        args.extend(
+            ["-m", "comment", "--comment", self.comment, "-j"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args.push(
+            match self.verdict {
+                Verdict::Notrack => "NOTRACK",
+                Verdict::Accept => "ACCEPT",
+            }
+            .to_string(),
+        );
+        args
     }
 
     /// The rule as an nftables statement inside a chain of an `inet` table.
@@ -142,8 +195,13 @@ impl Rule {
             Verdict::Notrack => "notrack",
             Verdict::Accept => "accept",
         };
+        let socket = if self.if_listening {
+            " socket transparent 0"
+        } else {
+            ""
+        };
         format!(
-            "{family} {addr} {ip} {proto} {port} {num} {verdict} comment \"{comment}\"",
+            "{family} {addr} {ip} {proto} {port} {num}{socket} {verdict} comment \"{comment}\"",
             ip = self.ip,
             proto = self.proto.name(),
             num = self.port,
@@ -211,6 +269,7 @@ pub(crate) fn build(listen: &[SocketAddr], health_port: Option<u16>) -> Vec<Rule
                 dir,
                 port,
                 verdict,
+                if_listening: table == Table::Raw && chain == Chain::Prerouting,
                 comment,
             };
             push(rule(
@@ -261,6 +320,7 @@ pub(crate) fn build(listen: &[SocketAddr], health_port: Option<u16>) -> Vec<Rule
                     dir,
                     port: h,
                     verdict: Verdict::Notrack,
+                    if_listening: false,
                     comment: HEALTH,
                 });
             }
@@ -296,12 +356,27 @@ mod tests {
         assert!(r.is_v6());
         assert_eq!(
             r.iptables_args().join(" "),
-            "-p udp -d fd00::10 --dport 5353 -m comment --comment nodedns: skip conntrack -j NOTRACK"
+            "-p udp -d fd00::10 --dport 5353 -m socket --nowildcard -m comment --comment nodedns: skip conntrack -j NOTRACK"
+        );
+        assert_eq!(
+            r.save_args().join(" "),
+            "-A PREROUTING -d fd00::10/128 -p udp -m udp --dport 5353 -m socket --nowildcard -m comment --comment nodedns: skip conntrack -j NOTRACK"
         );
         assert_eq!(
             r.nft_statement(),
-            "ip6 daddr fd00::10 udp dport 5353 notrack comment \"nodedns: skip conntrack\""
+            "ip6 daddr fd00::10 udp dport 5353 socket transparent 0 notrack comment \"nodedns: skip conntrack\""
         );
+        // Only raw PREROUTING is conditional: replies and host-network clients are not.
+        assert_eq!(rules.iter().filter(|r| r.if_listening).count(), 2);
+        assert!(rules
+            .iter()
+            .filter(|r| r.if_listening)
+            .all(|r| r.table == Table::Raw && r.chain == Chain::Prerouting));
+        let out = rules
+            .iter()
+            .find(|r| r.chain == Chain::Output && r.table == Table::Raw)
+            .unwrap();
+        assert!(!out.nft_statement().contains("socket"));
     }
 
     #[test]

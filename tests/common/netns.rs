@@ -216,6 +216,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.etc);
         let _ = std::fs::remove_dir_all(&self.state);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.node.name));
     }
 }
 
@@ -313,6 +314,52 @@ impl Cluster {
         })
     }
 
+    /// Replaces the pod's resolv.conf: `nameserver` with the Kubernetes search list.
+    pub fn set_nameserver(&self, nameserver: &str) {
+        std::fs::write(
+            self.etc.join("resolv.conf"),
+            format!("nameserver {nameserver}\nsearch {SEARCH}\noptions ndots:5\n"),
+        )
+        .unwrap();
+    }
+
+    /// Gives processes run in the node namespace (host-network clients) a resolv.conf with
+    /// `nameserver`. Call only while no nodedns runs: nodedns reads it at start.
+    pub fn set_node_nameserver(&self, nameserver: &str) {
+        let dir = Path::new("/etc/netns").join(&self.node.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\nsearch {SEARCH}\noptions ndots:5\n"),
+        )
+        .unwrap();
+    }
+
+    /// Removes what `set_node_nameserver` wrote.
+    pub fn clear_node_nameserver(&self) {
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.node.name));
+    }
+
+    /// Plays kube-proxy (iptables mode) on the node: the Service IP `service_ip`:53, UDP and
+    /// TCP, DNATed to the cluster DNS upstream (our CoreDNS) in nat PREROUTING and OUTPUT, with
+    /// forwarding on as on any Kubernetes node. Needs iptables-nft.
+    pub fn fake_kube_proxy(&self, service_ip: &str) {
+        let (ip, port) = CLUSTER_DNS.split_once(':').unwrap();
+        self.node.sh_ok("sysctl -qw net.ipv4.ip_forward=1");
+        self.node.sh_ok("iptables-nft -t nat -N KUBE-SERVICES");
+        for chain in ["PREROUTING", "OUTPUT"] {
+            self.node.sh_ok(&format!(
+                "iptables-nft -t nat -A {chain} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+            ));
+        }
+        for proto in ["udp", "tcp"] {
+            self.node.sh_ok(&format!(
+                "iptables-nft -t nat -A KUBE-SERVICES -d {service_ip}/32 -p {proto} --dport {port} \
+                 -m comment --comment \"kube-system/kube-dns:dns\" -j DNAT --to-destination {ip}:{port}"
+            ));
+        }
+    }
+
     /// Starts nodedns in the node namespace with node setup on `lo` and waits until it serves
     /// the pod through its rules.
     pub fn start_nodedns(&self, extra: &[&str]) -> Daemon {
@@ -408,6 +455,18 @@ pub struct Daemon {
 impl Daemon {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL (no teardown: address and rules stay, as after a crash or an OOM kill) and reap.
+    pub fn sigkill(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let st = self.child.wait().expect("wait for nodedns");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(libc::SIGKILL),
+            "{st}"
+        );
     }
 
     /// SIGTERM and wait for a clean exit.
