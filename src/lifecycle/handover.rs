@@ -4,7 +4,7 @@
 //! Closing a `SO_REUSEPORT` socket drops the datagrams queued on it, and the kernel re-hashes
 //! flows when the group changes, so "bind beside the old one, then let it exit" loses queries.
 //! Instead the new instance receives the very sockets the old one serves on (`SCM_RIGHTS` over
-//! the old instance's `handover.<pid>.sock`, a `SOCK_SEQPACKET` socket in the state directory):
+//! the old instance's `handover.<id>.sock`, a `SOCK_SEQPACKET` socket in the state directory):
 //! both then read the same queues, and when the old one stops reading nothing is dropped, since
 //! the sockets stay open. Its TCP connections follow at its shutdown, each at a message boundary
 //! with the bytes already read, so a pipelined client loses nothing either.

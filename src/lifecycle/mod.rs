@@ -8,7 +8,9 @@
 //!   exiting instance drops its own and tries an exclusive one without waiting: it gets it only if
 //!   no other instance is alive, and only then removes the interface and rules. The kernel drops
 //!   the locks of a killed process, so nothing has to be cleaned up after a crash.
-//! - `handover.<pid>.sock`: each instance's handover socket ([`handover`]).
+//! - `handover.<id>.sock`: each instance's handover socket ([`handover`]), named by a random
+//!   instance id: in Kubernetes every pod has its own PID namespace, so the old and the new
+//!   instance may both be PID 1.
 //! - `cache.snapshot`: the cache, written periodically and at shutdown.
 
 pub mod fdpass;
@@ -31,6 +33,8 @@ const HANDOVER_SUFFIX: &str = ".sock";
 /// The node-wide state directory.
 pub struct StateDir {
     path: PathBuf,
+    /// This process's instance id (random), which names its handover socket.
+    id: u64,
     /// This instance's shared lock on `instances.lock`, once it serves.
     lease: parking_lot::Mutex<Option<File>>,
 }
@@ -75,6 +79,7 @@ impl StateDir {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         Ok(StateDir {
             path: path.to_owned(),
+            id: rand::random(),
             lease: parking_lot::Mutex::new(None),
         })
     }
@@ -133,11 +138,11 @@ impl StateDir {
         Ok(!try_flock(&f, libc::LOCK_EX)?)
     }
 
-    /// This process's handover socket path.
+    /// This instance's handover socket path.
     pub fn handover_socket(&self) -> PathBuf {
         self.path.join(format!(
-            "{HANDOVER_PREFIX}{}{HANDOVER_SUFFIX}",
-            std::process::id()
+            "{HANDOVER_PREFIX}{:016x}{HANDOVER_SUFFIX}",
+            self.id
         ))
     }
 
@@ -190,6 +195,9 @@ mod tests {
         // b is the last one.
         let lock = b.lock_node(Duration::from_secs(1)).await.unwrap();
         assert!(b.leave(&lock).unwrap());
+        // Two instances never share a handover socket path, whatever their PIDs.
+        assert_ne!(a.handover_socket(), b.handover_socket());
+        assert_eq!(b.handover_candidates(), Vec::<PathBuf>::new());
     }
 
     #[tokio::test]
@@ -214,10 +222,16 @@ mod tests {
         // The lease is a lock on an open file: a child that takes it and is killed releases it.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(INSTANCES);
-        let mut child = std::process::Command::new("flock")
-            .args(["-s", path.to_str().unwrap(), "sleep", "30"])
+        // The shell takes the lock on fd 9 and becomes `sleep`, which keeps it: the killed
+        // process is the only holder.
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec 9>>'{}' && flock -s 9 && exec sleep 30",
+                path.display()
+            ))
             .spawn()
-            .expect("flock(1) from util-linux");
+            .expect("sh and flock(1) from util-linux");
         let s = StateDir::open(dir.path()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

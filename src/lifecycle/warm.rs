@@ -47,8 +47,10 @@ pub fn load_handed(cache: &Cache, zones: usize, bytes: &[u8], metrics: &Metrics)
 }
 
 /// Removes temporary snapshot files (`.<name>.<pid>.<n>.tmp`) that a process killed while
-/// writing left beside `path`; those of a live process are its own business.
+/// writing left beside `path`. PIDs say nothing across pods (each has its own PID namespace), so
+/// age does: a write takes seconds at most.
 fn remove_abandoned_temps(path: &Path) {
+    const ABANDONED: std::time::Duration = std::time::Duration::from_secs(600);
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
     };
@@ -56,14 +58,16 @@ fn remove_abandoned_temps(path: &Path) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let file = e.file_name();
         let file = file.to_string_lossy();
-        let Some(rest) = file
-            .strip_prefix(&prefix)
-            .and_then(|r| r.strip_suffix(".tmp"))
-        else {
+        if !(file.starts_with(&prefix) && file.ends_with(".tmp")) {
             continue;
-        };
-        let pid = rest.split('.').next().unwrap_or("");
-        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > ABANDONED);
+        if old {
             let _ = std::fs::remove_file(e.path());
         }
     }
