@@ -290,7 +290,10 @@ mod tests {
         for live in [0, 1, 256, 512] {
             assert_eq!(timeout_for(live, 1024, idle, floor), idle, "{live}");
         }
-        assert_eq!(timeout_for(768, 1024, idle, floor), Duration::from_millis(5500));
+        assert_eq!(
+            timeout_for(768, 1024, idle, floor),
+            Duration::from_millis(5500)
+        );
         assert_eq!(timeout_for(1024, 1024, idle, floor), floor);
         // Over the cap (connections handed over by another instance): still the floor.
         assert_eq!(timeout_for(1500, 1024, idle, floor), floor);
