@@ -226,6 +226,10 @@ pub async fn run(
             tracker: tracker.clone(),
             shutdown: cancel.clone(),
             peers: peers.clone(),
+            table: server::tcp_table::Table::new(
+                settings.tcp_max_connections,
+                settings.tcp_idle_timeout,
+            ),
         };
         tokio::spawn(server::tcp::serve(listener, cc.clone()));
         tcp_conns.push((b.addr, cc));

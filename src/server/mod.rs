@@ -6,6 +6,7 @@
 
 pub mod socket;
 pub mod tcp;
+pub mod tcp_table;
 pub mod udp;
 
 use std::net::SocketAddr;

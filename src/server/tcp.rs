@@ -1,10 +1,14 @@
 //! DNS over TCP (RFC 7766): many queries per connection, each answered as soon as it is ready
-//! (cache hits at once, misses when their upstream answers, so out of order). A connection is
-//! closed after `server.tcp_idle_timeout` without a query; the number of connections is capped;
-//! a client that does not read its answers is cut off after a write timeout, so it stalls only
-//! itself. At shutdown, when another instance serves the same listeners, each connection stops
-//! reading at a message boundary, finishes the answers it owes and is handed to that instance
-//! with the bytes it had read (`lifecycle::handover`), so the client loses nothing.
+//! (cache hits at once, misses when their upstream answers, so out of order). The connections of a
+//! listener live in a table (`tcp_table`) capped at `server.tcp_max_connections`: at the cap, a
+//! new connection takes the place of the one idle the longest, and the idle timeout
+//! (`server.tcp_idle_timeout`) shrinks as the table fills, counted from a connection's last
+//! complete message, so bytes trickled into a message never keep a connection alive. A
+//! connection that owes a reply is never closed for being idle. A client that does not read its
+//! answers is cut off after a write timeout, so it stalls only itself. At shutdown, when another
+//! instance serves the same listeners, each connection stops reading at a message boundary,
+//! finishes the answers it owes and is handed to that instance with the bytes it had read
+//! (`lifecycle::handover`), so the client loses nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,11 +16,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::tcp_table::{Entry, Table};
 use super::{Context, Handled};
 use crate::lifecycle::handover::Peers;
 use crate::metrics::{Proto, WorkerStats};
@@ -35,15 +40,12 @@ pub struct ConnCtx {
     pub shutdown: CancellationToken,
     /// Where connections go at shutdown when another instance serves the same listeners.
     pub peers: Arc<Peers>,
+    /// The listener's connections, capped at `server.tcp_max_connections`.
+    pub table: Arc<Table>,
 }
 
 pub async fn serve(listener: TcpListener, cc: ConnCtx) {
-    let limit = Arc::new(Semaphore::new(cc.ctx.settings.tcp_max_connections));
     loop {
-        let permit = tokio::select! {
-            _ = cc.shutdown.cancelled() => return,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (stream, peer) = tokio::select! {
             _ = cc.shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -55,12 +57,24 @@ pub async fn serve(listener: TcpListener, cc: ConnCtx) {
                 }
             },
         };
+        // At the cap this closes the connection idle the longest, or waits while all are busy.
+        let entry = tokio::select! {
+            _ = cc.shutdown.cancelled() => {
+                // Accepted but not served yet: the instance that stays serves it, if any.
+                if cc.peers.any() {
+                    if let Ok(s) = stream.into_std() {
+                        let _ = cc.peers.give_tcp(s, &[]);
+                    }
+                }
+                return;
+            }
+            e = cc.table.admit() => e,
+        };
         let cc2 = cc.clone();
         cc.tracker.spawn(async move {
-            if let Err(e) = connection(stream, Vec::new(), cc2).await {
+            if let Err(e) = connection(stream, Vec::new(), entry, cc2).await {
                 debug!(client = %peer, error = %e, "TCP connection ended");
             }
-            drop(permit);
         });
     }
 }
@@ -78,9 +92,11 @@ pub fn adopt(stream: std::net::TcpStream, read: Vec<u8>, cc: ConnCtx, rt: &tokio
             return;
         }
     };
+    // It is open already: it joins the table even above the cap, which shortens idle timeouts.
+    let entry = cc.table.join();
     let tracker = cc.tracker.clone();
     tracker.spawn(async move {
-        if let Err(e) = connection(stream, read, cc).await {
+        if let Err(e) = connection(stream, read, entry, cc).await {
             debug!(error = %e, "TCP connection ended");
         }
     });
@@ -92,26 +108,39 @@ fn frame(buf: &[u8]) -> Option<usize> {
     (buf.len() >= 2 + len).then_some(len)
 }
 
-async fn connection(stream: TcpStream, mut buf: Vec<u8>, cc: ConnCtx) -> std::io::Result<()> {
+async fn connection(
+    stream: TcpStream,
+    mut buf: Vec<u8>,
+    entry: Entry,
+    cc: ConnCtx,
+) -> std::io::Result<()> {
     let ConnCtx {
         ctx,
         stats,
         tracker,
         shutdown,
         peers,
+        table: _,
     } = cc;
+    let table = entry.table();
+    let conn = entry.conn.clone();
     let peer = stream.peer_addr()?;
     stream.set_nodelay(true)?;
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_PIPELINE);
+    let wconn = conn.clone();
     let writer = tokio::spawn(async move {
         let mut ok = true;
+        let mut replies = 0u64;
         while let Some(reply) = rx.recv().await {
             let mut framed = Vec::with_capacity(reply.len() + 2);
             framed.extend_from_slice(&(reply.len() as u16).to_be_bytes());
             framed.extend_from_slice(&reply);
             match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&framed)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    replies += 1;
+                    wconn.note_written(Instant::now(), replies);
+                }
                 _ => {
                     ok = false;
                     break;
@@ -120,16 +149,23 @@ async fn connection(stream: TcpStream, mut buf: Vec<u8>, cc: ConnCtx) -> std::io
         }
         (wr, ok)
     });
-    let idle = ctx.settings.tcp_idle_timeout;
     let mut out = Vec::new();
     let mut stopped = false;
+    // Messages read that need a reply (the writer counts the replies written).
+    let mut queries = 0u64;
     'conn: loop {
         // Every complete message already read is served before reading more (or stopping).
         while let Some(len) = frame(&buf) {
             let pkt = buf[2..2 + len].to_vec();
             buf.drain(..2 + len);
             let start = Instant::now();
-            match ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, start) {
+            let handled = ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, start);
+            // Before the reply is queued, so the writer never counts it first.
+            if !matches!(handled, Handled::Drop) {
+                queries += 1;
+            }
+            conn.note_read(start, queries);
+            match handled {
                 Handled::Hit(timing) => {
                     stats.hit_durations(&[timing], start.elapsed());
                     if tx.send(std::mem::take(&mut out)).await.is_err() {
@@ -157,15 +193,32 @@ async fn connection(stream: TcpStream, mut buf: Vec<u8>, cc: ConnCtx) -> std::io
                 }
             }
         }
-        // A message may be split across reads: the idle timer covers the whole wait.
+        // The idle timer runs from the last complete message, so a message split across reads
+        // has no more time than a whole one; it does not run while a reply is owed. The timeout
+        // depends on how full the table is: look again at least every `recheck`.
+        let (last, busy) = conn.activity();
+        let wait = if busy {
+            table.recheck()
+        } else {
+            let left = (last + table.idle_timeout()).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            left.min(table.recheck())
+        };
         let n = tokio::select! {
             _ = shutdown.cancelled() => {
                 stopped = true;
                 break;
             }
-            r = tokio::time::timeout(idle, rd.read_buf(&mut buf)) => match r {
+            // Closed to make room for a new connection.
+            _ = conn.closed() => break,
+            // The writer gave up on a client that does not read: the replies it owed never count.
+            _ = tx.closed() => break,
+            r = tokio::time::timeout(wait, rd.read_buf(&mut buf)) => match r {
                 Ok(Ok(n)) => n,
-                _ => break,
+                Ok(Err(_)) => break,
+                Err(_) => continue,
             },
         };
         if n == 0 {
