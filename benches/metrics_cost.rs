@@ -62,7 +62,7 @@ fn context() -> Arc<Context> {
         .and_then(|f| f.validate(&env))
         .expect("valid settings");
     let zones = settings.zones.iter().map(|z| z.name.clone()).collect();
-    let ctx = Context::new(Arc::new(settings), Metrics::new(zones, 0.0));
+    let ctx = Context::new(Arc::new(settings), Metrics::new(zones));
     let pkt = query_packet();
     let q = dns::parse_query(&pkt).expect("valid query");
     let question = &pkt[dns::HEADER_LEN..q.question_end];
@@ -122,7 +122,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("without_metrics", |b| {
-        // `Context::handle` minus `stats.record` and `metrics.query_log`.
+        // `Context::handle` minus `stats.record` and `query_log.log`.
         b.iter(|| {
             let pkt = black_box(&pkt[..]);
             let start = Instant::now();

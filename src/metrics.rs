@@ -417,19 +417,6 @@ pub fn panics() -> u64 {
     PANICS.load(Ordering::Relaxed)
 }
 
-/// Who answered a query, for the query log: an upstream address, or "-" for a cache hit or a
-/// locally made reply. Formats without allocating.
-struct Upstream(Option<SocketAddr>);
-
-impl std::fmt::Display for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(a) => a.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
-}
-
 /// The `errortype` labels of `coredns_nodecache_setup_errors_total`, as node-cache names them;
 /// all are exported from the start.
 pub const SETUP_ERROR_TYPES: [&str; 5] = [
@@ -463,12 +450,11 @@ pub struct Metrics {
     pub snapshot_writes: IntCounterVec,
     /// Listener handovers, by role (took: from the instance before; gave: to a successor).
     pub handovers: IntCounterVec,
-    query_log_rate: f64,
 }
 
 impl Metrics {
     /// `zone_names` in the order of `Settings::zones` (labels of the `zone` dimension).
-    pub fn new(zone_names: Vec<String>, query_log_rate: f64) -> Arc<Self> {
+    pub fn new(zone_names: Vec<String>) -> Arc<Self> {
         let registry = Registry::new();
         /// Registers `c` on our registry and hands it back. Names are constants: a clash is a bug.
         fn reg<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -619,7 +605,6 @@ impl Metrics {
             warm_entries,
             snapshot_writes,
             handovers,
-            query_log_rate,
         })
     }
 
@@ -684,35 +669,6 @@ impl Metrics {
         self.inflight.dec();
     }
 
-    /// True when some queries are logged (`log.query_log` above 0): the hit path reads the clock
-    /// for a query's log line only then.
-    #[inline]
-    pub fn logs_queries(&self) -> bool {
-        self.query_log_rate > 0.0
-    }
-
-    /// Logs a sample (`query_log` fraction) of answered queries: name, type, rcode, duration,
-    /// whether the cache answered and which upstream did (`-` when none did). The sampling
-    /// decision comes first and costs a float compare when the log is off, so the hit path may
-    /// call this without formatting or allocating anything for unsampled queries.
-    #[inline]
-    pub fn query_log(
-        &self,
-        q: &Query,
-        src: SocketAddr,
-        reply: &[u8],
-        cached: bool,
-        upstream: Option<SocketAddr>,
-        elapsed: Duration,
-    ) {
-        if self.query_log_rate <= 0.0
-            || (self.query_log_rate < 1.0 && rand::random::<f64>() >= self.query_log_rate)
-        {
-            return;
-        }
-        log_query(q, src, reply, cached, upstream, elapsed);
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -724,29 +680,6 @@ impl Metrics {
         .expect("text encoding never fails");
         String::from_utf8(buf).expect("utf-8")
     }
-}
-
-#[cold]
-#[inline(never)]
-fn log_query(
-    q: &Query,
-    src: SocketAddr,
-    reply: &[u8],
-    cached: bool,
-    upstream: Option<SocketAddr>,
-    elapsed: Duration,
-) {
-    tracing::info!(
-        target: "nodedns::query",
-        client = %src,
-        name = %q.qname_string(),
-        qtype = %hickory_proto::rr::RecordType::from(q.qtype),
-        rcode = rcode_name(reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF)),
-        duration_us = elapsed.as_micros() as u64,
-        cached,
-        upstream = %Upstream(upstream),
-        "query"
-    );
 }
 
 /// Folds every worker's counters into CoreDNS-named families at scrape time.
@@ -1044,7 +977,7 @@ mod tests {
 
     #[test]
     fn workers_fold_into_one_series_per_server() {
-        let m = Metrics::new(vec![".".into()], 0.0);
+        let m = Metrics::new(vec![".".into()]);
         let w1 = m.new_udp_worker_for("dns://a".into());
         let w2 = m.new_worker_for("dns://a".into());
         let w3 = m.new_worker_for("dns://b".into());
@@ -1140,7 +1073,7 @@ mod tests {
 
     #[test]
     fn setup_errors_build_info_and_panics_exist_from_the_start() {
-        let m = Metrics::new(vec![".".into()], 0.0);
+        let m = Metrics::new(vec![".".into()]);
         for t in SETUP_ERROR_TYPES {
             let l = [("errortype", t)];
             assert_eq!(
@@ -1158,7 +1091,7 @@ mod tests {
     fn panic_hook_counts_panics() {
         install_panic_hook();
         install_panic_hook(); // idempotent: one count per panic
-        let m = Metrics::new(vec![".".into()], 0.0);
+        let m = Metrics::new(vec![".".into()]);
         let before = value(&m, "coredns_panics_total", &[]).unwrap();
         let r = std::panic::catch_unwind(|| panic!("deliberate panic, counted by the test"));
         assert!(r.is_err());

@@ -16,6 +16,7 @@ use crate::cache::Cache;
 use crate::config::Settings;
 use crate::dns::{self, Query, Reject};
 use crate::forward::Forwarder;
+use crate::logging::QueryLog;
 use crate::metrics::{HitTiming, Metrics, Proto, WorkerStats};
 
 /// What the hot path and the miss path share.
@@ -24,6 +25,7 @@ pub struct Context {
     pub cache: Arc<Cache>,
     pub forwarder: Forwarder,
     pub metrics: Arc<Metrics>,
+    pub query_log: QueryLog,
 }
 
 /// The result of the synchronous part of handling one packet.
@@ -59,11 +61,13 @@ impl Context {
         }));
         metrics.set_cache(cache.clone());
         let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
+        let query_log = QueryLog::new(settings.query_log);
         Arc::new(Context {
             settings,
             cache,
             forwarder,
             metrics,
+            query_log,
         })
     }
 
@@ -151,9 +155,9 @@ impl Context {
             Some((zone, kind)) => {
                 let timing =
                     stats.record_hit(zone as usize, proto, src.is_ipv6(), q, pkt.len(), out, kind);
-                if self.metrics.logs_queries() {
-                    self.metrics
-                        .query_log(q, src, out, true, None, start.elapsed());
+                if self.query_log.enabled() {
+                    self.query_log
+                        .log(q, src, out, true, None, start.elapsed());
                 }
                 Handled::Hit(timing)
             }
@@ -230,8 +234,8 @@ impl Context {
             None,
             elapsed,
         );
-        self.metrics
-            .query_log(q, src, &out, false, upstream, elapsed);
+        self.query_log
+            .log(q, src, &out, false, upstream, elapsed);
         out
     }
 }
