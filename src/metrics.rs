@@ -82,6 +82,14 @@ pub enum UpstreamTransport {
     TcpFallback,
 }
 
+/// How an upstream exchange went, for `nodedns_upstream_queries_total{transport,outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Timeout,
+    Error,
+}
+
 /// One upstream's forward metrics, resolved once when the forwarder starts: a miss bumps them
 /// without formatting the address or hashing label values on every query. Series for an rcode or
 /// an outcome are still created at first use, as CoreDNS does.
@@ -116,8 +124,7 @@ impl UpstreamMetrics {
     }
 
     /// `nodedns_upstream_queries_total{to,transport,outcome}`.
-    pub fn query(&self, transport: UpstreamTransport, outcome: crate::forward::Outcome) {
-        use crate::forward::Outcome;
+    pub fn query(&self, transport: UpstreamTransport, outcome: Outcome) {
         let (t, tl) = match transport {
             UpstreamTransport::Udp => (0, "udp"),
             UpstreamTransport::Tcp => (1, "tcp"),

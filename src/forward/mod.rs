@@ -19,7 +19,7 @@ use tracing::debug;
 use crate::cache::{Cache, Entry};
 use crate::config::{Settings, Transport};
 use crate::dns::{self, AnswerKind, Query, Response};
-use crate::metrics::{Metrics, UpstreamMetrics, UpstreamTransport};
+use crate::metrics::{Metrics, Outcome, UpstreamMetrics, UpstreamTransport};
 
 pub use tcp::TcpPool;
 
@@ -41,14 +41,6 @@ pub enum UpstreamError {
 #[error("all upstreams failed for zone {zone}")]
 pub struct AllFailed {
     pub zone: String,
-}
-
-/// How an upstream exchange went, for `nodedns_upstream_queries_total{transport,outcome}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Ok,
-    Timeout,
-    Error,
 }
 
 /// Per-upstream state: consecutive failures order the upstreams (healthy ones first).
