@@ -156,8 +156,7 @@ impl Context {
                 let timing =
                     stats.record_hit(zone as usize, proto, src.is_ipv6(), q, pkt.len(), out, kind);
                 if self.query_log.enabled() {
-                    self.query_log
-                        .log(q, src, out, true, None, start.elapsed());
+                    self.query_log.log(q, src, out, true, None, start.elapsed());
                 }
                 Handled::Hit(timing)
             }
@@ -234,8 +233,7 @@ impl Context {
             None,
             elapsed,
         );
-        self.query_log
-            .log(q, src, &out, false, upstream, elapsed);
+        self.query_log.log(q, src, &out, false, upstream, elapsed);
         out
     }
 }
