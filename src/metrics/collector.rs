@@ -2,15 +2,15 @@
 //! counters, into the CoreDNS-named metric families.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 
-use super::worker::WorkerStats;
-use super::{panics, DURATION_BUCKETS, ND, NS, NTYPES, RCODES, SIZE_BUCKETS, TYPES};
+use super::worker::{Counters, WorkerStats, DURATION, REQUESTS, RESPONSES, SIZE};
+use super::{panics, DURATION_BUCKETS, RCODES, SIZE_BUCKETS, TYPES};
 use crate::cache::Cache;
 
 /// Folds every worker's counters into CoreDNS-named families at scrape time.
@@ -21,21 +21,80 @@ pub(super) struct QueryCollector {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str, MetricType); 13] = [
-    ("coredns_dns_requests_total", "Counter of DNS requests made per zone, protocol and family.", MetricType::COUNTER),
-    ("coredns_dns_responses_total", "Counter of response status codes.", MetricType::COUNTER),
-    ("coredns_dns_request_duration_seconds", "Histogram of the time (in seconds) each request took per zone.", MetricType::HISTOGRAM),
-    ("coredns_dns_request_size_bytes", "Size of the EDNS0 UDP buffer in bytes (64K for TCP) per zone and protocol.", MetricType::HISTOGRAM),
-    ("coredns_dns_response_size_bytes", "Size of the returned response in bytes.", MetricType::HISTOGRAM),
-    ("coredns_cache_hits_total", "The count of cache hits.", MetricType::COUNTER),
-    ("coredns_cache_misses_total", "The count of cache misses. Deprecated, derive misses from cache hits/requests counters.", MetricType::COUNTER),
-    ("coredns_cache_entries", "The number of elements in the cache.", MetricType::GAUGE),
-    ("coredns_cache_evictions_total", "The count of cache evictions.", MetricType::COUNTER),
-    ("nodedns_malformed_packets_total", "Packets that could not be parsed as a DNS query (answered FORMERR/NOTIMP when the header was readable, else dropped).", MetricType::COUNTER),
-    ("nodedns_cache_bytes", "Bytes held by cache entries.", MetricType::GAUGE),
-    ("nodedns_cache_inserts_total", "Answers stored in the cache.", MetricType::COUNTER),
-    ("coredns_panics_total", "A metrics that counts the number of panics.", MetricType::COUNTER),
+/// The families this collector exports, named where a scrape fills them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    Requests,
+    Responses,
+    Duration,
+    RequestSize,
+    ResponseSize,
+    CacheHits,
+    CacheMisses,
+    CacheEntries,
+    CacheEvictions,
+    Malformed,
+    CacheBytes,
+    CacheInserts,
+    Panics,
+}
+
+/// Name, help text and type of every [`Family`], in the order of its variants.
+#[rustfmt::skip]
+const FAMILIES: [(Family, &str, &str, MetricType); 13] = [
+    (Family::Requests, "coredns_dns_requests_total", "Counter of DNS requests made per zone, protocol and family.", MetricType::COUNTER),
+    (Family::Responses, "coredns_dns_responses_total", "Counter of response status codes.", MetricType::COUNTER),
+    (Family::Duration, "coredns_dns_request_duration_seconds", "Histogram of the time (in seconds) each request took per zone.", MetricType::HISTOGRAM),
+    (Family::RequestSize, "coredns_dns_request_size_bytes", "Size of the EDNS0 UDP buffer in bytes (64K for TCP) per zone and protocol.", MetricType::HISTOGRAM),
+    (Family::ResponseSize, "coredns_dns_response_size_bytes", "Size of the returned response in bytes.", MetricType::HISTOGRAM),
+    (Family::CacheHits, "coredns_cache_hits_total", "The count of cache hits.", MetricType::COUNTER),
+    (Family::CacheMisses, "coredns_cache_misses_total", "The count of cache misses. Deprecated, derive misses from cache hits/requests counters.", MetricType::COUNTER),
+    (Family::CacheEntries, "coredns_cache_entries", "The number of elements in the cache.", MetricType::GAUGE),
+    (Family::CacheEvictions, "coredns_cache_evictions_total", "The count of cache evictions.", MetricType::COUNTER),
+    (Family::Malformed, "nodedns_malformed_packets_total", "Packets that could not be parsed as a DNS query (answered FORMERR/NOTIMP when the header was readable, else dropped).", MetricType::COUNTER),
+    (Family::CacheBytes, "nodedns_cache_bytes", "Bytes held by cache entries.", MetricType::GAUGE),
+    (Family::CacheInserts, "nodedns_cache_inserts_total", "Answers stored in the cache.", MetricType::COUNTER),
+    (Family::Panics, "coredns_panics_total", "A metrics that counts the number of panics.", MetricType::COUNTER),
 ];
+
+// `FAMILIES[f as usize]` describes `f`.
+const _: () = {
+    let mut i = 0;
+    while i < FAMILIES.len() {
+        assert!(FAMILIES[i].0 as usize == i);
+        i += 1;
+    }
+};
+
+/// The families of one scrape, filled by [`Family`].
+struct Families(Vec<MetricFamily>);
+
+impl Families {
+    fn new() -> Self {
+        Families(
+            FAMILIES
+                .iter()
+                .map(|(_, n, h, t)| {
+                    let mut f = MetricFamily::default();
+                    f.set_name(n.to_string());
+                    f.set_help(h.to_string());
+                    f.set_field_type(*t);
+                    f
+                })
+                .collect(),
+        )
+    }
+
+    fn push(&mut self, family: Family, m: proto::Metric) {
+        self.0[family as usize].mut_metric().push(m);
+    }
+
+    /// The families that got a series.
+    fn into_filled(mut self) -> Vec<MetricFamily> {
+        self.0.retain(|f| !f.get_metric().is_empty());
+        self.0
+    }
+}
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<proto::LabelPair> {
     pairs
@@ -92,7 +151,7 @@ impl QueryCollector {
     ) -> Self {
         let descs = FAMILIES
             .iter()
-            .map(|(n, h, _)| {
+            .map(|(_, n, h, _)| {
                 Desc::new(n.to_string(), h.to_string(), vec![], HashMap::new()).expect("valid")
             })
             .collect();
@@ -105,13 +164,6 @@ impl QueryCollector {
     }
 }
 
-/// Sums a counter array over workers that share a server label.
-fn sum_into(acc: &mut [u64], src: &[AtomicU64]) {
-    for (a, s) in acc.iter_mut().zip(src) {
-        *a += s.load(Ordering::Relaxed);
-    }
-}
-
 impl Collector for QueryCollector {
     fn desc(&self) -> Vec<&Desc> {
         self.descs.iter().collect()
@@ -119,16 +171,7 @@ impl Collector for QueryCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let workers = self.workers.lock().clone();
-        let mut fams: Vec<MetricFamily> = FAMILIES
-            .iter()
-            .map(|(n, h, t)| {
-                let mut f = MetricFamily::default();
-                f.set_name(n.to_string());
-                f.set_help(h.to_string());
-                f.set_field_type(*t);
-                f
-            })
-            .collect();
+        let mut fams = Families::new();
         // Group workers by server label.
         let mut servers: Vec<String> = workers.iter().map(|w| w.server.clone()).collect();
         servers.sort();
@@ -136,31 +179,10 @@ impl Collector for QueryCollector {
         let zones = self.zone_names.len().max(1);
         let zone_name = |z: usize| self.zone_names.get(z).map_or(".", |s| s.as_str());
         for server in &servers {
-            let ws: Vec<&Arc<WorkerStats>> =
-                workers.iter().filter(|w| &w.server == server).collect();
-            let mut req = vec![0u64; zones * 2 * 2 * NTYPES];
-            let mut resp = vec![0u64; zones * 16 * 2];
-            let mut dur = vec![0u64; zones * NTYPES * ND];
-            let mut dur_sum = vec![0u64; zones * NTYPES];
-            let mut rqs = vec![0u64; zones * 2 * NS];
-            let mut rqs_sum = vec![0u64; zones * 2];
-            let mut rss = vec![0u64; zones * 2 * NS];
-            let mut rss_sum = vec![0u64; zones * 2];
-            let mut hits = [0u64; 2];
-            let mut misses = 0;
-            let mut malformed = 0;
-            for c in ws.iter().flat_map(|w| [&w.owned, &w.shared]) {
-                sum_into(&mut req, &c.requests);
-                sum_into(&mut resp, &c.responses);
-                sum_into(&mut dur, &c.duration);
-                sum_into(&mut dur_sum, &c.duration_sum_ns);
-                sum_into(&mut rqs, &c.req_size);
-                sum_into(&mut rqs_sum, &c.req_size_sum);
-                sum_into(&mut rss, &c.resp_size);
-                sum_into(&mut rss_sum, &c.resp_size_sum);
-                sum_into(&mut hits, &c.hits);
-                misses += c.misses.load(Ordering::Relaxed);
-                malformed += c.malformed.load(Ordering::Relaxed);
+            let mut sum = Counters::<u64>::new(zones);
+            for w in workers.iter().filter(|w| &w.server == server) {
+                sum.add(&w.owned);
+                sum.add(&w.shared);
             }
             let s = server.as_str();
             for z in 0..zones {
@@ -170,104 +192,118 @@ impl Collector for QueryCollector {
                     for fam in 0..2 {
                         let family = if fam == 0 { "1" } else { "2" };
                         for (t, (_, tn)) in TYPES.iter().enumerate() {
-                            let v = req[((z * 2 + p) * 2 + fam) * NTYPES + t];
+                            let v = sum.requests[REQUESTS.at(z, [p, fam, t])];
                             if v > 0 {
-                                fams[0].mut_metric().push(counter(
-                                    &[
-                                        ("server", s),
-                                        ("zone", zn),
-                                        ("proto", proto),
-                                        ("family", family),
-                                        ("type", tn),
-                                    ],
-                                    v as f64,
-                                ));
+                                fams.push(
+                                    Family::Requests,
+                                    counter(
+                                        &[
+                                            ("server", s),
+                                            ("zone", zn),
+                                            ("proto", proto),
+                                            ("family", family),
+                                            ("type", tn),
+                                        ],
+                                        v as f64,
+                                    ),
+                                );
                             }
                         }
                     }
-                    let zp = z * 2 + p;
-                    if rqs[zp * NS..(zp + 1) * NS].iter().any(|&c| c > 0) {
-                        fams[3].mut_metric().push(histogram(
-                            &[("server", s), ("zone", zn), ("proto", proto)],
-                            &SIZE_BUCKETS,
-                            &rqs[zp * NS..(zp + 1) * NS],
-                            rqs_sum[zp] as f64,
-                        ));
-                        fams[4].mut_metric().push(histogram(
-                            &[("server", s), ("zone", zn), ("proto", proto)],
-                            &SIZE_BUCKETS,
-                            &rss[zp * NS..(zp + 1) * NS],
-                            rss_sum[zp] as f64,
-                        ));
+                    let zp = SIZE.series.at(z, [p]);
+                    let row = SIZE.row(zp);
+                    if sum.req_size[row.clone()].iter().any(|&c| c > 0) {
+                        let series = [("server", s), ("zone", zn), ("proto", proto)];
+                        fams.push(
+                            Family::RequestSize,
+                            histogram(
+                                &series,
+                                &SIZE_BUCKETS,
+                                &sum.req_size[row.clone()],
+                                sum.req_size_sum[zp] as f64,
+                            ),
+                        );
+                        fams.push(
+                            Family::ResponseSize,
+                            histogram(
+                                &series,
+                                &SIZE_BUCKETS,
+                                &sum.resp_size[row],
+                                sum.resp_size_sum[zp] as f64,
+                            ),
+                        );
                     }
                 }
                 for (rc, name) in RCODES.iter().enumerate() {
                     for (pi, plugin) in ["cache", "forward"].iter().enumerate() {
-                        let v = resp[(z * 16 + rc) * 2 + pi];
+                        let v = sum.responses[RESPONSES.at(z, [rc, pi])];
                         if v > 0 {
-                            fams[1].mut_metric().push(counter(
-                                &[
-                                    ("server", s),
-                                    ("zone", zn),
-                                    ("rcode", name),
-                                    ("plugin", plugin),
-                                ],
-                                v as f64,
-                            ));
+                            fams.push(
+                                Family::Responses,
+                                counter(
+                                    &[
+                                        ("server", s),
+                                        ("zone", zn),
+                                        ("rcode", name),
+                                        ("plugin", plugin),
+                                    ],
+                                    v as f64,
+                                ),
+                            );
                         }
                     }
                 }
                 for (t, (_, tn)) in TYPES.iter().enumerate() {
-                    let zt = z * NTYPES + t;
-                    let counts = &dur[zt * ND..(zt + 1) * ND];
+                    let zt = DURATION.series.at(z, [t]);
+                    let counts = &sum.duration[DURATION.row(zt)];
                     if counts.iter().any(|&c| c > 0) {
-                        fams[2].mut_metric().push(histogram(
-                            &[("server", s), ("zone", zn), ("type", tn)],
-                            &DURATION_BUCKETS,
-                            counts,
-                            dur_sum[zt] as f64 / 1e9,
-                        ));
+                        fams.push(
+                            Family::Duration,
+                            histogram(
+                                &[("server", s), ("zone", zn), ("type", tn)],
+                                &DURATION_BUCKETS,
+                                counts,
+                                sum.duration_sum_ns[zt] as f64 / 1e9,
+                            ),
+                        );
                     }
                 }
             }
-            fams[5].mut_metric().push(counter(
-                &[("server", s), ("type", "success")],
-                hits[0] as f64,
-            ));
-            fams[5].mut_metric().push(counter(
-                &[("server", s), ("type", "denial")],
-                hits[1] as f64,
-            ));
-            fams[6]
-                .mut_metric()
-                .push(counter(&[("server", s)], misses as f64));
-            fams[9]
-                .mut_metric()
-                .push(counter(&[("server", s)], malformed as f64));
+            let hits = [("success", sum.hits[0]), ("denial", sum.hits[1])];
+            for (kind, v) in hits {
+                fams.push(
+                    Family::CacheHits,
+                    counter(&[("server", s), ("type", kind)], v as f64),
+                );
+            }
+            fams.push(
+                Family::CacheMisses,
+                counter(&[("server", s)], sum.misses as f64),
+            );
+            fams.push(
+                Family::Malformed,
+                counter(&[("server", s)], sum.malformed as f64),
+            );
         }
         if let Some(cache) = self.cache.lock().clone() {
+            let server = ("server", "dns://:53");
             let (pos, neg) = cache.entry_counts();
-            fams[7].mut_metric().push(gauge(
-                &[("server", "dns://:53"), ("type", "success")],
-                pos as f64,
-            ));
-            fams[7].mut_metric().push(gauge(
-                &[("server", "dns://:53"), ("type", "denial")],
-                neg as f64,
-            ));
+            for (kind, v) in [("success", pos), ("denial", neg)] {
+                fams.push(
+                    Family::CacheEntries,
+                    gauge(&[server, ("type", kind)], v as f64),
+                );
+            }
             let ev = cache.counters.evictions.load(Ordering::Relaxed);
-            fams[8].mut_metric().push(counter(
-                &[("server", "dns://:53"), ("type", "success")],
-                ev as f64,
-            ));
-            fams[10].mut_metric().push(gauge(&[], cache.bytes() as f64));
-            fams[11].mut_metric().push(counter(
-                &[],
-                cache.counters.inserts.load(Ordering::Relaxed) as f64,
-            ));
+            fams.push(
+                Family::CacheEvictions,
+                counter(&[server, ("type", "success")], ev as f64),
+            );
+            fams.push(Family::CacheBytes, gauge(&[], cache.bytes() as f64));
+            let inserts = cache.counters.inserts.load(Ordering::Relaxed);
+            fams.push(Family::CacheInserts, counter(&[], inserts as f64));
         }
-        fams[12].mut_metric().push(counter(&[], panics() as f64));
-        fams.retain(|f| !f.get_metric().is_empty());
-        fams
+        fams.push(Family::Panics, counter(&[], panics() as f64));
+        fams.into_filled()
     }
 }

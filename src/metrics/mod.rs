@@ -157,8 +157,6 @@ pub const SIZE_BUCKETS: [f64; 14] = [
     0.0, 100.0, 200.0, 300.0, 400.0, 511.0, 1023.0, 2047.0, 4095.0, 8291.0, 16000.0, 32000.0,
     48000.0, 64000.0,
 ];
-const ND: usize = DURATION_BUCKETS.len() + 1;
-const NS: usize = SIZE_BUCKETS.len() + 1;
 
 /// The `errortype` labels of `coredns_nodecache_setup_errors_total`, as node-cache names them;
 /// all are exported from the start.

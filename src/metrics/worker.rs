@@ -5,31 +5,139 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{type_index, Proto, DURATION_BUCKETS, ND, NS, NTYPES, SIZE_BUCKETS};
+use super::{type_index, Proto, DURATION_BUCKETS, NTYPES, SIZE_BUCKETS};
 use crate::dns::{self, AnswerKind, Query};
 
-/// One block of query counters, indexed by zone, transport, family, type and rcode.
-pub(super) struct Counters {
-    /// [zone][proto][family][type]
-    pub(super) requests: Box<[AtomicU64]>,
-    /// [zone][rcode][plugin: cache, forward]
-    pub(super) responses: Box<[AtomicU64]>,
-    /// [zone][type][bucket] (non-cumulative), plus sums in ns per [zone][type]
-    pub(super) duration: Box<[AtomicU64]>,
-    pub(super) duration_sum_ns: Box<[AtomicU64]>,
-    /// [zone][proto][bucket], plus byte sums per [zone][proto]
-    pub(super) req_size: Box<[AtomicU64]>,
-    pub(super) req_size_sum: Box<[AtomicU64]>,
-    pub(super) resp_size: Box<[AtomicU64]>,
-    pub(super) resp_size_sum: Box<[AtomicU64]>,
-    /// Cache hits: [success, denial]
-    pub(super) hits: [AtomicU64; 2],
-    pub(super) misses: AtomicU64,
-    pub(super) malformed: AtomicU64,
+// The layout of a block's counter arrays, defined once: `Counters::new` sizes the arrays from it,
+// `Counters::record` counts at its indices and the collector reads at the same ones.
+
+/// The dimensions of a counter array below its zone, outermost first. Every array is indexed by
+/// zone, then by these, row-major.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Shape<const N: usize>([usize; N]);
+
+impl<const N: usize> Shape<N> {
+    /// Counters in the array for `zones` zones.
+    pub(super) const fn len(&self, zones: usize) -> usize {
+        let mut n = zones;
+        let mut i = 0;
+        while i < N {
+            n *= self.0[i];
+            i += 1;
+        }
+        n
+    }
+
+    /// Where the counter of zone `z` at `at` (one index per dimension) sits.
+    #[inline(always)]
+    pub(super) fn at(&self, z: usize, at: [usize; N]) -> usize {
+        let mut i = z;
+        for (d, a) in self.0.iter().zip(at) {
+            i = i * d + a;
+        }
+        i
+    }
 }
 
-fn atomics(n: usize) -> Box<[AtomicU64]> {
-    (0..n).map(|_| AtomicU64::new(0)).collect()
+/// A histogram's two arrays: one sum per series (`series`), and `buckets` consecutive
+/// (non-cumulative) bucket counters per series.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HistogramShape<const N: usize> {
+    pub(super) series: Shape<N>,
+    pub(super) buckets: usize,
+}
+
+impl<const N: usize> HistogramShape<N> {
+    /// Bucket counters in the array for `zones` zones.
+    pub(super) const fn buckets_len(&self, zones: usize) -> usize {
+        self.series.len(zones) * self.buckets
+    }
+
+    /// Where bucket `b` of the series at index `s` (from `series.at`) sits.
+    #[inline(always)]
+    pub(super) fn bucket(&self, s: usize, b: usize) -> usize {
+        s * self.buckets + b
+    }
+
+    /// The bucket counters of the series at index `s`.
+    pub(super) fn row(&self, s: usize) -> std::ops::Range<usize> {
+        self.bucket(s, 0)..self.bucket(s + 1, 0)
+    }
+}
+
+/// `requests`: [zone][proto][family: IPv4, IPv6][type].
+pub(super) const REQUESTS: Shape<3> = Shape([2, 2, NTYPES]);
+/// `responses`: [zone][rcode][plugin: cache, forward].
+pub(super) const RESPONSES: Shape<2> = Shape([16, 2]);
+/// `duration`, `duration_sum_ns`: series per [zone][type].
+pub(super) const DURATION: HistogramShape<1> = HistogramShape {
+    series: Shape([NTYPES]),
+    buckets: DURATION_BUCKETS.len() + 1,
+};
+/// `req_size`, `req_size_sum`, `resp_size`, `resp_size_sum`: series per [zone][proto].
+pub(super) const SIZE: HistogramShape<1> = HistogramShape {
+    series: Shape([2]),
+    buckets: SIZE_BUCKETS.len() + 1,
+};
+
+/// One block of query counters, laid out as above. `C` is `AtomicU64` for a worker's live
+/// counters, `u64` for their sums at scrape time.
+pub(super) struct Counters<C = AtomicU64> {
+    pub(super) requests: Box<[C]>,
+    pub(super) responses: Box<[C]>,
+    /// Bucket counts, and sums in ns.
+    pub(super) duration: Box<[C]>,
+    pub(super) duration_sum_ns: Box<[C]>,
+    /// Bucket counts, and sums in bytes.
+    pub(super) req_size: Box<[C]>,
+    pub(super) req_size_sum: Box<[C]>,
+    pub(super) resp_size: Box<[C]>,
+    pub(super) resp_size_sum: Box<[C]>,
+    /// Cache hits: [success, denial]
+    pub(super) hits: [C; 2],
+    pub(super) misses: C,
+    pub(super) malformed: C,
+}
+
+impl<C: Default> Counters<C> {
+    pub(super) fn new(zones: usize) -> Self {
+        let cells = |n: usize| (0..n).map(|_| C::default()).collect();
+        Counters {
+            requests: cells(REQUESTS.len(zones)),
+            responses: cells(RESPONSES.len(zones)),
+            duration: cells(DURATION.buckets_len(zones)),
+            duration_sum_ns: cells(DURATION.series.len(zones)),
+            req_size: cells(SIZE.buckets_len(zones)),
+            req_size_sum: cells(SIZE.series.len(zones)),
+            resp_size: cells(SIZE.buckets_len(zones)),
+            resp_size_sum: cells(SIZE.series.len(zones)),
+            hits: Default::default(),
+            misses: C::default(),
+            malformed: C::default(),
+        }
+    }
+}
+
+impl Counters<u64> {
+    /// Adds the current values of `c`, a block of as many zones or of none.
+    pub(super) fn add(&mut self, c: &Counters) {
+        fn sum_into(acc: &mut [u64], src: &[AtomicU64]) {
+            for (a, s) in acc.iter_mut().zip(src) {
+                *a += s.load(Ordering::Relaxed);
+            }
+        }
+        sum_into(&mut self.requests, &c.requests);
+        sum_into(&mut self.responses, &c.responses);
+        sum_into(&mut self.duration, &c.duration);
+        sum_into(&mut self.duration_sum_ns, &c.duration_sum_ns);
+        sum_into(&mut self.req_size, &c.req_size);
+        sum_into(&mut self.req_size_sum, &c.req_size_sum);
+        sum_into(&mut self.resp_size, &c.resp_size);
+        sum_into(&mut self.resp_size_sum, &c.resp_size_sum);
+        sum_into(&mut self.hits, &c.hits);
+        self.misses += c.misses.load(Ordering::Relaxed);
+        self.malformed += c.malformed.load(Ordering::Relaxed);
+    }
 }
 
 /// Adds `v` to a counter. `SOLE` (one writing thread): a plain load and store, no locked
@@ -52,22 +160,6 @@ fn bucket(buckets: &[f64], v: f64) -> usize {
 }
 
 impl Counters {
-    fn new(zones: usize) -> Self {
-        Counters {
-            requests: atomics(zones * 2 * 2 * NTYPES),
-            responses: atomics(zones * 16 * 2),
-            duration: atomics(zones * NTYPES * ND),
-            duration_sum_ns: atomics(zones * NTYPES),
-            req_size: atomics(zones * 2 * NS),
-            req_size_sum: atomics(zones * 2),
-            resp_size: atomics(zones * 2 * NS),
-            resp_size_sum: atomics(zones * 2),
-            hits: [AtomicU64::new(0), AtomicU64::new(0)],
-            misses: AtomicU64::new(0),
-            malformed: AtomicU64::new(0),
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn record<const SOLE: bool>(
@@ -83,25 +175,27 @@ impl Counters {
     ) -> HitTiming {
         let p = proto as usize;
         let t = type_index(q.qtype);
-        let requests = &self.requests[((z * 2 + p) * 2 + ipv6 as usize) * NTYPES + t];
-        bump::<SOLE>(requests, 1);
+        bump::<SOLE>(&self.requests[REQUESTS.at(z, [p, ipv6 as usize, t])], 1);
         let rcode = reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF);
         // `plugin` as CoreDNS labels it: "cache" for a hit, "forward" for everything resolved
         // (or refused) on the miss path.
         let plugin = cached.is_none() as usize;
-        bump::<SOLE>(&self.responses[(z * 16 + rcode as usize) * 2 + plugin], 1);
+        bump::<SOLE>(
+            &self.responses[RESPONSES.at(z, [rcode as usize, plugin])],
+            1,
+        );
         let timing = HitTiming {
-            zone_type: (z * NTYPES + t) as u32,
+            zone_type: DURATION.series.at(z, [t]) as u32,
         };
         if let Some(elapsed) = elapsed {
             self.duration::<SOLE>(timing, 1, elapsed);
         }
-        let zp = z * 2 + p;
+        let zp = SIZE.series.at(z, [p]);
         let b = bucket(&SIZE_BUCKETS, req_len as f64);
-        bump::<SOLE>(&self.req_size[zp * NS + b], 1);
+        bump::<SOLE>(&self.req_size[SIZE.bucket(zp, b)], 1);
         bump::<SOLE>(&self.req_size_sum[zp], req_len as u64);
         let b = bucket(&SIZE_BUCKETS, reply.len() as f64);
-        bump::<SOLE>(&self.resp_size[zp * NS + b], 1);
+        bump::<SOLE>(&self.resp_size[SIZE.bucket(zp, b)], 1);
         bump::<SOLE>(&self.resp_size_sum[zp], reply.len() as u64);
         match cached {
             Some(AnswerKind::Positive) => bump::<SOLE>(&self.hits[0], 1),
@@ -116,7 +210,7 @@ impl Counters {
     fn duration<const SOLE: bool>(&self, timing: HitTiming, n: u64, elapsed: Duration) {
         let zt = timing.zone_type as usize;
         let b = bucket(&DURATION_BUCKETS, elapsed.as_secs_f64());
-        bump::<SOLE>(&self.duration[zt * ND + b], n);
+        bump::<SOLE>(&self.duration[DURATION.bucket(zt, b)], n);
         bump::<SOLE>(&self.duration_sum_ns[zt], n * elapsed.as_nanos() as u64);
     }
 }
