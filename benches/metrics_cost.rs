@@ -24,7 +24,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use nodedns::cache::Entry;
 use nodedns::config::{self, Args, Environment};
 use nodedns::dns::{self, AnswerKind};
-use nodedns::metrics::{Metrics, Proto};
+use nodedns::metrics::{Answered, Metrics, Proto};
 use nodedns::server::{Context, Handled};
 
 const NAME: &str = "kubernetes.default.svc.cluster.local";
@@ -144,13 +144,16 @@ fn bench(c: &mut Criterion) {
     for (label, stats) in [("sole_writer", &stats), ("shared", &shared)] {
         g.bench_function(label, |b| {
             b.iter(|| {
+                let answered = Answered {
+                    zone: 0,
+                    proto: Proto::Udp,
+                    ipv6: false,
+                    query: black_box(&q),
+                    req_len: pkt.len(),
+                    reply: black_box(&reply),
+                };
                 stats.record(
-                    0,
-                    Proto::Udp,
-                    false,
-                    black_box(&q),
-                    pkt.len(),
-                    black_box(&reply),
+                    &answered,
                     Some(AnswerKind::Positive),
                     black_box(Duration::from_micros(3)),
                 )

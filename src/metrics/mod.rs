@@ -25,7 +25,7 @@ use prometheus::{
 use crate::cache::Cache;
 use collector::QueryCollector;
 pub use panic::{install_panic_hook, panics};
-pub use worker::{HitTiming, WorkerStats};
+pub use worker::{Answered, HitTiming, WorkerStats};
 
 /// Transport a query arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,33 +472,26 @@ mod tests {
         let noerror = [0x12, 0x34, 0x81, 0x80];
         let nxdomain = [0x12, 0x34, 0x81, 0x83];
         let fast = Duration::from_micros(20);
+        let answered = |proto, ipv6, reply| Answered {
+            zone: 0,
+            proto,
+            ipv6,
+            query: &q,
+            req_len: 29,
+            reply,
+        };
         w1.record(
-            0,
-            Proto::Udp,
-            false,
-            &q,
-            29,
-            &noerror,
+            &answered(Proto::Udp, false, &noerror),
             Some(AnswerKind::Positive),
             fast,
         );
         w2.record(
-            0,
-            Proto::Udp,
-            false,
-            &q,
-            29,
-            &noerror,
+            &answered(Proto::Udp, false, &noerror),
             None,
             Duration::from_millis(3),
         );
         w2.record(
-            0,
-            Proto::Tcp,
-            true,
-            &q,
-            29,
-            &nxdomain,
+            &answered(Proto::Tcp, true, &nxdomain),
             Some(AnswerKind::NxDomain),
             fast,
         );

@@ -160,19 +160,23 @@ fn bucket(buckets: &[f64], v: f64) -> usize {
 }
 
 impl Counters {
-    #[allow(clippy::too_many_arguments)]
+    /// Counts `a` in zone `z` (a valid zone of this block).
     #[inline(always)]
     fn record<const SOLE: bool>(
         &self,
         z: usize,
-        proto: Proto,
-        ipv6: bool,
-        q: &Query,
-        req_len: usize,
-        reply: &[u8],
+        a: &Answered<'_>,
         cached: Option<AnswerKind>,
         elapsed: Option<Duration>,
     ) -> HitTiming {
+        let Answered {
+            proto,
+            ipv6,
+            query: q,
+            req_len,
+            reply,
+            ..
+        } = *a;
         let p = proto as usize;
         let t = type_index(q.qtype);
         bump::<SOLE>(&self.requests[REQUESTS.at(z, [p, ipv6 as usize, t])], 1);
@@ -215,6 +219,22 @@ impl Counters {
     }
 }
 
+/// One answered query, as [`WorkerStats`] counts it.
+#[derive(Clone, Copy, Debug)]
+pub struct Answered<'a> {
+    /// The query's zone: its index in `Settings::zones` (the `zone` label).
+    pub zone: usize,
+    /// The transport it arrived on.
+    pub proto: Proto,
+    /// True when the client's address is IPv6 (`family` "2").
+    pub ipv6: bool,
+    pub query: &'a Query,
+    /// Bytes of the query packet.
+    pub req_len: usize,
+    /// The reply as sent.
+    pub reply: &'a [u8],
+}
+
 /// Where a cache hit's duration is counted (its zone and query type), for
 /// [`WorkerStats::hit_durations`]: a UDP worker learns the duration of the hits of a batch only
 /// once their replies are sent.
@@ -253,63 +273,34 @@ impl WorkerStats {
 
     /// Counts one answered query. `cached` is the kind of cache entry for a hit, None for a miss.
     ///
-    /// For stats from [`Metrics::new_udp_worker_for`](super::Metrics::new_udp_worker_for), hits must be recorded from the worker's
-    /// own thread only (misses may come from anywhere).
-    #[allow(clippy::too_many_arguments)]
+    /// For stats from [`Metrics::new_udp_worker_for`](super::Metrics::new_udp_worker_for), hits
+    /// must be recorded from the worker's own thread only (misses may come from anywhere).
     #[inline]
-    pub fn record(
-        &self,
-        zone: usize,
-        proto: Proto,
-        ipv6: bool,
-        q: &Query,
-        req_len: usize,
-        reply: &[u8],
-        cached: Option<AnswerKind>,
-        elapsed: Duration,
-    ) {
-        self.count(zone, proto, ipv6, q, req_len, reply, cached, Some(elapsed));
+    pub fn record(&self, a: &Answered<'_>, cached: Option<AnswerKind>, elapsed: Duration) {
+        self.count(a, cached, Some(elapsed));
     }
 
     /// Counts a cache hit like [`record`](Self::record), all but its duration, which the caller
     /// passes to [`hit_durations`](Self::hit_durations) with the returned timing once the reply
     /// is sent (a UDP worker: once for the whole batch). Same thread rule as `record`.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    pub fn record_hit(
-        &self,
-        zone: usize,
-        proto: Proto,
-        ipv6: bool,
-        q: &Query,
-        req_len: usize,
-        reply: &[u8],
-        kind: AnswerKind,
-    ) -> HitTiming {
-        self.count(zone, proto, ipv6, q, req_len, reply, Some(kind), None)
+    pub fn record_hit(&self, a: &Answered<'_>, kind: AnswerKind) -> HitTiming {
+        self.count(a, Some(kind), None)
     }
 
     /// `record` and `record_hit`: hits go to the block only this thread writes when there is one.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn count(
         &self,
-        zone: usize,
-        proto: Proto,
-        ipv6: bool,
-        q: &Query,
-        req_len: usize,
-        reply: &[u8],
+        a: &Answered<'_>,
         cached: Option<AnswerKind>,
         elapsed: Option<Duration>,
     ) -> HitTiming {
-        let z = zone.min(self.zones - 1);
+        let z = a.zone.min(self.zones - 1);
         if self.sole_writer && cached.is_some() {
-            self.owned
-                .record::<true>(z, proto, ipv6, q, req_len, reply, cached, elapsed)
+            self.owned.record::<true>(z, a, cached, elapsed)
         } else {
-            self.shared
-                .record::<false>(z, proto, ipv6, q, req_len, reply, cached, elapsed)
+            self.shared.record::<false>(z, a, cached, elapsed)
         }
     }
 

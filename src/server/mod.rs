@@ -17,7 +17,7 @@ use crate::config::Settings;
 use crate::dns::{self, Query, Reject};
 use crate::forward::Forwarder;
 use crate::logging::QueryLog;
-use crate::metrics::{HitTiming, Metrics, Proto, WorkerStats};
+use crate::metrics::{Answered, HitTiming, Metrics, Proto, WorkerStats};
 
 /// What the hot path and the miss path share.
 pub struct Context {
@@ -153,8 +153,15 @@ impl Context {
         });
         match hit {
             Some((zone, kind)) => {
-                let timing =
-                    stats.record_hit(zone as usize, proto, src.is_ipv6(), q, pkt.len(), out, kind);
+                let answered = Answered {
+                    zone: zone as usize,
+                    proto,
+                    ipv6: src.is_ipv6(),
+                    query: q,
+                    req_len: pkt.len(),
+                    reply: out,
+                };
+                let timing = stats.record_hit(&answered, kind);
                 if self.query_log.enabled() {
                     self.query_log.log(q, src, out, true, None, start.elapsed());
                 }
@@ -223,16 +230,15 @@ impl Context {
             },
         };
         let elapsed = start.elapsed();
-        stats.record(
+        let answered = Answered {
             zone,
             proto,
-            src.is_ipv6(),
-            q,
-            pkt.len(),
-            &out,
-            None,
-            elapsed,
-        );
+            ipv6: src.is_ipv6(),
+            query: q,
+            req_len: pkt.len(),
+            reply: &out,
+        };
+        stats.record(&answered, None, elapsed);
         self.query_log.log(q, src, &out, false, upstream, elapsed);
         out
     }
