@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
@@ -13,11 +13,19 @@ use super::worker::{Counters, WorkerStats, DURATION, REQUESTS, RESPONSES, SIZE};
 use super::{panics, DURATION_BUCKETS, RCODES, SIZE_BUCKETS, TYPES};
 use crate::cache::Cache;
 
+/// What the collector reads at scrape time, shared with [`Metrics`](super::Metrics), which adds
+/// the workers' counters as listeners start and the cache once it exists.
+pub(super) struct Sources {
+    /// Labels of the `zone` dimension, in the order of `Settings::zones`.
+    pub(super) zone_names: Vec<String>,
+    pub(super) workers: Mutex<Vec<Arc<WorkerStats>>>,
+    /// Set once, when the cache is made (`Context::new`); until then no cache series.
+    pub(super) cache: OnceLock<Arc<Cache>>,
+}
+
 /// Folds every worker's counters into CoreDNS-named families at scrape time.
 pub(super) struct QueryCollector {
-    zone_names: Vec<String>,
-    workers: Arc<Mutex<Vec<Arc<WorkerStats>>>>,
-    cache: Arc<Mutex<Option<Arc<Cache>>>>,
+    sources: Arc<Sources>,
     descs: Vec<Desc>,
 }
 
@@ -144,23 +152,14 @@ fn histogram(pairs: &[(&str, &str)], bounds: &[f64], counts: &[u64], sum: f64) -
 }
 
 impl QueryCollector {
-    pub(super) fn new(
-        zone_names: Vec<String>,
-        workers: Arc<Mutex<Vec<Arc<WorkerStats>>>>,
-        cache: Arc<Mutex<Option<Arc<Cache>>>>,
-    ) -> Self {
+    pub(super) fn new(sources: Arc<Sources>) -> Self {
         let descs = FAMILIES
             .iter()
             .map(|(_, n, h, _)| {
                 Desc::new(n.to_string(), h.to_string(), vec![], HashMap::new()).expect("valid")
             })
             .collect();
-        QueryCollector {
-            zone_names,
-            workers,
-            cache,
-            descs,
-        }
+        QueryCollector { sources, descs }
     }
 }
 
@@ -170,14 +169,15 @@ impl Collector for QueryCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let workers = self.workers.lock().clone();
+        let workers = self.sources.workers.lock().clone();
         let mut fams = Families::new();
         // Group workers by server label.
         let mut servers: Vec<String> = workers.iter().map(|w| w.server.clone()).collect();
         servers.sort();
         servers.dedup();
-        let zones = self.zone_names.len().max(1);
-        let zone_name = |z: usize| self.zone_names.get(z).map_or(".", |s| s.as_str());
+        let zone_names = &self.sources.zone_names;
+        let zones = zone_names.len().max(1);
+        let zone_name = |z: usize| zone_names.get(z).map_or(".", |s| s.as_str());
         for server in &servers {
             let mut sum = Counters::<u64>::new(zones);
             for w in workers.iter().filter(|w| &w.server == server) {
@@ -285,7 +285,7 @@ impl Collector for QueryCollector {
                 counter(&[("server", s)], sum.malformed as f64),
             );
         }
-        if let Some(cache) = self.cache.lock().clone() {
+        if let Some(cache) = self.sources.cache.get() {
             let server = ("server", "dns://:53");
             let (pos, neg) = cache.entry_counts();
             for (kind, v) in [("success", pos), ("denial", neg)] {

@@ -13,7 +13,7 @@ mod panic;
 mod worker;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use prometheus::core::Collector;
@@ -23,7 +23,7 @@ use prometheus::{
 };
 
 use crate::cache::Cache;
-use collector::QueryCollector;
+use collector::{QueryCollector, Sources};
 pub use panic::{install_panic_hook, panics};
 pub use worker::{Answered, HitTiming, WorkerStats};
 
@@ -171,9 +171,8 @@ pub const SETUP_ERROR_TYPES: [&str; 5] = [
 /// Every metric nodedns exports, on its own registry.
 pub struct Metrics {
     pub registry: Registry,
-    zone_names: Vec<String>,
-    workers: Arc<Mutex<Vec<Arc<WorkerStats>>>>,
-    cache: Arc<Mutex<Option<Arc<Cache>>>>,
+    /// What the query collector reads at scrape time.
+    sources: Arc<Sources>,
     forward_requests: IntCounterVec,
     forward_responses: IntCounterVec,
     forward_duration: HistogramVec,
@@ -320,20 +319,17 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .ok();
-        let workers = Arc::new(Mutex::new(Vec::new()));
-        let cache = Arc::new(Mutex::new(None));
+        let sources = Arc::new(Sources {
+            zone_names,
+            workers: Mutex::new(Vec::new()),
+            cache: OnceLock::new(),
+        });
         registry
-            .register(Box::new(QueryCollector::new(
-                zone_names.clone(),
-                workers.clone(),
-                cache.clone(),
-            )))
+            .register(Box::new(QueryCollector::new(sources.clone())))
             .expect("unique");
         Arc::new(Metrics {
             registry,
-            zone_names,
-            workers,
-            cache,
+            sources,
             forward_requests,
             forward_responses,
             forward_duration,
@@ -354,7 +350,7 @@ impl Metrics {
     pub fn new_worker_for(&self, server: String) -> Arc<WorkerStats> {
         self.add_worker(WorkerStats::new(
             server,
-            self.zone_names.len().max(1),
+            self.sources.zone_names.len().max(1),
             false,
         ))
     }
@@ -363,17 +359,23 @@ impl Metrics {
     /// malformed packets must be counted on the worker's own thread only (as `Context::handle`
     /// does when the worker calls it), which lets them skip atomic read-modify-writes.
     pub fn new_udp_worker_for(&self, server: String) -> Arc<WorkerStats> {
-        self.add_worker(WorkerStats::new(server, self.zone_names.len().max(1), true))
+        self.add_worker(WorkerStats::new(
+            server,
+            self.sources.zone_names.len().max(1),
+            true,
+        ))
     }
 
     fn add_worker(&self, w: WorkerStats) -> Arc<WorkerStats> {
         let w = Arc::new(w);
-        self.workers.lock().push(w.clone());
+        self.sources.workers.lock().push(w.clone());
         w
     }
 
+    /// Hands the cache to the collector (its entries, bytes, evictions and inserts). The process
+    /// has one cache, set once by `Context::new`; a later call is ignored.
     pub fn set_cache(&self, cache: Arc<Cache>) {
-        *self.cache.lock() = Some(cache);
+        let _ = self.sources.cache.set(cache);
     }
 
     /// The forward metrics of one upstream, resolved once (see [`UpstreamMetrics`]).
