@@ -9,9 +9,11 @@
 //! - [`cache`]: the sharded answer cache (arena blocks, FIFO eviction).
 //! - [`readslots`]: the shards' lock; a reader writes only to its own thread's slot.
 //! - [`forward`]: the miss path: zone routing, UDP/TCP upstream exchanges, caching rules.
-//! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints.
+//! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints;
+//!   `metrics` holds the registry and upstream families, `metrics/worker.rs` the per-worker
+//!   counters, `metrics/collector.rs` their scrape-time folding, `metrics/panic.rs` the panic hook.
 //! - [`node`]: link-local interface and conntrack-bypass firewall rules.
-//! - [`logging`]: tracing setup and rate-limited logging.
+//! - [`logging`]: tracing setup, rate-limited logging and the sampled query log.
 //!
 //! See docs/ARCHITECTURE.md for the path of a query.
 

@@ -1,12 +1,15 @@
 //! Prometheus metrics under the names CoreDNS exports, so existing dashboards and alerts work.
 //!
-//! The per-query counters live in `WorkerStats`: blocks of plain atomics per UDP worker and per
-//! TCP listener (no lock, no allocation, no label lookup per query), folded into metric families
-//! when Prometheus scrapes (`QueryCollector`). A UDP worker counts its cache hits with plain
-//! loads and stores on a block only its thread writes; queries answered elsewhere use relaxed
-//! `fetch_add` (benches/metrics_cost.rs measures both). Miss-path metrics
-//! (forwarding) use ordinary labelled prometheus vectors: a miss already costs an upstream
-//! round trip.
+//! The per-query counters live in `WorkerStats` (`worker.rs`): blocks of plain atomics per UDP
+//! worker and per TCP listener (no lock, no allocation, no label lookup per query), folded into
+//! metric families when Prometheus scrapes (`collector.rs`). A UDP worker counts its cache hits
+//! with plain loads and stores on a block only its thread writes; queries answered elsewhere use
+//! relaxed `fetch_add` (benches/metrics_cost.rs measures both). Miss-path metrics (forwarding,
+//! here) use ordinary labelled prometheus vectors: a miss already costs an upstream round trip.
+//! `panic.rs` counts panics for `coredns_panics_total`.
+//!
+//! This module holds the registry ([`Metrics`]), the label and bucket tables every family shares,
+//! and the upstream families ([`UpstreamMetrics`]).
 
 mod collector;
 mod panic;
