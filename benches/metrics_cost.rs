@@ -122,7 +122,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("without_metrics", |b| {
-        // `Context::handle` minus `stats.record` and `query_log.log`.
+        // `Context::handle` minus `stats.record` and the query-log sampling check.
         b.iter(|| {
             let pkt = black_box(&pkt[..]);
             let start = Instant::now();

@@ -95,23 +95,22 @@ pub struct QueryLog {
 }
 
 impl QueryLog {
-    /// Logs the fraction `rate` (0 to 1) of the queries passed to [`log`](Self::log).
+    /// Samples the fraction `rate` (0 to 1) of queries.
     pub fn new(rate: f64) -> Self {
         QueryLog { rate }
     }
 
-    /// True when some queries are logged (`log.query_log` above 0): the hit path reads the clock
-    /// for a query's log line only then.
+    /// Whether to log this query: the sampling decision, a float compare when the log is off.
+    /// Callers ask first, so an unsampled query costs no clock read, formatting or allocation.
     #[inline]
-    pub fn enabled(&self) -> bool {
-        self.rate > 0.0
+    pub fn sampled(&self) -> bool {
+        self.rate > 0.0 && (self.rate >= 1.0 || rand::random::<f64>() < self.rate)
     }
 
-    /// Logs a sample of answered queries: name, type, rcode, duration, whether the cache answered
-    /// and which upstream did (`-` when none did). The sampling decision comes first and costs a
-    /// float compare when the log is off, so the hit path may call this without formatting or
-    /// allocating anything for unsampled queries.
-    #[inline]
+    /// Logs one answered query (one that [`sampled`](Self::sampled) picked): name, type, rcode,
+    /// duration, whether the cache answered and which upstream did (`-` when none did).
+    #[cold]
+    #[inline(never)]
     pub fn log(
         &self,
         q: &Query,
@@ -121,34 +120,18 @@ impl QueryLog {
         upstream: Option<SocketAddr>,
         elapsed: Duration,
     ) {
-        if self.rate <= 0.0 || (self.rate < 1.0 && rand::random::<f64>() >= self.rate) {
-            return;
-        }
-        log_query(q, src, reply, cached, upstream, elapsed);
+        tracing::info!(
+            target: "nodedns::query",
+            client = %src,
+            name = %q.qname_string(),
+            qtype = %hickory_proto::rr::RecordType::from(q.qtype),
+            rcode = rcode_name(reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF)),
+            duration_us = elapsed.as_micros() as u64,
+            cached,
+            upstream = %Upstream(upstream),
+            "query"
+        );
     }
-}
-
-#[cold]
-#[inline(never)]
-fn log_query(
-    q: &Query,
-    src: SocketAddr,
-    reply: &[u8],
-    cached: bool,
-    upstream: Option<SocketAddr>,
-    elapsed: Duration,
-) {
-    tracing::info!(
-        target: "nodedns::query",
-        client = %src,
-        name = %q.qname_string(),
-        qtype = %hickory_proto::rr::RecordType::from(q.qtype),
-        rcode = rcode_name(reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF)),
-        duration_us = elapsed.as_micros() as u64,
-        cached,
-        upstream = %Upstream(upstream),
-        "query"
-    );
 }
 
 /// Who answered a query, for the query log: an upstream address, or "-" for a cache hit or a

@@ -162,7 +162,7 @@ impl Context {
                     reply: out,
                 };
                 let timing = stats.record_hit(&answered, kind);
-                if self.query_log.enabled() {
+                if self.query_log.sampled() {
                     self.query_log.log(q, src, out, true, None, start.elapsed());
                 }
                 Handled::Hit(timing)
@@ -239,7 +239,9 @@ impl Context {
             reply: &out,
         };
         stats.record(&answered, None, elapsed);
-        self.query_log.log(q, src, &out, false, upstream, elapsed);
+        if self.query_log.sampled() {
+            self.query_log.log(q, src, &out, false, upstream, elapsed);
+        }
         out
     }
 }
