@@ -24,7 +24,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use nodedns::cache::Entry;
 use nodedns::config::{self, Args, Environment};
 use nodedns::dns::{self, AnswerKind};
-use nodedns::metrics::{Metrics, Proto};
+use nodedns::metrics::{Answered, Metrics, Proto};
 use nodedns::server::{Context, Handled};
 
 const NAME: &str = "kubernetes.default.svc.cluster.local";
@@ -62,7 +62,7 @@ fn context() -> Arc<Context> {
         .and_then(|f| f.validate(&env))
         .expect("valid settings");
     let zones = settings.zones.iter().map(|z| z.name.clone()).collect();
-    let ctx = Context::new(Arc::new(settings), Metrics::new(zones, 0.0));
+    let ctx = Context::new(Arc::new(settings), Metrics::new(zones));
     let pkt = query_packet();
     let q = dns::parse_query(&pkt).expect("valid query");
     let question = &pkt[dns::HEADER_LEN..q.question_end];
@@ -122,7 +122,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("without_metrics", |b| {
-        // `Context::handle` minus `stats.record` and `metrics.query_log`.
+        // `Context::handle` minus `stats.record` and the query-log sampling check.
         b.iter(|| {
             let pkt = black_box(&pkt[..]);
             let start = Instant::now();
@@ -144,13 +144,16 @@ fn bench(c: &mut Criterion) {
     for (label, stats) in [("sole_writer", &stats), ("shared", &shared)] {
         g.bench_function(label, |b| {
             b.iter(|| {
+                let answered = Answered {
+                    zone: 0,
+                    proto: Proto::Udp,
+                    ipv6: false,
+                    query: black_box(&q),
+                    req_len: pkt.len(),
+                    reply: black_box(&reply),
+                };
                 stats.record(
-                    0,
-                    Proto::Udp,
-                    false,
-                    black_box(&q),
-                    pkt.len(),
-                    black_box(&reply),
+                    &answered,
                     Some(AnswerKind::Positive),
                     black_box(Duration::from_micros(3)),
                 )

@@ -9,11 +9,13 @@
 //! - [`cache`]: the sharded answer cache (arena blocks, FIFO eviction).
 //! - [`readslots`]: the shards' lock; a reader writes only to its own thread's slot.
 //! - [`forward`]: the miss path: zone routing, UDP/TCP upstream exchanges, caching rules.
-//! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints.
+//! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints;
+//!   `metrics` holds the registry and upstream families, `metrics/worker.rs` the per-worker
+//!   counters, `metrics/collector.rs` their scrape-time folding, `metrics/panic.rs` the panic hook.
 //! - [`node`]: link-local interface and conntrack-bypass firewall rules.
 //! - [`lifecycle`]: the node-wide state directory: instance lease, handover of sockets, cache and
 //!   TCP connections to a new instance, warm start from the cache snapshot.
-//! - [`logging`]: tracing setup and rate-limited logging.
+//! - [`logging`]: tracing setup, rate-limited logging and the sampled query log.
 //!
 //! See docs/ARCHITECTURE.md for the path of a query.
 

@@ -1,11 +1,16 @@
-//! Logging setup (`tracing`, `RUST_LOG`, text or JSON) and a per-callsite rate limit for errors
-//! that can repeat per packet, so a flood of bad input cannot flood the log.
+//! Logging setup (`tracing`, `RUST_LOG`, text or JSON), a per-callsite rate limit for errors
+//! that can repeat per packet, so a flood of bad input cannot flood the log, and the sampled query
+//! log (`log.query_log`).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
+
+use crate::dns::{self, Query};
+use crate::metrics::rcode_name;
 
 /// Lines a callsite may log per window.
 pub const BURST: u64 = 5;
@@ -80,6 +85,66 @@ pub fn init(json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// The query log: a sample (`log.query_log`, a fraction) of answered queries, one `info` line each
+/// under the target `nodedns::query`.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryLog {
+    rate: f64,
+}
+
+impl QueryLog {
+    /// Samples the fraction `rate` (0 to 1) of queries.
+    pub fn new(rate: f64) -> Self {
+        QueryLog { rate }
+    }
+
+    /// Whether to log this query: the sampling decision, a float compare when the log is off.
+    /// Callers ask first, so an unsampled query costs no clock read, formatting or allocation.
+    #[inline]
+    pub fn sampled(&self) -> bool {
+        self.rate > 0.0 && (self.rate >= 1.0 || rand::random::<f64>() < self.rate)
+    }
+
+    /// Logs one answered query (one that [`sampled`](Self::sampled) picked): name, type, rcode,
+    /// duration, whether the cache answered and which upstream did (`-` when none did).
+    #[cold]
+    #[inline(never)]
+    pub fn log(
+        &self,
+        q: &Query,
+        src: SocketAddr,
+        reply: &[u8],
+        cached: bool,
+        upstream: Option<SocketAddr>,
+        elapsed: Duration,
+    ) {
+        tracing::info!(
+            target: "nodedns::query",
+            client = %src,
+            name = %q.qname_string(),
+            qtype = %hickory_proto::rr::RecordType::from(q.qtype),
+            rcode = rcode_name(reply.get(3).map_or(dns::RCODE_SERVFAIL, |b| b & 0xF)),
+            duration_us = elapsed.as_micros() as u64,
+            cached,
+            upstream = %Upstream(upstream),
+            "query"
+        );
+    }
+}
+
+/// Who answered a query, for the query log: an upstream address, or "-" for a cache hit or a
+/// locally made reply. Formats without allocating.
+struct Upstream(Option<SocketAddr>);
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 #[cfg(test)]

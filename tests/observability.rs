@@ -242,6 +242,7 @@ fn metrics_follow_hits_misses_nxdomain_and_servfail() {
         1.0
     );
     assert_eq!(d("coredns_cache_misses_total", &[srv]), 3.0);
+    assert_eq!(d("coredns_cache_requests_total", &[srv]), 6.0);
 
     // The duration histogram: every query counted, CoreDNS's bounds plus finer ones below them.
     let dur = "coredns_dns_request_duration_seconds";

@@ -129,10 +129,7 @@ pub async fn run(
         warn!("{w}");
     }
     let settings = Arc::new(settings);
-    let metrics = Metrics::new(
-        settings.zones.iter().map(|z| z.name.clone()).collect(),
-        settings.query_log,
-    );
+    let metrics = Metrics::new(settings.zones.iter().map(|z| z.name.clone()).collect());
     crate::metrics::install_panic_hook();
     let ready = Arc::new(Readiness::default());
     let node = Arc::new(NodeManager::new(settings.node.clone(), metrics.clone()));

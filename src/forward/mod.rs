@@ -10,7 +10,6 @@
 //! `forward.max_fails` times in a row is marked down and probed in the background every
 //! `forward.health_check` (`health`); it is used again as soon as it answers.
 
-pub mod counters;
 mod flights;
 mod health;
 mod tcp;
@@ -28,13 +27,13 @@ use tracing::debug;
 use crate::cache::{Cache, Entry};
 use crate::config::{Settings, Transport};
 use crate::dns::{self, AnswerKind, Query, Response};
-use crate::metrics::{Metrics, UpstreamMetrics, UpstreamTransport};
+use crate::metrics::{Metrics, Outcome, UpstreamMetrics, UpstreamTransport};
 
 pub use flights::Outcome as FlightOutcome;
 pub use tcp::TcpPool;
 
-use self::counters::Counters;
 use self::flights::{Flights, Join};
+use crate::metrics::resilience::Counters;
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,14 +53,6 @@ pub enum UpstreamError {
 #[error("all upstreams failed for zone {zone}")]
 pub struct AllFailed {
     pub zone: String,
-}
-
-/// How an upstream exchange went, for `nodedns_upstream_queries_total{transport,outcome}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Ok,
-    Timeout,
-    Error,
 }
 
 /// Per-upstream state: consecutive failures, and whether it is marked down.

@@ -17,7 +17,8 @@ use crate::cache::Cache;
 use crate::config::Settings;
 use crate::dns::{self, Query, Reject};
 use crate::forward::{FlightOutcome, Forwarder};
-use crate::metrics::{HitTiming, Metrics, Proto, WorkerStats};
+use crate::logging::QueryLog;
+use crate::metrics::{Answered, HitTiming, Metrics, Proto, WorkerStats};
 
 /// What the hot path and the miss path share.
 pub struct Context {
@@ -33,6 +34,7 @@ pub struct Context {
     /// A hit is in its entry's prefetch window when `age_ms * 100 >= ttl * prefetch_from_ms`:
     /// `1000 * (100 - prefetch_percentage)`, or a value no hit reaches when prefetch is off.
     prefetch_from_ms: u64,
+    pub query_log: QueryLog,
 }
 
 /// The result of the synchronous part of handling one packet.
@@ -69,6 +71,7 @@ impl Context {
         metrics.set_cache(cache.clone());
         let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
         let settings_prefetch = (settings.prefetch_hits, settings.prefetch_percentage.min(99));
+        let query_log = QueryLog::new(settings.query_log);
         Arc::new_cyclic(|me| Context {
             settings,
             cache,
@@ -81,6 +84,7 @@ impl Context {
             } else {
                 1000 * (100 - settings_prefetch.1 as u64)
             },
+            query_log,
         })
     }
 
@@ -166,11 +170,17 @@ impl Context {
         });
         match hit {
             Some((zone, kind, ttl, stored_ms, age_ms)) => {
-                let timing =
-                    stats.record_hit(zone as usize, proto, src.is_ipv6(), q, pkt.len(), out, kind);
-                if self.metrics.logs_queries() {
-                    self.metrics
-                        .query_log(q, src, out, true, None, start.elapsed());
+                let answered = Answered {
+                    zone: zone as usize,
+                    proto,
+                    ipv6: src.is_ipv6(),
+                    query: q,
+                    req_len: pkt.len(),
+                    reply: out,
+                };
+                let timing = stats.record_hit(&answered, kind);
+                if self.query_log.sampled() {
+                    self.query_log.log(q, src, out, true, None, start.elapsed());
                 }
                 // In the last `prefetch_percentage` of its TTL: a candidate for a refresh.
                 if age_ms * 100 >= ttl as u64 * self.prefetch_from_ms {
@@ -377,18 +387,18 @@ impl Context {
             }
         };
         let elapsed = start.elapsed();
-        stats.record(
+        let answered = Answered {
             zone,
             proto,
-            src.is_ipv6(),
-            q,
-            pkt.len(),
-            &out,
-            None,
-            elapsed,
-        );
-        self.metrics
-            .query_log(q, src, &out, false, upstream, elapsed);
+            ipv6: src.is_ipv6(),
+            query: q,
+            req_len: pkt.len(),
+            reply: &out,
+        };
+        stats.record(&answered, None, elapsed);
+        if self.query_log.sampled() {
+            self.query_log.log(q, src, &out, false, upstream, elapsed);
+        }
         out
     }
 }
