@@ -14,6 +14,9 @@
 //!   `sync::Cache`. quick_cache and moka return a clone of the value, so they store `Arc<Entry>`.
 //!
 //! - `insert/{not_full,full_100k}`: `Cache::insert` below the entry bound and at it (every insert evicts).
+//! - `snapshot/{write,load}/N`: `Cache::write_snapshot` of N live entries into memory, and
+//!   `Cache::load_snapshot` of it into a new cache (checksums, every entry walked as a DNS
+//!   response, re-keyed and inserted); N is 1M under `cargo bench`, 1,000 in test mode.
 //!
 //! Run: `cargo bench --bench cache -- --warm-up-time 1 --measurement-time 3`
 //! (a filter after `--` selects groups, e.g. `-- crates`).
@@ -21,7 +24,7 @@
 use std::hash::{BuildHasher, Hasher};
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use nodedns::cache::{Cache, CacheConfig, Entry};
@@ -603,6 +606,73 @@ fn bench_insert(c: &mut Criterion) {
     g.finish();
 }
 
+// ------------------------------------------------------------------ snapshot (warm restart)
+
+/// Writing and loading a cache snapshot of N entries: 3 positive answers (one A record) to 1
+/// NXDOMAIN (with a SOA), distinct names, all live.
+fn bench_snapshot(c: &mut Criterion) {
+    // `cargo test --benches` runs this once in test mode: keep that quick.
+    let n: usize = if std::env::args().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        1_000
+    };
+    let cfg = CacheConfig {
+        max_entries: 2 * n,
+        max_bytes: 256 << 20,
+        shards: SHARDS,
+    };
+    let cache = Cache::new(&cfg);
+    let now = Instant::now();
+    for i in 0..n {
+        let name = if i % 2 == 0 {
+            format!("svc-{}.ns-{}.svc.cluster.local", i % 1000, i / 1000)
+        } else {
+            format!("host-{i}.example.com")
+        };
+        let p = query_packet(&name, 1, 1, false);
+        let q = parse_query(&p).unwrap();
+        let e = answer_entry(&q, usize::from(i % 4 != 0), now);
+        assert!(cache.insert(cache.key(q.question_lower(), q.key_flags()), e));
+    }
+    assert_eq!(cache.len(), n);
+    let wall = SystemTime::now();
+    let mut snapshot = Vec::new();
+    let stats = cache.write_snapshot(&mut snapshot, now, wall).unwrap();
+    assert_eq!(stats.entries, n as u64);
+    eprintln!(
+        "snapshot of {n} entries: {} bytes ({} per entry); cache arena {} bytes",
+        stats.bytes,
+        stats.bytes / n as u64,
+        cache.bytes()
+    );
+
+    let mut g = c.benchmark_group("snapshot");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(n as u64));
+    let mut out = Vec::with_capacity(snapshot.len());
+    g.bench_function(BenchmarkId::new("write", n), |b| {
+        b.iter(|| {
+            out.clear();
+            cache.write_snapshot(&mut out, now, wall).unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("load", n), |b| {
+        b.iter_batched(
+            || Cache::new(&cfg),
+            |fresh| {
+                let l = fresh
+                    .load_snapshot(&mut &snapshot[..], Instant::now(), wall, 1)
+                    .unwrap();
+                assert_eq!(l.loaded, n as u64);
+                fresh
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_parse_key,
@@ -610,6 +680,7 @@ criterion_group!(
     bench_lookup,
     bench_lookup_concurrent,
     bench_crates,
-    bench_insert
+    bench_insert,
+    bench_snapshot
 );
 criterion_main!(benches);

@@ -41,8 +41,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{
-    kind_to_u8, rd_u16, rd_u32, rd_u64, Cache, Parts, Shard, HDR, H_KIND, H_LEN, H_STALE, H_STORED,
-    H_TTL, H_WIRE, H_ZONE,
+    entry_at, kind_to_u8, rd_u16, rd_u32, rd_u64, Cache, Parts, Shard, HDR, H_KEY, H_KIND, H_LEN,
+    H_STALE, H_STORED, H_TTL, H_WIRE, H_ZONE,
 };
 use crate::dns::{self, AnswerKind, HEADER_LEN as DNS_HEADER};
 
@@ -221,17 +221,18 @@ struct Loadable {
     key: u64,
     /// Store time in this cache's terms (ms since its epoch).
     stored_ms: u64,
-    /// Where the entry starts in the snapshot's entry bytes.
-    at: usize,
+    /// The shard of `key`.
+    shard: u32,
+    /// Where the entry starts: its chunk, and its offset in that chunk.
+    chunk: u32,
+    at: u32,
 }
 
 /// A snapshot read in full and checksummed, its entries not yet validated.
 struct Raw {
     created_ms: u64,
-    /// Every chunk's entry bytes, back to back.
-    body: Vec<u8>,
-    /// (end in `body`, entries) of each chunk.
-    chunks: Vec<(usize, u32)>,
+    /// Every chunk's entry bytes and number of entries.
+    chunks: Vec<(Vec<u8>, u32)>,
     entries: u64,
     bytes: u64,
 }
@@ -272,7 +273,6 @@ fn read_raw(r: &mut impl Read, limit: u64) -> Result<Raw, SnapshotError> {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
     let mut bytes = HEADER as u64;
-    let mut body = Vec::new();
     let mut chunks = Vec::new();
     let mut entries = 0u64;
     loop {
@@ -291,17 +291,15 @@ fn read_raw(r: &mut impl Read, limit: u64) -> Result<Raw, SnapshotError> {
         if bytes + TRAILER as u64 > limit {
             return Err(SnapshotError::TooLarge { limit });
         }
-        let start = body.len();
-        body.reserve(len);
-        let got = r
-            .take(len as u64)
+        let mut body = Vec::with_capacity(len);
+        r.take(len as u64)
             .read_to_end(&mut body)
             .map_err(read_err)?;
-        if got < len {
+        if body.len() < len {
             return Err(SnapshotError::Truncated);
         }
-        crc.update(&body[start..]);
-        chunks.push((body.len(), count));
+        crc.update(&body);
+        chunks.push((body, count));
         entries += count as u64;
     }
     let mut t = [0u8; TRAILER];
@@ -318,7 +316,6 @@ fn read_raw(r: &mut impl Read, limit: u64) -> Result<Raw, SnapshotError> {
     }
     Ok(Raw {
         created_ms: le_u64(&header, 12),
-        body,
         chunks,
         entries,
         bytes: bytes + TRAILER as u64,
@@ -517,12 +514,13 @@ impl Cache {
             bytes: raw.bytes,
             created: UNIX_EPOCH + Duration::from_millis(raw.created_ms),
         };
-        let body = &raw.body;
-        let mut keep = Vec::with_capacity(raw.entries.min(body.len() as u64) as usize);
-        let (mut at, mut index) = (0usize, 0u64);
-        for &(end, count) in &raw.chunks {
-            for _ in 0..count {
-                let e = &body[at..end];
+        let bytes: u64 = raw.chunks.iter().map(|c| c.0.len() as u64).sum();
+        let mut keep = Vec::with_capacity(raw.entries.min(bytes / ENTRY_FIXED as u64) as usize);
+        let mut index = 0u64;
+        for (chunk, (body, count)) in raw.chunks.iter().enumerate() {
+            let mut at = 0;
+            for _ in 0..*count {
+                let e = &body[at..];
                 let len = validate(e, raw.created_ms)
                     .map_err(|reason| SnapshotError::MalformedEntry { index, reason })?;
                 let (stored, stale) = (le_u64(e, 0), le_u32(e, 12) as u64);
@@ -535,16 +533,19 @@ impl Cache {
                     let wire_len = le_u16(e, 20) as usize;
                     let wire = &e[ENTRY_FIXED..ENTRY_FIXED + wire_len];
                     let qend = dns::skip_name(wire, DNS_HEADER).expect("validated") + 4;
+                    let key = self.key(&wire[DNS_HEADER..qend], e[18]);
                     keep.push(Loadable {
-                        key: self.key(&wire[DNS_HEADER..qend], e[18]),
+                        key,
                         stored_ms: now_ms - age,
-                        at,
+                        shard: self.shard_index(key) as u32,
+                        chunk: chunk as u32,
+                        at: at as u32,
                     });
                 }
                 at += len;
                 index += 1;
             }
-            if at != end {
+            if at != body.len() {
                 return Err(SnapshotError::MalformedEntry {
                     index,
                     reason: "bytes after the last entry of a chunk",
@@ -553,13 +554,21 @@ impl Cache {
         }
         // Per shard, oldest first: the arena's order is the eviction order, so when this cache is
         // smaller than the snapshot its bounds drop the oldest entries.
-        keep.sort_unstable_by_key(|l| (self.shard_index(l.key), l.stored_ms, l.at));
-        for group in keep.chunk_by(|a, b| self.shard_index(a.key) == self.shard_index(b.key)) {
+        keep.sort_unstable_by_key(|l| (l.shard, l.stored_ms, l.chunk, l.at));
+        for group in keep.chunk_by(|a, b| a.shard == b.shard) {
             let shard = self.shard(group[0].key);
-            for batch in group.chunks(LOAD_BATCH) {
+            for (i, batch) in group.chunks(LOAD_BATCH).enumerate() {
                 shard.write(&self.readers, |shard| {
+                    if i == 0 {
+                        // Grow the table once rather than rehashing as it fills.
+                        let room = self.max_entries_per_shard.saturating_sub(shard.table.len());
+                        let (blocks, first) = (&shard.blocks, shard.first_seq);
+                        shard.table.reserve(group.len().min(room), |&h| {
+                            rd_u64(entry_at(blocks, first, h), H_KEY)
+                        });
+                    }
                     for l in batch {
-                        let e = &body[l.at..];
+                        let e = &raw.chunks[l.chunk as usize].0[l.at as usize..];
                         let wire_len = le_u16(e, 20) as usize;
                         let n_offsets = le_u16(e, 22) as usize;
                         let offs =
@@ -1000,6 +1009,11 @@ mod tests {
         }
         let mut huge = Vec::new();
         big.write_snapshot(&mut huge, now, wall).unwrap();
+        assert!(huge.len() > CHUNK_TARGET, "more than one chunk");
+        let same = cache(8 << 20, 2);
+        assert_eq!(load(&same, &huge, now, wall).unwrap().loaded, 20_000);
+        let (r, ..) = hit(&same, "n19999.example", false, now).expect("last entry");
+        assert_eq!(&r[r.len() - 4..], &19_999u32.to_be_bytes());
         let small = cache(64 << 10, 1);
         assert!(huge.len() as u64 > small.snapshot_limit());
         let err = load(&small, &huge, now, wall).unwrap_err();
