@@ -671,6 +671,68 @@ fn bench_snapshot(c: &mut Criterion) {
         )
     });
     g.finish();
+    insert_latency_under_snapshot(&cache, now, wall, n);
+}
+
+/// What a snapshot write costs the others: an insert waits while the snapshot copies the
+/// insert's shard, and a hit on that shard waits behind a waiting insert. Prints the insert
+/// latency percentiles on this thread while another thread writes snapshots back to back, and
+/// without it, so the difference is the snapshot's lock hold (preemption by other processes on
+/// the machine shows in both).
+fn insert_latency_under_snapshot(cache: &Cache, now: Instant, wall: SystemTime, n: usize) {
+    let template = {
+        let p = query_packet("m0-00000000.miss.example.com", 1, 1, false);
+        answer_entry(&parse_query(&p).unwrap(), 1, now)
+    };
+    // Inserts for 3 s under `cargo bench` (dozens of snapshots), 1,000 in test mode.
+    let span = if n >= 1_000_000 {
+        Duration::from_secs(3)
+    } else {
+        Duration::ZERO
+    };
+    let measure = |label: &str, stop: &std::sync::atomic::AtomicBool| {
+        let mut lat: Vec<u32> = Vec::new();
+        let start = Instant::now();
+        for i in 0u64.. {
+            if i >= 1000 && start.elapsed() >= span {
+                break;
+            }
+            // A fixed set of keys: each insert replaces one of 1,000 entries.
+            let key = cache.key(&(i % 1000).to_le_bytes(), 0);
+            let e = template.clone();
+            let t = Instant::now();
+            cache.insert(key, e);
+            lat.push(t.elapsed().as_nanos() as u32);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        lat.sort_unstable();
+        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+        eprintln!(
+            "insert latency {label}: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+            pct(0.5),
+            pct(0.99),
+            pct(0.999),
+            pct(1.0)
+        );
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    measure("alone", &stop);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let snapshots = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut out = Vec::new();
+            let mut k = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                out.clear();
+                cache.write_snapshot(&mut out, now, wall).unwrap();
+                k += 1;
+            }
+            k
+        });
+        measure("while snapshots are written", &stop);
+        writer.join().unwrap()
+    });
+    eprintln!("({snapshots} snapshots of {n} entries written meanwhile)");
 }
 
 criterion_group!(
