@@ -1216,6 +1216,16 @@ mod tests {
         let err = load_snapshot_file(&other, &path, t, wall, 1).unwrap_err();
         assert!(matches!(err, SnapshotError::TrailingBytes), "{err}");
         assert!(other.is_empty());
+        // A file over the limit is refused by its size, before it is read.
+        let small = cache(64 << 10, 1);
+        let big = fs::File::create(&path).unwrap();
+        big.set_len(small.snapshot_limit() + 1).unwrap();
+        let err = load_snapshot_file(&small, &path, t, wall, 1).unwrap_err();
+        assert!(matches!(err, SnapshotError::TooLarge { .. }), "{err}");
+        // Not a file at all: an I/O error with its own label.
+        let err = load_snapshot_file(&small, dir.path(), t, wall, 1).unwrap_err();
+        assert_eq!(err.label(), "io", "{err}");
+        assert!(small.is_empty());
         // A path whose directory is missing: an I/O error, not a panic.
         let err = write_snapshot_file(&c, &dir.path().join("no/such"), t, wall).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
