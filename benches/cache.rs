@@ -14,6 +14,9 @@
 //!   `sync::Cache`. quick_cache and moka return a clone of the value, so they store `Arc<Entry>`.
 //!
 //! - `insert/{not_full,full_100k}`: `Cache::insert` below the entry bound and at it (every insert evicts).
+//! - `snapshot/{write,load}/N`: `Cache::write_snapshot` of N live entries into memory, and
+//!   `Cache::load_snapshot` of it into a new cache (checksums, every entry walked as a DNS
+//!   response, re-keyed and inserted); N is 1M under `cargo bench`, 1,000 in test mode.
 //!
 //! Run: `cargo bench --bench cache -- --warm-up-time 1 --measurement-time 3`
 //! (a filter after `--` selects groups, e.g. `-- crates`).
@@ -21,7 +24,7 @@
 use std::hash::{BuildHasher, Hasher};
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use nodedns::cache::{Cache, CacheConfig, Entry};
@@ -603,6 +606,135 @@ fn bench_insert(c: &mut Criterion) {
     g.finish();
 }
 
+// ------------------------------------------------------------------ snapshot (warm restart)
+
+/// Writing and loading a cache snapshot of N entries: 3 positive answers (one A record) to 1
+/// NXDOMAIN (with a SOA), distinct names, all live.
+fn bench_snapshot(c: &mut Criterion) {
+    // `cargo test --benches` runs this once in test mode: keep that quick.
+    let n: usize = if std::env::args().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        1_000
+    };
+    let cfg = CacheConfig {
+        max_entries: 2 * n,
+        max_bytes: 256 << 20,
+        shards: SHARDS,
+    };
+    let cache = Cache::new(&cfg);
+    let now = Instant::now();
+    for i in 0..n {
+        let name = if i % 2 == 0 {
+            format!("svc-{}.ns-{}.svc.cluster.local", i % 1000, i / 1000)
+        } else {
+            format!("host-{i}.example.com")
+        };
+        let p = query_packet(&name, 1, 1, false);
+        let q = parse_query(&p).unwrap();
+        let e = answer_entry(&q, usize::from(i % 4 != 0), now);
+        assert!(cache.insert(cache.key(q.question_lower(), q.key_flags()), e));
+    }
+    assert_eq!(cache.len(), n);
+    let wall = SystemTime::now();
+    let mut snapshot = Vec::new();
+    let stats = cache.write_snapshot(&mut snapshot, now, wall).unwrap();
+    assert_eq!(stats.entries, n as u64);
+    eprintln!(
+        "snapshot of {n} entries: {} bytes ({} per entry); cache arena {} bytes",
+        stats.bytes,
+        stats.bytes / n as u64,
+        cache.bytes()
+    );
+
+    let mut g = c.benchmark_group("snapshot");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(n as u64));
+    let mut out = Vec::with_capacity(snapshot.len());
+    g.bench_function(BenchmarkId::new("write", n), |b| {
+        b.iter(|| {
+            out.clear();
+            cache.write_snapshot(&mut out, now, wall).unwrap()
+        })
+    });
+    g.bench_function(BenchmarkId::new("load", n), |b| {
+        b.iter_batched(
+            || Cache::new(&cfg),
+            |fresh| {
+                let l = fresh
+                    .load_snapshot(&mut &snapshot[..], Instant::now(), wall, 1)
+                    .unwrap();
+                assert_eq!(l.loaded, n as u64);
+                fresh
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+    insert_latency_under_snapshot(&cache, now, wall, n);
+}
+
+/// What a snapshot write costs the others: an insert waits while the snapshot copies the
+/// insert's shard, and a hit on that shard waits behind a waiting insert. Prints the insert
+/// latency percentiles on this thread while another thread writes snapshots back to back, and
+/// without it, so the difference is the snapshot's lock hold (preemption by other processes on
+/// the machine shows in both).
+fn insert_latency_under_snapshot(cache: &Cache, now: Instant, wall: SystemTime, n: usize) {
+    let template = {
+        let p = query_packet("m0-00000000.miss.example.com", 1, 1, false);
+        answer_entry(&parse_query(&p).unwrap(), 1, now)
+    };
+    // Inserts for 3 s under `cargo bench` (dozens of snapshots), 1,000 in test mode.
+    let span = if n >= 1_000_000 {
+        Duration::from_secs(3)
+    } else {
+        Duration::ZERO
+    };
+    let measure = |label: &str, stop: &std::sync::atomic::AtomicBool| {
+        let mut lat: Vec<u32> = Vec::new();
+        let start = Instant::now();
+        for i in 0u64.. {
+            if i >= 1000 && start.elapsed() >= span {
+                break;
+            }
+            // A fixed set of keys: each insert replaces one of 1,000 entries.
+            let key = cache.key(&(i % 1000).to_le_bytes(), 0);
+            let e = template.clone();
+            let t = Instant::now();
+            cache.insert(key, e);
+            lat.push(t.elapsed().as_nanos() as u32);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        lat.sort_unstable();
+        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+        eprintln!(
+            "insert latency {label}: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+            pct(0.5),
+            pct(0.99),
+            pct(0.999),
+            pct(1.0)
+        );
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    measure("alone", &stop);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let snapshots = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut out = Vec::new();
+            let mut k = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                out.clear();
+                cache.write_snapshot(&mut out, now, wall).unwrap();
+                k += 1;
+            }
+            k
+        });
+        measure("while snapshots are written", &stop);
+        writer.join().unwrap()
+    });
+    eprintln!("({snapshots} snapshots of {n} entries written meanwhile)");
+}
+
 criterion_group!(
     benches,
     bench_parse_key,
@@ -610,6 +742,7 @@ criterion_group!(
     bench_lookup,
     bench_lookup_concurrent,
     bench_crates,
-    bench_insert
+    bench_insert,
+    bench_snapshot
 );
 criterion_main!(benches);

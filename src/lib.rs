@@ -6,7 +6,9 @@
 //! - [`server`]: the UDP workers (hot path, and UDP-zone misses on each worker's own runtime) and
 //!   the TCP server; [`server::Context`] answers.
 //! - [`dns`]: allocation-free query parsing and response walking on the wire.
-//! - [`cache`]: the sharded answer cache (arena blocks, FIFO eviction).
+//! - [`cache`]: the sharded answer cache (arena blocks, FIFO eviction): `cache/mod.rs` the
+//!   sharded table, `cache/entry.rs` the entries and the reply renderer, `cache/snapshot.rs` the
+//!   warm-restart snapshot (entries to a byte stream or state file and back, verified on load).
 //! - [`readslots`]: the shards' lock; a reader writes only to its own thread's slot.
 //! - [`forward`]: the miss path: zone routing, UDP/TCP upstream exchanges, caching rules.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints;

@@ -182,6 +182,10 @@ struct Shard {
     bytes: usize,
     /// One emptied standard block kept for reuse, so a steady-state shard does not allocate.
     spare: Option<Vec<u8>>,
+    /// Times the arena was emptied in place (its only block rewound, or every block dropped):
+    /// a (block sequence, offset) position from before then may now hold another entry. Read
+    /// by a snapshot's walk between its lock holds; never by a hit.
+    resets: u64,
 }
 
 /// The bytes from the entry `h` points at to the end of its block (header first). A free function
@@ -233,6 +237,7 @@ impl Shard {
                 b.clear();
             }
             self.head = 0;
+            self.resets += 1;
             return false;
         }
         let mut b = self.blocks.pop_front().expect("front");
@@ -313,6 +318,7 @@ impl Cache {
                             head: 0,
                             bytes: 0,
                             spare: None,
+                            resets: 0,
                         },
                     ))
                 })
@@ -603,6 +609,7 @@ impl Cache {
                     shard.spare = None;
                     shard.bytes = 0;
                     shard.head = 0;
+                    shard.resets += 1;
                 }
                 removed
             });

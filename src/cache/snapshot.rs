@@ -12,10 +12,11 @@
 //!          zone u16 | key flags u8 | kind u8 | wire length u16 | TTL offsets u16 |
 //!          wire bytes | TTL offsets (u16 each)
 //! ```
-//! The writer copies one shard at a time and sends its entries as chunks of about 1 MiB, so it
-//! never holds the whole snapshot in memory and a stream needs no length up front; the reader
-//! stops after the trailer, so a stream need not be closed. Each chunk header carries its own
-//! CRC, so a corrupt length is caught before it is used.
+//! The writer walks one shard at a time, 32 KiB of arena per read-lock hold, and sends its
+//! entries as chunks of about 1 MiB, so it never holds the whole snapshot in memory, never holds
+//! a lock for long, and a stream needs no length up front; the reader stops after the trailer, so
+//! a stream need not be closed. Each chunk header carries its own CRC, so a corrupt length is
+//! caught before it is used.
 //!
 //! Store times are absolute (wall clock): the cache keeps them relative to its own epoch, which
 //! means nothing to another process. On load an entry's age is the time since it was stored,
@@ -41,8 +42,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{
-    kind_to_u8, rd_u16, rd_u32, rd_u64, Cache, Parts, Shard, HDR, H_KIND, H_LEN, H_STALE, H_STORED,
-    H_TTL, H_WIRE, H_ZONE,
+    entry_at, handle, kind_to_u8, rd_u16, rd_u32, rd_u64, Cache, Parts, Shard, HDR, H_FLAGS, H_KEY,
+    H_KIND, H_LEN, H_STALE, H_STORED, H_TTL, H_WIRE, H_ZONE,
 };
 use crate::dns::{self, AnswerKind, HEADER_LEN as DNS_HEADER};
 
@@ -180,39 +181,109 @@ impl<W: Write> Summed<'_, W> {
     }
 }
 
-/// One shard's arena and handles, copied out under its read lock (a few memcpys) so that the
-/// encoding runs with no lock held. Reused from shard to shard.
-#[derive(Default)]
-struct ShardCopy {
-    /// The shard's blocks, back to back.
-    data: Vec<u8>,
-    /// Where each block starts in `data`.
-    starts: Vec<usize>,
-    /// The live entries: (block index, offset), sorted into arena (insertion) order.
-    handles: Vec<(u32, u32)>,
+/// Arena bytes a snapshot's walk scans per read-lock hold (at least one entry): a few
+/// microseconds, so an insert on that shard (and the hits queued behind it) hardly waits.
+const WALK_STEP: usize = 32 << 10;
+
+/// A walk over one shard's arena in insertion order, from its head to where its newest block
+/// ended when the walk began, a short read-lock hold per step. Between steps the shard changes:
+/// blocks freed at the head are skipped, entries appended after the end are left out (they came
+/// after the snapshot began), and an arena emptied in place (`Shard::resets`) ends the walk, since
+/// a position from before may then hold another entry. An entry is taken only if the table
+/// still points at it (not replaced, purged or evicted), as in `purge_expired`.
+struct ShardWalk {
+    resets: u64,
+    /// Position of the next entry: block sequence number and offset.
+    seq: u32,
+    off: usize,
+    /// Where the walk stops.
+    end_seq: u32,
+    end_off: usize,
+    done: bool,
 }
 
-impl ShardCopy {
-    fn fill(&mut self, shard: &Shard) {
-        self.data.clear();
-        self.starts.clear();
-        self.handles.clear();
-        for b in &shard.blocks {
-            self.starts.push(self.data.len());
-            self.data.extend_from_slice(b);
+/// True when block sequence number `a` comes before `b` (sequence numbers wrap).
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+impl ShardWalk {
+    fn new(shard: &Shard) -> Self {
+        let n = shard.blocks.len() as u32;
+        ShardWalk {
+            resets: shard.resets,
+            seq: shard.first_seq,
+            off: shard.head,
+            end_seq: shard.first_seq.wrapping_add(n.saturating_sub(1)),
+            end_off: shard.blocks.back().map_or(0, Vec::len),
+            done: n == 0,
         }
-        let first = shard.first_seq;
-        self.handles.extend(
-            shard
-                .table
-                .iter()
-                .map(|&h| (((h >> 32) as u32).wrapping_sub(first), h as u32)),
-        );
     }
 
-    fn entry(&self, (block, off): (u32, u32)) -> &[u8] {
-        let e = &self.data[self.starts[block as usize] + off as usize..];
-        &e[..rd_u32(e, H_LEN) as usize]
+    /// Calls `emit` with each live entry (header included) of up to `budget` more arena bytes.
+    /// False once the walk is over.
+    fn step(&mut self, shard: &Shard, budget: usize, mut emit: impl FnMut(&[u8])) -> bool {
+        if self.done || shard.resets != self.resets || before(self.end_seq, shard.first_seq) {
+            self.done = true;
+            return false;
+        }
+        if before(self.seq, shard.first_seq)
+            || (self.seq == shard.first_seq && self.off < shard.head)
+        {
+            self.seq = shard.first_seq;
+            self.off = shard.head;
+        }
+        let mut scanned = 0;
+        loop {
+            let idx = self.seq.wrapping_sub(shard.first_seq) as usize;
+            let Some(block) = shard.blocks.get(idx) else {
+                self.done = true;
+                return false;
+            };
+            let end = if self.seq == self.end_seq {
+                self.end_off.min(block.len())
+            } else {
+                block.len()
+            };
+            if self.off >= end {
+                if self.seq == self.end_seq {
+                    self.done = true;
+                    return false;
+                }
+                self.seq = self.seq.wrapping_add(1);
+                self.off = 0;
+                continue;
+            }
+            if scanned >= budget {
+                return true;
+            }
+            let e = &block[self.off..];
+            let len = rd_u32(e, H_LEN) as usize;
+            if shard.find(rd_u64(e, H_KEY)) == Some(handle(self.seq, self.off)) {
+                emit(&e[..len]);
+            }
+            self.off += len;
+            scanned += len;
+        }
+    }
+}
+
+/// Appends the arena entry `e` (header included) to `out` in the snapshot's encoding, stored at
+/// `stored_wall` (ms since the Unix epoch).
+fn encode(out: &mut Vec<u8>, e: &[u8], stored_wall: u64) {
+    let wire_len = rd_u16(e, H_WIRE) as usize;
+    let offsets = &e[HDR + wire_len..];
+    out.extend_from_slice(&stored_wall.to_le_bytes());
+    out.extend_from_slice(&rd_u32(e, H_TTL).to_le_bytes());
+    out.extend_from_slice(&rd_u32(e, H_STALE).to_le_bytes());
+    out.extend_from_slice(&rd_u16(e, H_ZONE).to_le_bytes());
+    out.push(e[H_FLAGS]);
+    out.push(e[H_KIND]);
+    out.extend_from_slice(&(wire_len as u16).to_le_bytes());
+    out.extend_from_slice(&((offsets.len() / 2) as u16).to_le_bytes());
+    out.extend_from_slice(&e[HDR..HDR + wire_len]);
+    for o in offsets.chunks_exact(2) {
+        out.extend_from_slice(&rd_u16(o, 0).to_le_bytes());
     }
 }
 
@@ -221,17 +292,18 @@ struct Loadable {
     key: u64,
     /// Store time in this cache's terms (ms since its epoch).
     stored_ms: u64,
-    /// Where the entry starts in the snapshot's entry bytes.
-    at: usize,
+    /// The shard of `key`.
+    shard: u32,
+    /// Where the entry starts: its chunk, and its offset in that chunk.
+    chunk: u32,
+    at: u32,
 }
 
 /// A snapshot read in full and checksummed, its entries not yet validated.
 struct Raw {
     created_ms: u64,
-    /// Every chunk's entry bytes, back to back.
-    body: Vec<u8>,
-    /// (end in `body`, entries) of each chunk.
-    chunks: Vec<(usize, u32)>,
+    /// Every chunk's entry bytes and number of entries.
+    chunks: Vec<(Vec<u8>, u32)>,
     entries: u64,
     bytes: u64,
 }
@@ -272,7 +344,6 @@ fn read_raw(r: &mut impl Read, limit: u64) -> Result<Raw, SnapshotError> {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
     let mut bytes = HEADER as u64;
-    let mut body = Vec::new();
     let mut chunks = Vec::new();
     let mut entries = 0u64;
     loop {
@@ -291,17 +362,15 @@ fn read_raw(r: &mut impl Read, limit: u64) -> Result<Raw, SnapshotError> {
         if bytes + TRAILER as u64 > limit {
             return Err(SnapshotError::TooLarge { limit });
         }
-        let start = body.len();
-        body.reserve(len);
-        let got = r
-            .take(len as u64)
+        let mut body = Vec::with_capacity(len);
+        r.take(len as u64)
             .read_to_end(&mut body)
             .map_err(read_err)?;
-        if got < len {
+        if body.len() < len {
             return Err(SnapshotError::Truncated);
         }
-        crc.update(&body[start..]);
-        chunks.push((body.len(), count));
+        crc.update(&body);
+        chunks.push((body, count));
         entries += count as u64;
     }
     let mut t = [0u8; TRAILER];
@@ -318,7 +387,6 @@ fn read_raw(r: &mut impl Read, limit: u64) -> Result<Raw, SnapshotError> {
     }
     Ok(Raw {
         created_ms: le_u64(&header, 12),
-        body,
         chunks,
         entries,
         bytes: bytes + TRAILER as u64,
@@ -406,11 +474,11 @@ impl Cache {
     /// Writes every entry whose stale horizon is after `now` to `w` (see the module doc for the
     /// format); `now_wall` is the wall-clock time of `now`, which turns store times absolute.
     ///
-    /// Each shard's blocks and handles are copied out under its read lock (memcpys: the lock is
-    /// held about as long as copying the shard's bytes takes) and encoded and written with no
-    /// lock held, so lookups go on and an insert waits at most for one shard's copy. Entries go
-    /// out in each shard's insertion order. `w` is written in chunks of about 1 MiB: buffering
-    /// is the caller's.
+    /// Each shard's arena is walked in insertion order under its read lock, 32 KiB of arena per
+    /// hold (a few microseconds: lookups never wait for it, an insert on that shard at most one
+    /// step), and the encoded entries are written with no lock held, in chunks of about 1 MiB
+    /// (buffering is the caller's). Not a point-in-time image: entries inserted into a shard
+    /// after its walk began are left out, entries removed before the walk reached them too.
     pub fn write_snapshot(
         &self,
         w: &mut impl Write,
@@ -429,40 +497,35 @@ impl Cache {
         header[8..12].copy_from_slice(&VERSION.to_le_bytes());
         header[12..20].copy_from_slice(&wall_ms.to_le_bytes());
         out.put(&header)?;
-        let mut copy = ShardCopy::default();
         let mut chunk = Vec::with_capacity(CHUNK_TARGET + (64 << 10));
         let mut in_chunk = 0u32;
         let mut entries = 0u64;
         for s in self.shards.iter() {
-            self.read(&s.0, |shard| copy.fill(shard));
-            copy.handles.sort_unstable();
-            for &h in &copy.handles {
-                let e = copy.entry(h);
-                let stored = rd_u64(e, H_STORED);
-                if stored + rd_u32(e, H_STALE) as u64 * 1000 <= now_ms {
-                    continue;
-                }
-                let age = now_ms.saturating_sub(stored);
-                let wire_len = rd_u16(e, H_WIRE) as usize;
-                let offsets = &e[HDR + wire_len..];
-                chunk.extend_from_slice(&wall_ms.saturating_sub(age).to_le_bytes());
-                chunk.extend_from_slice(&rd_u32(e, H_TTL).to_le_bytes());
-                chunk.extend_from_slice(&rd_u32(e, H_STALE).to_le_bytes());
-                chunk.extend_from_slice(&rd_u16(e, H_ZONE).to_le_bytes());
-                chunk.push(e[super::H_FLAGS]);
-                chunk.push(e[H_KIND]);
-                chunk.extend_from_slice(&(wire_len as u16).to_le_bytes());
-                chunk.extend_from_slice(&((offsets.len() / 2) as u16).to_le_bytes());
-                chunk.extend_from_slice(&e[HDR..HDR + wire_len]);
-                for o in offsets.chunks_exact(2) {
-                    chunk.extend_from_slice(&rd_u16(o, 0).to_le_bytes());
-                }
-                in_chunk += 1;
+            let mut walk = self.read(&s.0, ShardWalk::new);
+            loop {
+                // Entries are encoded under the lock (a copy each), written out without it.
+                let more = self.read(&s.0, |shard| {
+                    walk.step(shard, WALK_STEP, |e| {
+                        let stored = rd_u64(e, H_STORED);
+                        if stored + rd_u32(e, H_STALE) as u64 * 1000 <= now_ms {
+                            return;
+                        }
+                        encode(
+                            &mut chunk,
+                            e,
+                            wall_ms.saturating_sub(now_ms.saturating_sub(stored)),
+                        );
+                        in_chunk += 1;
+                    })
+                });
                 if chunk.len() >= CHUNK_TARGET {
                     out.chunk(in_chunk, &chunk)?;
                     entries += in_chunk as u64;
                     chunk.clear();
                     in_chunk = 0;
+                }
+                if !more {
+                    break;
                 }
             }
         }
@@ -517,12 +580,13 @@ impl Cache {
             bytes: raw.bytes,
             created: UNIX_EPOCH + Duration::from_millis(raw.created_ms),
         };
-        let body = &raw.body;
-        let mut keep = Vec::with_capacity(raw.entries.min(body.len() as u64) as usize);
-        let (mut at, mut index) = (0usize, 0u64);
-        for &(end, count) in &raw.chunks {
-            for _ in 0..count {
-                let e = &body[at..end];
+        let bytes: u64 = raw.chunks.iter().map(|c| c.0.len() as u64).sum();
+        let mut keep = Vec::with_capacity(raw.entries.min(bytes / ENTRY_FIXED as u64) as usize);
+        let mut index = 0u64;
+        for (chunk, (body, count)) in raw.chunks.iter().enumerate() {
+            let mut at = 0;
+            for _ in 0..*count {
+                let e = &body[at..];
                 let len = validate(e, raw.created_ms)
                     .map_err(|reason| SnapshotError::MalformedEntry { index, reason })?;
                 let (stored, stale) = (le_u64(e, 0), le_u32(e, 12) as u64);
@@ -535,16 +599,19 @@ impl Cache {
                     let wire_len = le_u16(e, 20) as usize;
                     let wire = &e[ENTRY_FIXED..ENTRY_FIXED + wire_len];
                     let qend = dns::skip_name(wire, DNS_HEADER).expect("validated") + 4;
+                    let key = self.key(&wire[DNS_HEADER..qend], e[18]);
                     keep.push(Loadable {
-                        key: self.key(&wire[DNS_HEADER..qend], e[18]),
+                        key,
                         stored_ms: now_ms - age,
-                        at,
+                        shard: self.shard_index(key) as u32,
+                        chunk: chunk as u32,
+                        at: at as u32,
                     });
                 }
                 at += len;
                 index += 1;
             }
-            if at != end {
+            if at != body.len() {
                 return Err(SnapshotError::MalformedEntry {
                     index,
                     reason: "bytes after the last entry of a chunk",
@@ -553,13 +620,21 @@ impl Cache {
         }
         // Per shard, oldest first: the arena's order is the eviction order, so when this cache is
         // smaller than the snapshot its bounds drop the oldest entries.
-        keep.sort_unstable_by_key(|l| (self.shard_index(l.key), l.stored_ms, l.at));
-        for group in keep.chunk_by(|a, b| self.shard_index(a.key) == self.shard_index(b.key)) {
+        keep.sort_unstable_by_key(|l| (l.shard, l.stored_ms, l.chunk, l.at));
+        for group in keep.chunk_by(|a, b| a.shard == b.shard) {
             let shard = self.shard(group[0].key);
-            for batch in group.chunks(LOAD_BATCH) {
+            for (i, batch) in group.chunks(LOAD_BATCH).enumerate() {
                 shard.write(&self.readers, |shard| {
+                    if i == 0 {
+                        // Grow the table once rather than rehashing as it fills.
+                        let room = self.max_entries_per_shard.saturating_sub(shard.table.len());
+                        let (blocks, first) = (&shard.blocks, shard.first_seq);
+                        shard.table.reserve(group.len().min(room), |&h| {
+                            rd_u64(entry_at(blocks, first, h), H_KEY)
+                        });
+                    }
                     for l in batch {
-                        let e = &body[l.at..];
+                        let e = &raw.chunks[l.chunk as usize].0[l.at as usize..];
                         let wire_len = le_u16(e, 20) as usize;
                         let n_offsets = le_u16(e, 22) as usize;
                         let offs =
@@ -1000,6 +1075,11 @@ mod tests {
         }
         let mut huge = Vec::new();
         big.write_snapshot(&mut huge, now, wall).unwrap();
+        assert!(huge.len() > CHUNK_TARGET, "more than one chunk");
+        let same = cache(8 << 20, 2);
+        assert_eq!(load(&same, &huge, now, wall).unwrap().loaded, 20_000);
+        let (r, ..) = hit(&same, "n19999.example", false, now).expect("last entry");
+        assert_eq!(&r[r.len() - 4..], &19_999u32.to_be_bytes());
         let small = cache(64 << 10, 1);
         assert!(huge.len() as u64 > small.snapshot_limit());
         let err = load(&small, &huge, now, wall).unwrap_err();
@@ -1136,9 +1216,103 @@ mod tests {
         let err = load_snapshot_file(&other, &path, t, wall, 1).unwrap_err();
         assert!(matches!(err, SnapshotError::TrailingBytes), "{err}");
         assert!(other.is_empty());
+        // A file over the limit is refused by its size, before it is read.
+        let small = cache(64 << 10, 1);
+        let big = fs::File::create(&path).unwrap();
+        big.set_len(small.snapshot_limit() + 1).unwrap();
+        let err = load_snapshot_file(&small, &path, t, wall, 1).unwrap_err();
+        assert!(matches!(err, SnapshotError::TooLarge { .. }), "{err}");
+        // Not a file at all: an I/O error with its own label.
+        let err = load_snapshot_file(&small, dir.path(), t, wall, 1).unwrap_err();
+        assert_eq!(err.label(), "io", "{err}");
+        assert!(small.is_empty());
         // A path whose directory is missing: an I/O error, not a panic.
         let err = write_snapshot_file(&c, &dir.path().join("no/such"), t, wall).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// A walk one entry per step, with inserts (new names and replacements), evictions and
+    /// purges between steps: every entry it yields is whole and was live when taken, no name
+    /// twice; an arena emptied in place ends it.
+    #[test]
+    fn walk_survives_changes_between_steps() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (mut resets, mut freed) = (0, 0);
+        for round in 0..50 {
+            let c = Cache::new(&CacheConfig {
+                max_entries: 60,
+                max_bytes: 4000,
+                shards: 1,
+            });
+            let lock = &c.shards[0].0;
+            let mut t = Instant::now();
+            let put_name = |c: &Cache, i: u32, t: Instant, ttl: u32| {
+                let name = format!("n{i}.example");
+                put(c, entry(&name, 0, Some([round, 0, 0, 1]), ttl, 0, 0, t));
+            };
+            for i in 0..rng.random_range(0..80) {
+                put_name(&c, i, t, rng.random_range(1..30));
+            }
+            let mut walk = c.read(lock, ShardWalk::new);
+            let start = walk.seq;
+            let mut seen = std::collections::HashSet::new();
+            loop {
+                let mut got = Vec::new();
+                let more = c.read(lock, |sh| {
+                    walk.step(sh, 1, |e| {
+                        // Live when taken: the table points at it.
+                        assert_eq!(
+                            sh.find(rd_u64(e, H_KEY)).map(|h| sh.entry(h).as_ptr()),
+                            Some(e.as_ptr())
+                        );
+                        got.push(e.to_vec());
+                    })
+                });
+                assert!(got.len() <= 1);
+                for e in got {
+                    // Whole: its key is the hash of its own question.
+                    let wire = &e[HDR..HDR + rd_u16(&e, H_WIRE) as usize];
+                    let qend = dns::skip_name(wire, DNS_HEADER).unwrap() + 4;
+                    let key = c.key(&wire[DNS_HEADER..qend], e[H_FLAGS]);
+                    assert_eq!(key, rd_u64(&e, H_KEY));
+                    assert!(seen.insert(key), "round {round}: a name twice");
+                }
+                if !more {
+                    break;
+                }
+                match rng.random_range(0..10) {
+                    0..=5 => put_name(&c, rng.random_range(0..120), t, rng.random_range(1..30)),
+                    6 => {
+                        t += Duration::from_secs(rng.random_range(0..20));
+                        c.purge_expired(t);
+                    }
+                    _ => {}
+                }
+            }
+            c.read(lock, |sh| {
+                resets += usize::from(sh.resets != walk.resets);
+                freed += usize::from(before(start, sh.first_seq));
+            });
+        }
+        assert!(
+            resets > 0 && freed > 0,
+            "{resets} resets, {freed} with blocks freed"
+        );
+        // Emptied in place mid-walk: the walk ends, nothing of the new arena is taken.
+        let c = cache(1 << 20, 1);
+        let lock = &c.shards[0].0;
+        let t = Instant::now();
+        put(&c, entry("a.example", 0, Some([1, 1, 1, 1]), 5, 0, 0, t));
+        put(&c, entry("b.example", 0, Some([1, 1, 1, 2]), 5, 0, 0, t));
+        let mut walk = c.read(lock, ShardWalk::new);
+        let mut n = 0;
+        assert!(c.read(lock, |sh| walk.step(sh, 1, |_| n += 1)));
+        assert_eq!(c.purge_expired(t + Duration::from_secs(10)), 2);
+        put(&c, entry("c.example", 0, Some([1, 1, 1, 3]), 5, 0, 0, t));
+        put(&c, entry("d.example", 0, Some([1, 1, 1, 4]), 5, 0, 0, t));
+        assert!(!c.read(lock, |sh| walk.step(sh, 1 << 20, |_| n += 1)));
+        assert_eq!(n, 1);
     }
 
     #[test]
