@@ -4,7 +4,7 @@
 //!
 //!     cargo bench --bench memory            # 10k, 100k and 1M entries
 //!
-//! Issue 6's target: RSS with 100,000 entries at most 1.5x the answer bytes plus a fixed base.
+//! The target: RSS with 100,000 entries at most 1.5x the answer bytes plus a fixed base.
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! A `parking_lot::RwLock` read still does an atomic add on the lock word, so when two workers
 //! read the same shard one after the other, the line moves between their cores: measured here,
 //! that doubled the per-thread cost of a cache hit with two threads (`benches/cache.rs`,
-//! `lookup_concurrent`). Issue 6 asks for a hit path with no shared write at all.
+//! `lookup_concurrent`). The hit path must make no shared write at all.
 //!
 //! Here every reading thread owns a slot (its own 128-byte line) in a [`ReaderSlots`] table. To
 //! read lock `i` it stores `i + 1` in its slot, then checks the lock's writer flag; a writer sets

@@ -1,4 +1,4 @@
-//! End-to-end tests of the core (issue 2): the real binary on loopback, in front of fake
+//! End-to-end tests of the core: the real binary on loopback, in front of fake
 //! upstreams that record how each query reached them.
 
 mod common;

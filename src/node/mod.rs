@@ -117,7 +117,7 @@ impl Default for NodeConfig {
 /// Rounds of rule removal at teardown while the xtables lock stays busy (each waits 5 s).
 const TEARDOWN_LOCK_ATTEMPTS: u32 = 3;
 
-/// Counts setup failures; the lead implements it on the metrics type as
+/// Counts setup failures; the metrics type implements it as
 /// coredns_nodecache_setup_errors_total{errortype} with errortype one of
 /// "iptables", "iptables_lock", "interface_add", "interface_check", "configmap".
 ///
