@@ -152,7 +152,8 @@ pub struct CacheSection {
     pub stale_answer_ttl: String,
     /// After a failed refresh, stale answers are served without asking upstream this long.
     pub stale_recheck: String,
-    /// Hits within the last `prefetch_percentage` of an entry's TTL that refresh it in the
+    /// Uses of an entry in its lifetime (the query that stored it counts as one, hits in the
+    /// last `prefetch_percentage` of its TTL as the rest) after which it is refreshed in the
     /// background before it expires; 0 turns prefetch off.
     pub prefetch: u32,
     pub prefetch_percentage: u32,
@@ -355,7 +356,7 @@ pub struct Settings {
     pub servfail_ttl: Duration,
     pub stale_answer_ttl: Duration,
     pub stale_recheck: Duration,
-    /// Hits in the prefetch window that refresh an entry before it expires (0: off).
+    /// Uses of an entry that qualify it for a refresh before it expires (0: off).
     pub prefetch_hits: u32,
     /// The prefetch window: the last this many percent of an entry's TTL.
     pub prefetch_percentage: u32,

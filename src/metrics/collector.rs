@@ -46,11 +46,12 @@ enum Family {
     CacheBytes,
     CacheInserts,
     Panics,
+    TcpPressureCloses,
 }
 
 /// Name, help text and type of every [`Family`], in the order of its variants.
 #[rustfmt::skip]
-const FAMILIES: [(Family, &str, &str, MetricType); 14] = [
+const FAMILIES: [(Family, &str, &str, MetricType); 15] = [
     (Family::Requests, "coredns_dns_requests_total", "Counter of DNS requests made per zone, protocol and family.", MetricType::COUNTER),
     (Family::Responses, "coredns_dns_responses_total", "Counter of response status codes.", MetricType::COUNTER),
     (Family::Duration, "coredns_dns_request_duration_seconds", "Histogram of the time (in seconds) each request took per zone.", MetricType::HISTOGRAM),
@@ -65,6 +66,7 @@ const FAMILIES: [(Family, &str, &str, MetricType); 14] = [
     (Family::CacheBytes, "nodedns_cache_bytes", "Bytes held by cache entries.", MetricType::GAUGE),
     (Family::CacheInserts, "nodedns_cache_inserts_total", "Answers stored in the cache.", MetricType::COUNTER),
     (Family::Panics, "coredns_panics_total", "A metrics that counts the number of panics.", MetricType::COUNTER),
+    (Family::TcpPressureCloses, "nodedns_tcp_pressure_closes_total", "TCP client connections closed, the longest idle first, to admit a new one at the connection cap.", MetricType::COUNTER),
 ];
 
 // `FAMILIES[f as usize]` describes `f`.
@@ -314,6 +316,13 @@ impl Collector for QueryCollector {
             fams.push(Family::CacheInserts, counter(&[], inserts as f64));
         }
         fams.push(Family::Panics, counter(&[], panics() as f64));
+        fams.push(
+            Family::TcpPressureCloses,
+            counter(
+                &[],
+                super::resilience::TCP_PRESSURE_CLOSES.load(Ordering::Relaxed) as f64,
+            ),
+        );
         fams.into_filled()
     }
 }

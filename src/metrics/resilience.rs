@@ -2,7 +2,13 @@
 //! stale answers served, prefetches, coalesced misses, health-check verdicts and queries refused
 //! for the in-flight bound.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus::{IntCounter, Opts, Registry};
+
+/// TCP connections closed to make room for a new one at `server.tcp_max_connections`
+/// (`nodedns_tcp_pressure_closes_total`); the TCP server's connection table counts them.
+pub static TCP_PRESSURE_CLOSES: AtomicU64 = AtomicU64::new(0);
 
 pub struct Counters {
     /// `coredns_cache_served_stale_total`: answers served past their TTL (RFC 8767).

@@ -192,19 +192,22 @@ impl Context {
         }
     }
 
-    /// A hit in its entry's prefetch window. Each worker thread counts such hits per entry
-    /// lifetime in a table of its own (no shared write); at `cache.prefetch` hits it claims the
-    /// refresh, unless one is already in flight, and the refresh runs on the shared runtime.
+    /// A hit in its entry's prefetch window. An entry qualifies once it has been used
+    /// `cache.prefetch` times in its lifetime, the query that stored it counting as the first
+    /// and hits in the window as the rest (so at the default of 2, the first hit in the window
+    /// qualifies it). Each worker thread counts window hits in a table of its own (no shared
+    /// write) and claims the refresh at most once per entry lifetime, unless one is already in
+    /// flight; the refresh runs on the shared runtime.
     #[cold]
     #[inline(never)]
     fn prefetch_hit(&self, q: &Query, key: u64, stored_ms: u64) {
         use std::cell::RefCell;
-        const SLOTS: usize = 64;
+        const SLOTS: usize = 1024;
         thread_local! {
-            /// Per slot: key, store time of the entry's lifetime, hits counted (MAX: claimed).
-            static SEEN: RefCell<[(u64, u64, u32); SLOTS]> = const { RefCell::new([(0, 0, 0); SLOTS]) };
+            /// Per slot: key, store time of the entry's lifetime, window hits (MAX: claimed).
+            static SEEN: RefCell<Vec<(u64, u64, u32)>> = RefCell::new(vec![(0, 0, 0); SLOTS]);
         }
-        let need = self.settings.prefetch_hits;
+        let need = self.settings.prefetch_hits.saturating_sub(1).max(1);
         let claim = SEEN.with(|seen| {
             let mut seen = seen.borrow_mut();
             let slot = &mut seen[(key as usize) % SLOTS];

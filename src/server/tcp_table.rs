@@ -35,6 +35,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::resilience::TCP_PRESSURE_CLOSES;
+
 /// The shortest idle timeout the table shrinks to (or the configured one, if shorter).
 pub const IDLE_FLOOR: Duration = Duration::from_secs(1);
 /// How often a new connection waiting at the cap looks again for an idle connection to close:
@@ -45,12 +47,10 @@ const COUNT_BITS: u32 = 24;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
 /// Connections closed to admit another, since the process started (all listeners).
-static PRESSURE_CLOSES: AtomicU64 = AtomicU64::new(0);
-
 /// Connections closed to make room for a new one at `server.tcp_max_connections`, across all
-/// listeners since the process started.
+/// listeners since the process started (`nodedns_tcp_pressure_closes_total`).
 pub fn pressure_closes() -> u64 {
-    PRESSURE_CLOSES.load(Ordering::Relaxed)
+    TCP_PRESSURE_CLOSES.load(Ordering::Relaxed)
 }
 
 /// The connections of one TCP listener.
@@ -248,7 +248,7 @@ impl Table {
         match victim {
             Some(c) => {
                 c.close.cancel();
-                PRESSURE_CLOSES.fetch_add(1, Ordering::Relaxed);
+                TCP_PRESSURE_CLOSES.fetch_add(1, Ordering::Relaxed);
                 true
             }
             None => false,
