@@ -58,7 +58,7 @@ HISTOGRAMS = {
 }
 PROMQL_FUNCS = {
     "sum", "rate", "increase", "histogram_quantile", "max_over_time", "count", "by",
-    "and", "on", "le", "max", "min", "avg", "without", "or", "unless",
+    "and", "on", "le", "max", "min", "avg", "without", "or", "unless", "offset",
 }
 
 
@@ -244,7 +244,9 @@ def _rules(docs) -> list[dict]:
 def test_alerts_cover_the_issue(rendered):
     alerts = {r["alert"]: r for r in _rules(rendered["base"]["docs"])}
     for needed in ("NodeDNSServfailRatioHigh", "NodeDNSLatencyP99High", "NodeDNSUpstreamTimeouts",
-                   "NodeDNSUpstreamUnhealthy", "NodeDNSSetupErrors", "NodeDNSPanics", "NodeDNSDown"):
+                   "NodeDNSUpstreamUnhealthy", "NodeDNSSetupErrors", "NodeDNSPanics", "NodeDNSDown",
+                   "NodeDNSAllUpstreamsDown", "NodeDNSServingStale", "NodeDNSSnapshotRefused",
+                   "NodeDNSSnapshotWriteErrors"):
         assert needed in alerts
     for r in alerts.values():
         assert r["labels"]["severity"] in ("warning", "critical")
