@@ -31,8 +31,8 @@ from conftest import (
 LINK_LOCAL = "169.254.20.10"
 CLUSTER_KEYS = {"listen", "cluster_domain", "cluster_dns", "upstreams", "zone"}
 
-# The metric names nodedns exports (issue 3). Dashboards and alerts may use
-# only these, plus the histogram series and Prometheus's own "up".
+# The metric names nodedns exports. Dashboards and alerts may use only these,
+# plus the histogram series and Prometheus's own "up".
 METRICS = {
     "coredns_dns_requests_total", "coredns_dns_responses_total",
     "coredns_dns_request_duration_seconds", "coredns_dns_request_size_bytes",
@@ -44,6 +44,13 @@ METRICS = {
     "nodedns_upstream_queries_total", "nodedns_forward_inflight",
     "nodedns_upstream_tcp_connections", "nodedns_malformed_packets_total",
     "process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+    # serve-stale, prefetch, coalescing, health checks, the in-flight bound
+    "coredns_cache_served_stale_total", "coredns_cache_prefetch_total",
+    "nodedns_forward_coalesced_total", "coredns_forward_healthcheck_broken_total",
+    "coredns_forward_max_concurrent_rejects_total", "coredns_cache_requests_total",
+    # warm restarts: handover, snapshot
+    "nodedns_cache_warm_loads_total", "nodedns_cache_warm_entries",
+    "nodedns_cache_snapshot_writes_total", "nodedns_handovers_total",
 }
 HISTOGRAMS = {
     "coredns_dns_request_duration_seconds", "coredns_dns_request_size_bytes",
@@ -51,7 +58,7 @@ HISTOGRAMS = {
 }
 PROMQL_FUNCS = {
     "sum", "rate", "increase", "histogram_quantile", "max_over_time", "count", "by",
-    "and", "on", "le", "max", "min", "avg", "without", "or", "unless",
+    "and", "on", "le", "max", "min", "avg", "without", "or", "unless", "offset",
 }
 
 
@@ -237,7 +244,9 @@ def _rules(docs) -> list[dict]:
 def test_alerts_cover_the_issue(rendered):
     alerts = {r["alert"]: r for r in _rules(rendered["base"]["docs"])}
     for needed in ("NodeDNSServfailRatioHigh", "NodeDNSLatencyP99High", "NodeDNSUpstreamTimeouts",
-                   "NodeDNSUpstreamUnhealthy", "NodeDNSSetupErrors", "NodeDNSPanics", "NodeDNSDown"):
+                   "NodeDNSUpstreamUnhealthy", "NodeDNSSetupErrors", "NodeDNSPanics", "NodeDNSDown",
+                   "NodeDNSAllUpstreamsDown", "NodeDNSServingStale", "NodeDNSSnapshotRefused",
+                   "NodeDNSSnapshotWriteErrors"):
         assert needed in alerts
     for r in alerts.values():
         assert r["labels"]["severity"] in ("warning", "critical")
