@@ -51,6 +51,7 @@ METRICS = {
     # warm restarts: handover, snapshot
     "nodedns_cache_warm_loads_total", "nodedns_cache_warm_entries",
     "nodedns_cache_snapshot_writes_total", "nodedns_handovers_total",
+    "nodedns_tcp_pressure_closes_total",
 }
 HISTOGRAMS = {
     "coredns_dns_request_duration_seconds", "coredns_dns_request_size_bytes",
@@ -241,7 +242,7 @@ def _rules(docs) -> list[dict]:
     return [r for g in rule["spec"]["groups"] for r in g["rules"]]
 
 
-def test_alerts_cover_the_issue(rendered):
+def test_alerts_cover_the_failure_modes(rendered):
     alerts = {r["alert"]: r for r in _rules(rendered["base"]["docs"])}
     for needed in ("NodeDNSServfailRatioHigh", "NodeDNSLatencyP99High", "NodeDNSUpstreamTimeouts",
                    "NodeDNSUpstreamUnhealthy", "NodeDNSSetupErrors", "NodeDNSPanics", "NodeDNSDown",
