@@ -446,3 +446,26 @@ fn of_an_ha_pair_either_instance_can_stop_with_nothing_lost() {
         );
     }
 }
+
+#[test]
+fn an_admin_port_held_by_another_process_is_taken_once_it_is_free() {
+    // As during the first upgrade from a nodedns that cannot hand its ports over.
+    let node = Node::new();
+    let holder = std::net::TcpListener::bind(node.admin).unwrap();
+    let n = node.start(&[]);
+    assert!(
+        n.log().contains("admin port held by another process"),
+        "{}",
+        n.log()
+    );
+    // DNS is served meanwhile.
+    let r = udp_query(node.dns, "n1.example.org", RecordType::A);
+    assert_eq!(r.answers.len(), 1);
+    drop(holder);
+    wait_log(&n, "admin port free again");
+    assert!(
+        node.http("/health").contains("200"),
+        "{}",
+        node.http("/health")
+    );
+}

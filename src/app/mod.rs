@@ -251,9 +251,37 @@ pub async fn run(
             .filter(|_| addr.port() != 0)
             .and_then(|h| h.take(Kind::Http, addr).into_iter().next())
             .map(std::net::TcpListener::from);
-        let (a, token, keep) = admins
+        let (a, token, keep) = match admins
             .serve(addr, from_old, with_metrics, with_health)
-            .await?;
+            .await
+        {
+            Ok(served) => served,
+            Err(e) if addr.port() != 0 && socket::is_addr_in_use(&e) => {
+                // Held by an instance that cannot hand it over (an older nodedns during the
+                // first upgrade, or one with another state directory): DNS is served meanwhile,
+                // and the port is taken as soon as that instance lets it go.
+                warn!(%addr, "admin port held by another process: serving DNS, retrying the port every second");
+                let (admins, node) = (admins.clone(), node.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if let Ok((a, _, _)) =
+                            admins.serve(addr, None, with_metrics, with_health).await
+                        {
+                            info!(addr = %a, "admin port free again: serving on http://{a}");
+                            // An older instance removes the interface and rules when it exits,
+                            // before it lets its ports go: put them back now, not at next sync.
+                            if let Err(e) = node.sync().await {
+                                warn!(error = %format!("{e:#}"), "node sync failed");
+                            }
+                            return;
+                        }
+                    }
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         offered.push(Offered {
             kind: Kind::Http,
             addr,

@@ -153,7 +153,8 @@ pub fn bind_all(
     Ok(out)
 }
 
-fn is_addr_in_use(e: &anyhow::Error) -> bool {
+/// True when `e` (or its cause) is EADDRINUSE.
+pub fn is_addr_in_use(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<io::Error>()
             .is_some_and(|io| io.kind() == io::ErrorKind::AddrInUse)
