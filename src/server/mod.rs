@@ -348,43 +348,32 @@ impl Context {
                     } else {
                         Some(self.forwarder.resolve_shared(q, key).await.0)
                     };
-                    match outcome {
-                        Some(Ok((entry, upstream)))
-                            if !(has_stale
-                                && matches!(
-                                    entry.rcode(),
-                                    dns::RCODE_SERVFAIL | dns::RCODE_REFUSED
-                                )) =>
-                        {
-                            entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
-                            Some(upstream)
-                        }
-                        _ if has_stale && self.render_stale(q, key, pkt, max_len, &mut out) => None,
-                        Some(Ok((entry, upstream))) => {
-                            entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
-                            Some(upstream)
-                        }
+                    let fresh = match outcome {
+                        Some(Ok(answer)) => Some(answer),
                         Some(Err(e)) => {
-                            crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL");
-                            dns::write_error_reply(
-                                pkt,
-                                dns::RCODE_SERVFAIL as u16,
-                                Some(question),
-                                edns,
-                                &mut out,
-                            );
+                            crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL unless a stale answer stands in");
                             None
                         }
-                        None => {
-                            dns::write_error_reply(
-                                pkt,
-                                dns::RCODE_SERVFAIL as u16,
-                                Some(question),
-                                edns,
-                                &mut out,
-                            );
-                            None
-                        }
+                        None => None,
+                    };
+                    // SERVFAIL and REFUSED relayed from the upstreams are failures too.
+                    let failed = fresh.as_ref().is_none_or(|(entry, _)| {
+                        matches!(entry.rcode(), dns::RCODE_SERVFAIL | dns::RCODE_REFUSED)
+                    });
+                    if failed && has_stale && self.render_stale(q, key, pkt, max_len, &mut out) {
+                        None
+                    } else if let Some((entry, upstream)) = fresh {
+                        entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
+                        Some(upstream)
+                    } else {
+                        dns::write_error_reply(
+                            pkt,
+                            dns::RCODE_SERVFAIL as u16,
+                            Some(question),
+                            edns,
+                            &mut out,
+                        );
+                        None
                     }
                 }
             }
