@@ -11,10 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::netns::*;
-use common::Via;
+use crate::common::netns::*;
+use crate::common::Via;
 
 const KUBE_DNS_IP: &str = "10.96.0.10";
 const NAME: &str = "web.default.svc.cluster.local";
@@ -23,25 +21,13 @@ const NAME: &str = "web.default.svc.cluster.local";
 const LOOKUPS: usize = 10;
 const LOOKUP_DEADLINE: Duration = Duration::from_secs(1);
 
-macro_rules! cluster {
-    ($tag:expr) => {{
-        if !(have("iptables-nft")
-            && have("iptables-nft-save")
-            && have("nft")
-            && have("getent")
-            && have("kdig"))
-        {
-            skip("needs iptables-nft, nft, getent and kdig");
-            return;
-        }
-        match Cluster::create($tag) {
-            Ok(c) => c,
-            Err(reason) => {
-                skip(&reason);
-                return;
-            }
-        }
-    }};
+/// Every test here needs these tools besides root and `ip`.
+fn have_tools() -> bool {
+    have("iptables-nft")
+        && have("iptables-nft-save")
+        && have("nft")
+        && have("getent")
+        && have("kdig")
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -103,6 +89,7 @@ fn installed(c: &Cluster) -> Installed {
 }
 
 fn crash_and_recover(tag: &str, mode: Mode, firewall: &str) {
+    require!(have_tools(), "needs iptables-nft, nft, getent and kdig");
     let c = cluster!(tag);
     c.fake_kube_proxy(KUBE_DNS_IP);
     let mut args = vec!["--firewall", firewall, "--fail-open-to", KUBE_DNS_IP];
@@ -262,6 +249,7 @@ fn transparent_mode_fails_open_nftables() {
 
 #[test]
 fn node_cache_rules_are_removed_on_start() {
+    require!(have_tools(), "needs iptables-nft, nft, getent and kdig");
     let c = cluster!("fnc");
     c.fake_kube_proxy(KUBE_DNS_IP);
     // What node-cache leaves on a node it ran on (its own rule set, for 169.254.20.10), and a

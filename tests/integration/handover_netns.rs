@@ -4,13 +4,11 @@
 //! address and rules must stay in place throughout, and the new instance must answer warmed names
 //! from the cache it took over.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::*;
+use crate::common::netns::*;
 
 /// Parses dnsperf's "Queries sent:" and "Queries lost:" lines.
 fn dnsperf_counts(out: &str) -> (u64, u64) {
@@ -21,18 +19,6 @@ fn dnsperf_counts(out: &str) -> (u64, u64) {
             .unwrap_or_else(|| panic!("no {name:?} in dnsperf output:\n{out}"))
     };
     (field("Queries sent:"), field("Queries lost:"))
-}
-
-macro_rules! cluster {
-    ($tag:expr) => {
-        match Cluster::create($tag) {
-            Ok(c) => c,
-            Err(reason) => {
-                skip(&reason);
-                return;
-            }
-        }
-    };
 }
 
 #[test]

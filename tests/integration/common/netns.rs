@@ -1,6 +1,7 @@
 //! Network-namespace harness: throw-away namespaces, a "node" / "pod" / "upstream" cluster wired
 //! with veth pairs, and the nodedns binary run on the node. Namespaces are named
-//! `nodedns-t-<pid>-<tag>` and deleted on drop, even when the test fails. No packet leaves them.
+//! `nodedns-t-<pid>-<tag>` and deleted on drop, even when the test fails; a tag may be used by one
+//! test only, across all integration modules (checked at creation). No packet leaves them.
 
 use std::future::Future;
 use std::os::fd::AsRawFd;
@@ -75,6 +76,18 @@ impl Netns {
             return Err("needs the `ip` tool (iproute2)".into());
         }
         let name = format!("nodedns-t-{}-{tag}", std::process::id());
+        // Tests of every module run in this one process: a tag used twice would make one test
+        // delete (just below) or share another's namespace. Refuse it, whatever the timing.
+        static USED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        {
+            let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
+            assert!(
+                !used.contains(&name),
+                "network namespace tag {tag:?} is used by another test: tags must be unique \
+                 across all integration modules"
+            );
+            used.push(name.clone());
+        }
         // A leftover from an earlier run with the same pid would make `add` fail.
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let out = Command::new("ip")

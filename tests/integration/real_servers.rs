@@ -1,13 +1,11 @@
 //! nodedns between real DNS software: knot (Debian's knotd) as both the CoreDNS and the VPC
 //! resolver stand-in, queried by real clients (kdig, dig).
 
-mod common;
-
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// knotd serving two zones on a loopback port, stopped on drop.
 struct Knot {

@@ -2,15 +2,13 @@
 //! snapshot, refused snapshots, stray signals. Real processes on loopback, one state directory
 //! per test; the namespace tests in `node_netns.rs` add the node's interface and rules.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
 

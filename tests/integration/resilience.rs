@@ -2,14 +2,12 @@
 //! of identical misses, prefetch of popular names, health checks of upstreams. Real nodedns
 //! processes on loopback; the upstreams are scripted fakes, since each test scripts a fault.
 
-mod common;
-
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 

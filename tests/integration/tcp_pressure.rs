@@ -2,15 +2,13 @@
 //! connections than `server.tcp_max_connections` does not keep other clients out, and a
 //! connection that waits for an answer is not closed to make room. The real binary on loopback.
 
-mod common;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 

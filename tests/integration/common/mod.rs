@@ -3,6 +3,42 @@
 //! hickory-proto, and tool checks that honour `NODEDNS_REQUIRE_ALL`.
 #![allow(dead_code)]
 
+/// `require!(cond, "reason")`: skip (or fail under NODEDNS_REQUIRE_ALL=1) unless cond holds.
+macro_rules! require {
+    ($cond:expr, $($reason:tt)+) => {
+        if !$cond {
+            $crate::common::netns::skip(&format!($($reason)+));
+            return;
+        }
+    };
+}
+
+/// `netns!("tag")`: a throw-away network namespace, or skip the test.
+macro_rules! netns {
+    ($tag:expr) => {
+        match $crate::common::netns::Netns::create($tag) {
+            Ok(ns) => ns,
+            Err(reason) => {
+                $crate::common::netns::skip(&reason);
+                return;
+            }
+        }
+    };
+}
+
+/// `cluster!("tag")`: node, pod and upstream namespaces wired together, or skip the test.
+macro_rules! cluster {
+    ($tag:expr) => {
+        match $crate::common::netns::Cluster::create($tag) {
+            Ok(c) => c,
+            Err(reason) => {
+                $crate::common::netns::skip(&reason);
+                return;
+            }
+        }
+    };
+}
+
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -13,23 +13,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::netns::*;
+use crate::common::netns::*;
 use nodedns::node::{Firewall, NodeConfig, NodeManager, SetupErrorSink};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-/// `require!(cond, "reason")`: skip (or fail under NODEDNS_REQUIRE_ALL=1) unless cond holds.
-macro_rules! require {
-    ($cond:expr, $($reason:tt)+) => {
-        if !$cond {
-            skip(&format!($($reason)+));
-            return;
-        }
-    };
-}
 
 /// Records every setup error the manager reports.
 #[derive(Default)]
@@ -73,19 +61,6 @@ fn lo_config(listen: &[&str]) -> NodeConfig {
         health_port: Some(8080),
         fail_open_to: None,
     }
-}
-
-/// Netns creation, or skip the test.
-macro_rules! netns {
-    ($tag:expr) => {
-        match Netns::create($tag) {
-            Ok(ns) => ns,
-            Err(reason) => {
-                skip(&reason);
-                return;
-            }
-        }
-    };
 }
 
 const RAW_UDP_PREROUTING: &str = "-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53 -m socket --nowildcard -m comment --comment \"nodedns: skip conntrack\" -j NOTRACK";
@@ -556,18 +531,6 @@ fn nftables_table_is_applied_restored_and_removed_atomically() {
 // ---------------------------------------------------------------------------------------------
 // End to end: the nodedns binary on a "node", queried from a "pod" through a veth pair, with
 // cluster and external upstreams in a namespace of their own.
-
-macro_rules! cluster {
-    ($tag:expr) => {
-        match Cluster::create($tag) {
-            Ok(c) => c,
-            Err(reason) => {
-                skip(&reason);
-                return;
-            }
-        }
-    };
-}
 
 #[test]
 fn pod_resolves_through_nodedns_and_sigterm_cleans_up() {

@@ -4,8 +4,6 @@
 //! `/ready` follows startup and shutdown (lameduck), that a flood of malformed packets cannot
 //! flood the log, and the JSON and query log formats.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
@@ -13,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{a_reply, negative_reply, reply, udp_query, Action, FakeUpstream, Nodedns};
+use crate::common::{a_reply, negative_reply, reply, udp_query, Action, FakeUpstream, Nodedns};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use prometheus_parse::{Scrape, Value};

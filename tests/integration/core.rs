@@ -1,12 +1,10 @@
 //! End-to-end tests of the core: the real binary on loopback, in front of fake
 //! upstreams that record how each query reached them.
 
-mod common;
-
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 
