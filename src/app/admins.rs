@@ -22,6 +22,8 @@ struct Endpoint {
     token: CancellationToken,
     /// A duplicate of the listener, for handing it over.
     listener: std::net::TcpListener,
+    /// Served again after a successor that took it was lost (not to be resumed twice).
+    resumed: bool,
 }
 
 /// The admin endpoints, shared by startup, the handover and shutdown.
@@ -73,6 +75,7 @@ impl Admins {
             with_health,
             token: token.clone(),
             listener: keep,
+            resumed: false,
         });
         Ok((bound, token, offer))
     }
@@ -91,6 +94,45 @@ impl Admins {
     /// Stops every admin endpoint.
     pub fn stop(&self) {
         self.cancel.cancel();
+    }
+
+    /// Serves again every endpoint handed to a successor that is gone, unless this instance is
+    /// stopping.
+    fn resume_handed(self: &Arc<Self>) {
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        let handed: Vec<(
+            SocketAddr,
+            bool,
+            bool,
+            std::io::Result<std::net::TcpListener>,
+        )> = self
+            .endpoints
+            .lock()
+            .iter_mut()
+            .filter(|e| e.token.is_cancelled() && !e.resumed)
+            .map(|e| {
+                e.resumed = true;
+                (
+                    e.addr,
+                    e.with_metrics,
+                    e.with_health,
+                    e.listener.try_clone(),
+                )
+            })
+            .collect();
+        for (addr, m, h, listener) in handed {
+            let Ok(listener) = listener else { continue };
+            let admins = self.clone();
+            self.rt.spawn(async move {
+                if let Err(e) = admins.serve(addr, Some(listener), m, h).await {
+                    warn!(%addr, error = %format!("{e:#}"), "cannot serve an admin port again");
+                } else {
+                    info!(%addr, "serving the admin port again");
+                }
+            });
+        }
     }
 }
 
@@ -129,5 +171,9 @@ impl Adopter for Taker {
                 warn!(%addr, error = %format!("{e:#}"), "cannot serve a handed-back admin port");
             }
         });
+    }
+
+    fn successor_lost(&self) {
+        self.admins.resume_handed();
     }
 }

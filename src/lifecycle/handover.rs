@@ -96,6 +96,9 @@ pub trait Adopter: Send + Sync {
     fn tcp(&self, stream: std::net::TcpStream, read: Vec<u8>);
     /// Serve the admin endpoints on `addr` with this listener.
     fn admin(&self, addr: SocketAddr, listener: std::net::TcpListener);
+    /// The instance that took our listeners went away without a goodbye (it crashed): serve
+    /// again what was handed to it and is still ours.
+    fn successor_lost(&self);
 }
 
 /// The instances this one exchanged listeners with: the newest one that took ours (successor)
@@ -169,13 +172,14 @@ impl Peers {
 }
 
 /// Takes what a peer hands over on `chan` until it says `Q` or goes away.
-fn receive(chan: Arc<Channel>, adopter: Arc<dyn Adopter>) -> io::Result<()> {
+fn receive(chan: Arc<Channel>, adopter: Arc<dyn Adopter>, from_successor: bool) -> io::Result<()> {
     chan.set_read_timeout(None)?;
     std::thread::Builder::new()
         .name("nodedns-adopt".into())
         .spawn(move || {
             let mut buf = vec![0u8; MAX_MSG];
             let (mut conns, mut admins) = (0usize, 0usize);
+            let mut goodbye = false;
             loop {
                 match chan.recv(&mut buf) {
                     Ok((n, mut fds)) if n > 0 && fds.len() == 1 => match buf[0] {
@@ -196,8 +200,16 @@ fn receive(chan: Arc<Channel>, adopter: Arc<dyn Adopter>) -> io::Result<()> {
                     Ok((n, _)) if n > 0 && buf[0] != b'Q' => {
                         warn!("a handed connection or listener came without its socket");
                     }
-                    Ok(_) | Err(_) => break,
+                    Ok((n, _)) => {
+                        goodbye = n > 0;
+                        break;
+                    }
+                    Err(_) => break,
                 }
+            }
+            if from_successor && !goodbye {
+                warn!("the instance that took over our listeners is gone; serving them again");
+                adopter.successor_lost();
             }
             if conns > 0 {
                 info!(connections = conns, "took over TCP connections");
@@ -313,8 +325,8 @@ fn session(sock: socket2::Socket, offer: &Offer) -> io::Result<()> {
         "handed listeners to a new instance"
     );
     let chan = Arc::new(chan);
-    receive(chan.clone(), offer.adopter.clone())?;
-    *offer.peers.successor.lock() = Some(chan);
+    *offer.peers.successor.lock() = Some(chan.clone());
+    receive(chan, offer.adopter.clone(), true)?;
     Ok(())
 }
 
@@ -384,8 +396,8 @@ impl Handed {
     pub fn confirm(self, peers: &Peers, adopter: Arc<dyn Adopter>) -> io::Result<()> {
         self.chan.send(b"T", &[])?;
         let chan = Arc::new(self.chan);
-        receive(chan.clone(), adopter)?;
-        *peers.predecessor.lock() = Some(chan);
+        *peers.predecessor.lock() = Some(chan.clone());
+        receive(chan, adopter, false)?;
         Ok(())
     }
 }

@@ -467,3 +467,31 @@ fn an_admin_port_held_by_another_process_is_taken_once_it_is_free() {
         node.http("/health")
     );
 }
+
+#[test]
+fn the_old_instance_serves_its_ports_again_when_its_successor_crashes() {
+    let node = Node::new();
+    let old = node.start(&[]);
+    node.warm(20);
+    let mut new = node.start(&[]);
+    assert!(
+        new.log().contains("took over the listening sockets"),
+        "{}",
+        new.log()
+    );
+    new.signal(libc::SIGKILL);
+    new.wait_exit(Duration::from_secs(5)).expect("killed");
+    wait_log(&old, "serving the admin port again");
+    assert!(
+        node.http("/ready").contains("200"),
+        "{}",
+        node.http("/ready")
+    );
+    // DNS never stopped: the old instance reads the same sockets.
+    assert_eq!(
+        udp_query(node.dns, "n3.example.org", RecordType::A)
+            .answers
+            .len(),
+        1
+    );
+}
