@@ -29,6 +29,7 @@ pub const RCODE_BADVERS: u16 = 16;
 
 // Header flag bits (second 16-bit word of the header).
 pub const FLAG_QR: u16 = 0x8000;
+pub const FLAG_AA: u16 = 0x0400;
 pub const FLAG_TC: u16 = 0x0200;
 pub const FLAG_RD: u16 = 0x0100;
 pub const FLAG_RA: u16 = 0x0080;
@@ -234,6 +235,43 @@ pub fn parse_query(pkt: &[u8]) -> Result<Query, Reject> {
         pos += rdlen;
     }
     Ok(q)
+}
+
+/// The end of the one question of `pkt`, when its header says one and it can be read: what an
+/// error reply echoes. Plain labels only, as in a query.
+pub fn question_end(pkt: &[u8]) -> Option<usize> {
+    if pkt.len() < HEADER_LEN || u16_at(pkt, 4) != 1 {
+        return None;
+    }
+    let mut pos = HEADER_LEN;
+    loop {
+        let len = *pkt.get(pos)? as usize;
+        if len & 0xC0 != 0 || pos - HEADER_LEN + 1 + len > MAX_NAME_LEN {
+            return None;
+        }
+        pos += 1 + len;
+        if len == 0 {
+            break;
+        }
+    }
+    (pkt.len() >= pos + 4).then_some(pos + 4)
+}
+
+/// Where the additional section of the message `msg` starts, if it can be walked.
+pub fn additional_start(msg: &[u8]) -> Option<usize> {
+    if msg.len() < HEADER_LEN {
+        return None;
+    }
+    let mut pos = HEADER_LEN;
+    for _ in 0..u16_at(msg, 4) {
+        pos = skip_name(msg, pos)? + 4;
+    }
+    for _ in 0..(u16_at(msg, 6) as usize + u16_at(msg, 8) as usize) {
+        let p = skip_name(msg, pos)?;
+        let fixed = msg.get(p..p + 10)?;
+        pos = p + 10 + u16_at(fixed, 8) as usize;
+    }
+    (pos <= msg.len()).then_some(pos)
 }
 
 /// Skips a possibly compressed name starting at `pos`; returns the offset after it in the record.
@@ -712,6 +750,26 @@ mod tests {
                 c[i] = v;
                 let _ = parse_query(&c);
                 let _ = parse_response(&c, &p[12..]);
+            }
+        }
+    }
+
+    #[test]
+    fn question_end_and_additional_start_walk_a_message_and_never_panic() {
+        let p = query("some.name.example", 28, Some((1232, true)));
+        let qend = HEADER_LEN + 19 + 4;
+        assert_eq!(question_end(&p), Some(qend));
+        // No answer or authority records: the additional section (the OPT) follows the question.
+        assert_eq!(additional_start(&p), Some(qend));
+        for n in 0..p.len() {
+            let _ = additional_start(&p[..n]);
+            assert_eq!(question_end(&p[..n]), (n >= qend).then_some(qend));
+        }
+        for i in 0..p.len() {
+            for v in [0u8, 0x3f, 0x40, 0xc0, 0xff] {
+                let mut c = p.clone();
+                c[i] = v;
+                let _ = (question_end(&c), additional_start(&c));
             }
         }
     }

@@ -108,11 +108,11 @@ impl Entry {
             max_len,
             opt_size,
             out,
-        )
+        );
     }
 }
 
-fn offsets(raw: &[u8]) -> impl Iterator<Item = usize> + '_ {
+fn offsets(raw: &[u8]) -> impl Iterator<Item = usize> + Clone + '_ {
     raw.chunks_exact(2)
         .map(|c| u16::from_ne_bytes([c[0], c[1]]) as usize)
 }
@@ -142,9 +142,10 @@ impl EntryRef<'_> {
 
     /// Writes the reply to `q` (whose wire is `pkt`) into `out`, aged by `age` seconds.
     ///
-    /// `max_len` is the largest reply the transport allows; a longer answer becomes a TC=1 reply
-    /// with only the question, so the client retries over TCP. `opt_size` is our advertised EDNS
-    /// size, added as an OPT record when the client sent one.
+    /// `max_len` is the largest reply the transport allows; a longer answer goes without its
+    /// additional records, or, when even that is too long, becomes a TC=1 reply with only the
+    /// question, so the client retries over TCP. `opt_size` is our advertised EDNS size, added
+    /// as an OPT record when the client sent one.
     #[inline]
     pub fn render(
         &self,
@@ -156,7 +157,7 @@ impl EntryRef<'_> {
         out: &mut Vec<u8>,
     ) {
         let offs = offsets(&self.payload[self.wire_len..]);
-        render(self.wire(), offs, q, pkt, age, max_len, opt_size, out)
+        render(self.wire(), offs, q, pkt, age, max_len, opt_size, out);
     }
 
     /// Writes a stale reply (RFC 8767): every TTL is `ttl`, and when the client sent EDNS our
@@ -172,11 +173,20 @@ impl EntryRef<'_> {
     ) {
         // Room for the EDE option, so adding it never pushes the reply over the client's size.
         let room = if q.edns.is_some() { dns::EDE_LEN } else { 0 };
-        self.render(q, pkt, 0, max_len.saturating_sub(room), opt_size, out);
-        if out[2] & (dns::FLAG_TC >> 8) as u8 == 0 {
-            for off in offsets(&self.payload[self.wire_len..]) {
-                out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
-            }
+        let offs = offsets(&self.payload[self.wire_len..]);
+        let kept = render(
+            self.wire(),
+            offs.clone(),
+            q,
+            pkt,
+            0,
+            max_len.saturating_sub(room),
+            opt_size,
+            out,
+        );
+        // The TTLs of the records the reply kept (none when it was cut to TC=1).
+        for off in offs.filter(|&off| off < kept) {
+            out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
         }
         if q.edns.is_some() {
             dns::add_ede(out, dns::EDE_STALE_ANSWER);
@@ -185,7 +195,11 @@ impl EntryRef<'_> {
 }
 
 /// The reply to `q` from a stored answer: copy, then patch ID, RD, the client's question bytes
-/// and every TTL (minus `age`); our OPT when the client sent one; TC=1 when over `max_len`.
+/// and every TTL (minus `age`); our OPT when the client sent one. A recursive cache's flags:
+/// RA set, AA clear (the cache is not the authority), CD as the client sent it (RFC 4035
+/// §3.1.6). Over `max_len`, the additional records are left out first; only when the answer
+/// and authority sections alone do not fit is it a TC=1 reply with only the question (RFC 2181
+/// §9), so the client retries over TCP.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn render(
@@ -197,30 +211,53 @@ fn render(
     max_len: usize,
     opt_size: u16,
     out: &mut Vec<u8>,
-) {
+) -> usize {
     out.clear();
     let opt = if q.edns.is_some() { OPT_LEN } else { 0 };
     let qend = q.question_end;
-    if wire.len() + opt > max_len {
-        out.extend_from_slice(&wire[..HEADER_LEN]);
-        out[2] |= (dns::FLAG_TC >> 8) as u8;
-        out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-        out.extend_from_slice(&pkt[HEADER_LEN..qend]);
+    // All of it, or up to the additional section (when that alone is over the size).
+    let keep = if wire.len() + opt <= max_len {
+        Some(wire.len())
     } else {
-        out.extend_from_slice(wire);
-        out[HEADER_LEN..qend].copy_from_slice(&pkt[HEADER_LEN..qend]);
-        for off in ttl_offsets {
-            let ttl = dns::u32_at(wire, off).saturating_sub(age);
-            out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
+        shorter(wire, max_len - opt.min(max_len))
+    };
+    match keep {
+        Some(end) => {
+            out.extend_from_slice(&wire[..end]);
+            out[HEADER_LEN..qend].copy_from_slice(&pkt[HEADER_LEN..qend]);
+            for off in ttl_offsets.filter(|&off| off < end) {
+                let ttl = dns::u32_at(wire, off).saturating_sub(age);
+                out[off..off + 4].copy_from_slice(&ttl.to_be_bytes());
+            }
+            if end < wire.len() {
+                out[10..12].copy_from_slice(&[0, 0]);
+            }
+        }
+        None => {
+            out.extend_from_slice(&wire[..HEADER_LEN]);
+            out[2] |= (dns::FLAG_TC >> 8) as u8;
+            out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+            out.extend_from_slice(&pkt[HEADER_LEN..qend]);
         }
     }
     out[0..2].copy_from_slice(&q.id.to_be_bytes());
-    // RD echoes the client's; everything else is the upstream's.
+    // RD echoes the client's, CD too; RA is ours to set and AA is not ours to claim.
     let rd = (FLAG_RD >> 8) as u8;
-    out[2] = (out[2] & !rd) | ((q.flags >> 8) as u8 & rd);
+    out[2] = (out[2] & !rd & !((dns::FLAG_AA >> 8) as u8)) | ((q.flags >> 8) as u8 & rd);
+    let cd = dns::FLAG_CD as u8;
+    out[3] = (out[3] & !cd) | (q.flags as u8 & cd) | dns::FLAG_RA as u8;
     if opt != 0 {
         let ar = dns::u16_at(out, 10) + 1;
         out[10..12].copy_from_slice(&ar.to_be_bytes());
         dns::push_opt(out, opt_size, q.dnssec_ok(), 0);
     }
+    keep.unwrap_or(0)
+}
+
+/// The end of the answer and authority sections of `wire` when they fit in `room` bytes and
+/// additional records follow them: the reply then goes out without those. Not on the hit path
+/// of a reply that fits.
+#[cold]
+fn shorter(wire: &[u8], room: usize) -> Option<usize> {
+    dns::additional_start(wire).filter(|&end| end <= room && end < wire.len())
 }

@@ -124,10 +124,12 @@ impl Context {
             Err(reject) => {
                 stats.malformed(proto);
                 crate::log_limited!(debug, client = %src, reason = ?reject, "rejected packet");
+                // An error reply carries the question whenever it could be read.
+                let question = dns::question_end(pkt).map(|end| &pkt[dns::HEADER_LEN..end]);
                 return Err(match reject {
                     Reject::Drop => Rejected::Drop,
                     Reject::Rcode(rcode) => {
-                        dns::write_error_reply(pkt, rcode as u16, None, None, out);
+                        dns::write_error_reply(pkt, rcode as u16, question, None, out);
                         Rejected::Reply
                     }
                     Reject::BadVers => {
@@ -135,7 +137,7 @@ impl Context {
                         dns::write_error_reply(
                             pkt,
                             dns::RCODE_BADVERS,
-                            None,
+                            question,
                             Some((size, false)),
                             out,
                         );

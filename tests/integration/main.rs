@@ -18,5 +18,6 @@ mod node_failopen;
 mod node_netns;
 mod observability;
 mod real_servers;
+mod reply_flags;
 mod resilience;
 mod tcp_pressure;
