@@ -99,8 +99,9 @@ pub struct FileConfig {
     pub workers: usize,
     pub metrics: String,
     pub health: String,
-    pub lameduck: String,
-    pub log_format: String,
+    #[serde(with = "humantime_serde")]
+    pub lameduck: Duration,
+    pub log_format: LogFormat,
     pub query_log: f64,
     pub cache: CacheSection,
     pub forward: ForwardSection,
@@ -121,8 +122,8 @@ impl Default for FileConfig {
             workers: 0,
             metrics: "0.0.0.0:9253".into(),
             health: "169.254.20.10:8080".into(),
-            lameduck: "5s".into(),
-            log_format: "text".into(),
+            lameduck: Duration::from_secs(5),
+            log_format: LogFormat::Text,
             query_log: 0.0,
             cache: CacheSection::default(),
             forward: ForwardSection::default(),
@@ -139,19 +140,28 @@ impl Default for FileConfig {
 pub struct CacheSection {
     pub max_entries: usize,
     pub max_bytes: usize,
-    pub min_ttl: String,
-    pub success_max_ttl: String,
-    pub denial_max_ttl: String,
-    pub cluster_success_max_ttl: String,
-    pub cluster_denial_max_ttl: String,
-    pub servfail_ttl: String,
+    #[serde(with = "humantime_serde")]
+    pub min_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub success_max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub denial_max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cluster_success_max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cluster_denial_max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub servfail_ttl: Duration,
     /// How long past its TTL an answer may still be served when the upstreams fail (RFC 8767);
     /// "0s" turns serve-stale off.
-    pub serve_stale: String,
+    #[serde(with = "humantime_serde")]
+    pub serve_stale: Duration,
     /// TTL of a stale answer.
-    pub stale_answer_ttl: String,
+    #[serde(with = "humantime_serde")]
+    pub stale_answer_ttl: Duration,
     /// After a failed refresh, stale answers are served without asking upstream this long.
-    pub stale_recheck: String,
+    #[serde(with = "humantime_serde")]
+    pub stale_recheck: Duration,
     /// Hits within the last `prefetch_percentage` of an entry's TTL that refresh it in the
     /// background before it expires; 0 turns prefetch off.
     pub prefetch: u32,
@@ -163,15 +173,15 @@ impl Default for CacheSection {
         CacheSection {
             max_entries: 100_000,
             max_bytes: 64 << 20,
-            min_ttl: "5s".into(),
-            success_max_ttl: "30s".into(),
-            denial_max_ttl: "30s".into(),
-            cluster_success_max_ttl: "30s".into(),
-            cluster_denial_max_ttl: "5s".into(),
-            servfail_ttl: "5s".into(),
-            serve_stale: "1h".into(),
-            stale_answer_ttl: "30s".into(),
-            stale_recheck: "30s".into(),
+            min_ttl: Duration::from_secs(5),
+            success_max_ttl: Duration::from_secs(30),
+            denial_max_ttl: Duration::from_secs(30),
+            cluster_success_max_ttl: Duration::from_secs(30),
+            cluster_denial_max_ttl: Duration::from_secs(5),
+            servfail_ttl: Duration::from_secs(5),
+            serve_stale: Duration::from_secs(3600),
+            stale_answer_ttl: Duration::from_secs(30),
+            stale_recheck: Duration::from_secs(30),
             prefetch: 2,
             prefetch_percentage: 10,
         }
@@ -181,31 +191,36 @@ impl Default for CacheSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardSection {
-    pub timeout: String,
-    pub query_timeout: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
     pub tcp_pool_size: usize,
-    pub tcp_idle_timeout: String,
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
     pub max_inflight: usize,
     /// With a stale answer at hand, a client waits this long for a fresh one (RFC 8767's
     /// client response timer).
-    pub client_timeout: String,
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
     /// Consecutive failures that mark an upstream down (0: never); a down upstream is probed
     /// every `health_check` and used again as soon as it answers.
     pub max_fails: u32,
-    pub health_check: String,
+    #[serde(with = "humantime_serde")]
+    pub health_check: Duration,
 }
 
 impl Default for ForwardSection {
     fn default() -> Self {
         ForwardSection {
-            timeout: "1s".into(),
-            query_timeout: "3s".into(),
+            timeout: Duration::from_secs(1),
+            query_timeout: Duration::from_secs(3),
             tcp_pool_size: 2,
-            tcp_idle_timeout: "8s".into(),
+            tcp_idle_timeout: Duration::from_secs(8),
             max_inflight: 4096,
-            client_timeout: "1.8s".into(),
+            client_timeout: Duration::from_millis(1800),
             max_fails: 2,
-            health_check: "500ms".into(),
+            health_check: Duration::from_millis(500),
         }
     }
 }
@@ -213,20 +228,22 @@ impl Default for ForwardSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
-    pub tcp_idle_timeout: String,
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
     pub tcp_max_connections: usize,
     pub edns_udp_size: u16,
-    pub grace_period: String,
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
     pub udp_batch: usize,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
-            tcp_idle_timeout: "10s".into(),
+            tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
             edns_udp_size: 1232,
-            grace_period: "5s".into(),
+            grace_period: Duration::from_secs(5),
             udp_batch: 32,
         }
     }
@@ -238,8 +255,9 @@ pub struct NodeSection {
     pub setup_interface: bool,
     pub interface_name: String,
     pub setup_iptables: bool,
-    pub firewall: String,
-    pub sync_interval: String,
+    pub firewall: Firewall,
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
     pub skip_teardown: bool,
     /// "" (the default), "off" or an IP; see `Args::fail_open_to`.
     pub fail_open_to: String,
@@ -251,8 +269,8 @@ impl Default for NodeSection {
             setup_interface: false,
             interface_name: "nodelocaldns".into(),
             setup_iptables: false,
-            firewall: "iptables".into(),
-            sync_interval: "60s".into(),
+            firewall: Firewall::Iptables,
+            sync_interval: Duration::from_secs(60),
             skip_teardown: false,
             fail_open_to: String::new(),
         }
@@ -267,7 +285,8 @@ pub struct StateSection {
     /// runs without (no handover, no warm restart; refused with node setup).
     pub dir: String,
     /// Write the cache snapshot this often ("0s": only at shutdown).
-    pub snapshot_interval: String,
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
     /// Start with the cache of the previous instance (handover or snapshot).
     pub warm_restart: bool,
 }
@@ -276,7 +295,7 @@ impl Default for StateSection {
     fn default() -> Self {
         StateSection {
             dir: "/run/nodedns".into(),
-            snapshot_interval: "60s".into(),
+            snapshot_interval: Duration::from_secs(60),
             warm_restart: true,
         }
     }
@@ -296,30 +315,39 @@ pub struct StateConfig {
 pub struct ZoneSection {
     pub name: String,
     pub upstreams: Vec<String>,
-    #[serde(default = "default_transport")]
-    pub transport: String,
     #[serde(default)]
-    pub success_max_ttl: Option<String>,
-    #[serde(default)]
-    pub denial_max_ttl: Option<String>,
+    pub transport: Transport,
+    #[serde(default, with = "humantime_serde")]
+    pub success_max_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub denial_max_ttl: Option<Duration>,
     /// The zone's serve-stale window [default: cache.serve_stale].
-    #[serde(default)]
-    pub serve_stale: Option<String>,
-}
-
-fn default_transport() -> String {
-    "prefer-udp".into()
+    #[serde(default, with = "humantime_serde")]
+    pub serve_stale: Option<Duration>,
 }
 
 /// How a zone's upstreams are reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// UDP only; a truncated answer is relayed truncated.
     Udp,
     /// TCP only, on persistent pipelined connections.
     Tcp,
     /// UDP, retried over TCP when the answer is truncated.
+    #[default]
     PreferUdp,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// One forwarding zone after validation.
@@ -424,7 +452,7 @@ pub fn load(args: &Args) -> Result<FileConfig, ConfigError> {
         Some(path) => parse_file(path)?,
         None => FileConfig::default(),
     };
-    apply_flags(&mut cfg, args);
+    apply_flags(&mut cfg, args)?;
     Ok(cfg)
 }
 
@@ -433,13 +461,31 @@ pub fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    parse_str(&text).map_err(|message| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string(),
+        message,
     })
 }
 
-pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
+/// Parses the text of a configuration file. A value of the wrong type (a bad duration, an
+/// unknown transport...) is reported with its full key, e.g. `cache.min_ttl: TOML parse error
+/// at line 2, column 11 ...`, since toml's own message shows only the line.
+pub fn parse_str(text: &str) -> Result<FileConfig, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        if key == "." {
+            inner.to_string()
+        } else {
+            format!("{key}: {inner}")
+        }
+    })
+}
+
+/// Applies the flags given over the file's values. A flag's bad value is reported under the
+/// file key it sets.
+pub fn apply_flags(cfg: &mut FileConfig, a: &Args) -> Result<(), ConfigError> {
     if !a.listen.is_empty() {
         cfg.listen = a.listen.clone();
     }
@@ -457,14 +503,50 @@ pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
     set(&mut cfg.cluster_domain, &a.cluster_domain);
     set(&mut cfg.metrics, &a.metrics);
     set(&mut cfg.health, &a.health);
-    set(&mut cfg.lameduck, &a.lameduck);
-    set(&mut cfg.log_format, &a.log_format);
     set(&mut cfg.node.interface_name, &a.interface_name);
-    set(&mut cfg.node.firewall, &a.firewall);
-    set(&mut cfg.node.sync_interval, &a.sync_interval);
     set(&mut cfg.state.dir, &a.state_dir);
-    set(&mut cfg.state.snapshot_interval, &a.snapshot_interval);
     set(&mut cfg.node.fail_open_to, &a.fail_open_to);
+    let set_duration = |dst: &mut Duration, key: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            *dst = duration(key, v)?;
+        }
+        Ok::<_, ConfigError>(())
+    };
+    set_duration(&mut cfg.lameduck, "lameduck", &a.lameduck)?;
+    set_duration(
+        &mut cfg.node.sync_interval,
+        "node.sync_interval",
+        &a.sync_interval,
+    )?;
+    set_duration(
+        &mut cfg.state.snapshot_interval,
+        "state.snapshot_interval",
+        &a.snapshot_interval,
+    )?;
+    if let Some(v) = &a.log_format {
+        cfg.log_format = match v.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?} is not one of \"text\", \"json\""),
+                ))
+            }
+        };
+    }
+    if let Some(v) = &a.firewall {
+        cfg.node.firewall = match v.as_str() {
+            "iptables" => Firewall::Iptables,
+            "nftables" => Firewall::Nftables,
+            other => {
+                return Err(invalid(
+                    "node.firewall",
+                    format!("{other:?} is not one of \"iptables\", \"nftables\""),
+                ))
+            }
+        };
+    }
     if let Some(w) = a.workers {
         cfg.workers = w;
     }
@@ -474,6 +556,7 @@ pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
     cfg.node.setup_interface |= a.setup_interface;
     cfg.node.setup_iptables |= a.setup_iptables;
     cfg.node.skip_teardown |= a.skip_teardown;
+    Ok(())
 }
 
 fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
@@ -560,21 +643,21 @@ impl FileConfig {
         if c.max_bytes < 64 << 10 {
             return Err(invalid("cache.max_bytes", "must be at least 65536"));
         }
-        let min_ttl = duration("cache.min_ttl", &c.min_ttl)?;
-        let success_max = duration("cache.success_max_ttl", &c.success_max_ttl)?;
-        let denial_max = duration("cache.denial_max_ttl", &c.denial_max_ttl)?;
-        let cl_success_max = duration("cache.cluster_success_max_ttl", &c.cluster_success_max_ttl)?;
-        let cl_denial_max = duration("cache.cluster_denial_max_ttl", &c.cluster_denial_max_ttl)?;
-        let servfail_ttl = duration("cache.servfail_ttl", &c.servfail_ttl)?;
-        let serve_stale = duration("cache.serve_stale", &c.serve_stale)?;
-        let stale_answer_ttl = duration("cache.stale_answer_ttl", &c.stale_answer_ttl)?;
+        let min_ttl = c.min_ttl;
+        let success_max = c.success_max_ttl;
+        let denial_max = c.denial_max_ttl;
+        let cl_success_max = c.cluster_success_max_ttl;
+        let cl_denial_max = c.cluster_denial_max_ttl;
+        let servfail_ttl = c.servfail_ttl;
+        let serve_stale = c.serve_stale;
+        let stale_answer_ttl = c.stale_answer_ttl;
         if stale_answer_ttl.is_zero() || stale_answer_ttl > Duration::from_secs(300) {
             return Err(invalid(
                 "cache.stale_answer_ttl",
                 "must be between 1s and 5m (RFC 8767 §4 suggests 30s)",
             ));
         }
-        let stale_recheck = duration("cache.stale_recheck", &c.stale_recheck)?;
+        let stale_recheck = c.stale_recheck;
         if c.prefetch_percentage == 0 || c.prefetch_percentage > 50 {
             return Err(invalid(
                 "cache.prefetch_percentage",
@@ -588,8 +671,8 @@ impl FileConfig {
             ));
         }
         let f = &self.forward;
-        let upstream_timeout = duration("forward.timeout", &f.timeout)?;
-        let query_timeout = duration("forward.query_timeout", &f.query_timeout)?;
+        let upstream_timeout = f.timeout;
+        let query_timeout = f.query_timeout;
         if upstream_timeout.is_zero() {
             return Err(invalid("forward.timeout", "must be above 0"));
         }
@@ -605,18 +688,18 @@ impl FileConfig {
         if f.max_inflight == 0 {
             return Err(invalid("forward.max_inflight", "must be at least 1"));
         }
-        let upstream_tcp_idle = duration("forward.tcp_idle_timeout", &f.tcp_idle_timeout)?;
-        let client_timeout = duration("forward.client_timeout", &f.client_timeout)?;
+        let upstream_tcp_idle = f.tcp_idle_timeout;
+        let client_timeout = f.client_timeout;
         if client_timeout.is_zero() {
             return Err(invalid("forward.client_timeout", "must be above 0"));
         }
-        let health_check = duration("forward.health_check", &f.health_check)?;
+        let health_check = f.health_check;
         if health_check < Duration::from_millis(100) {
             return Err(invalid("forward.health_check", "must be at least 100ms"));
         }
         let s = &self.server;
-        let tcp_idle_timeout = duration("server.tcp_idle_timeout", &s.tcp_idle_timeout)?;
-        let grace_period = duration("server.grace_period", &s.grace_period)?;
+        let tcp_idle_timeout = s.tcp_idle_timeout;
+        let grace_period = s.grace_period;
         if s.tcp_max_connections == 0 {
             return Err(invalid("server.tcp_max_connections", "must be at least 1"));
         }
@@ -626,17 +709,8 @@ impl FileConfig {
         if s.edns_udp_size < dns::MIN_UDP_SIZE {
             return Err(invalid("server.edns_udp_size", "must be at least 512"));
         }
-        let lameduck = duration("lameduck", &self.lameduck)?;
-        let log_json = match self.log_format.as_str() {
-            "text" => false,
-            "json" => true,
-            other => {
-                return Err(invalid(
-                    "log_format",
-                    format!("{other:?} is not one of \"text\", \"json\""),
-                ))
-            }
-        };
+        let lameduck = self.lameduck;
+        let log_json = self.log_format == LogFormat::Json;
         if !(0.0..=1.0).contains(&self.query_log) {
             return Err(invalid("query_log", "must be a fraction between 0 and 1"));
         }
@@ -768,23 +842,13 @@ impl FileConfig {
                     "at least one upstream is required",
                 ));
             }
-            let transport = match z.transport.as_str() {
-                "udp" => Transport::Udp,
-                "tcp" => Transport::Tcp,
-                "prefer-udp" => Transport::PreferUdp,
-                other => {
-                    return Err(invalid(
-                        format!("{key}.transport"),
-                        format!("{other:?} is not one of \"udp\", \"tcp\", \"prefer-udp\""),
-                    ))
-                }
-            };
+            let transport = z.transport;
             if let Some(existing) = zones.iter_mut().find(|zn| zn.wire == wire) {
                 // A [[zone]] naming a built-in zone overrides its upstreams.
                 existing.upstreams = addrs(&format!("{key}.upstreams"), &z.upstreams, 53)?;
                 existing.transport = transport;
-                if let Some(v) = &z.serve_stale {
-                    existing.stale_window = duration(&format!("{key}.serve_stale"), v)?;
+                if let Some(v) = z.serve_stale {
+                    existing.stale_window = v;
                 }
                 continue;
             }
@@ -793,18 +857,9 @@ impl FileConfig {
                 wire,
                 upstreams: addrs(&format!("{key}.upstreams"), &z.upstreams, 53)?,
                 transport,
-                success_max_ttl: match &z.success_max_ttl {
-                    Some(v) => duration(&format!("{key}.success_max_ttl"), v)?,
-                    None => success_max,
-                },
-                denial_max_ttl: match &z.denial_max_ttl {
-                    Some(v) => duration(&format!("{key}.denial_max_ttl"), v)?,
-                    None => denial_max,
-                },
-                stale_window: match &z.serve_stale {
-                    Some(v) => duration(&format!("{key}.serve_stale"), v)?,
-                    None => serve_stale,
-                },
+                success_max_ttl: z.success_max_ttl.unwrap_or(success_max),
+                denial_max_ttl: z.denial_max_ttl.unwrap_or(denial_max),
+                stale_window: z.serve_stale.unwrap_or(serve_stale),
             });
         }
         zones.push(Zone {
@@ -820,17 +875,8 @@ impl FileConfig {
         zones.sort_by_key(|z| std::cmp::Reverse(z.wire.len()));
 
         let n = &self.node;
-        let firewall = match n.firewall.as_str() {
-            "iptables" => Firewall::Iptables,
-            "nftables" => Firewall::Nftables,
-            other => {
-                return Err(invalid(
-                    "node.firewall",
-                    format!("{other:?} is not one of \"iptables\", \"nftables\""),
-                ))
-            }
-        };
-        let sync_interval = duration("node.sync_interval", &n.sync_interval)?;
+        let firewall = n.firewall;
+        let sync_interval = n.sync_interval;
         if sync_interval < Duration::from_secs(1) {
             return Err(invalid("node.sync_interval", "must be at least 1s"));
         }
@@ -872,7 +918,7 @@ impl FileConfig {
         }
         let state = StateConfig {
             dir: state_dir,
-            snapshot_interval: duration("state.snapshot_interval", &st.snapshot_interval)?,
+            snapshot_interval: st.snapshot_interval,
             warm_restart: st.warm_restart,
         };
 
@@ -971,8 +1017,8 @@ mod tests {
 
     fn err(toml_text: &str) -> String {
         let (_d, e) = env("nameserver 127.0.0.53\n");
-        match toml::from_str::<FileConfig>(toml_text) {
-            Err(e) => e.to_string(),
+        match parse_str(toml_text) {
+            Err(e) => e,
             Ok(c) => c.validate(&e).unwrap_err().to_string(),
         }
     }
@@ -1044,7 +1090,8 @@ mod tests {
         apply_flags(
             &mut c,
             &Args::parse_from(["nodedns", "--fail-open-to", "off"]),
-        );
+        )
+        .unwrap();
         e.kube_dns_upstream = Some(("10.96.0.11".into(), None));
         assert_eq!(c.validate(&e).unwrap().node.fail_open_to, None);
         assert!(err("[node]\nfail_open_to = \"kube-dns\"").starts_with("node.fail_open_to:"));
@@ -1069,13 +1116,40 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_reason() {
         assert!(err("bogus = 1").contains("unknown field `bogus`"));
-        assert!(err("[cache]\nmin_ttl = \"5x\"").starts_with("cache.min_ttl: invalid duration"));
+        let e = err("[cache]\nmin_ttl = \"5x\"");
+        assert!(
+            e.starts_with("cache.min_ttl: TOML parse error at line 2"),
+            "{e}"
+        );
+        assert!(e.contains("\"5x\", expected a duration"), "{e}");
         assert!(err("listen = [\"nope\"]").starts_with("listen: invalid address"));
         assert!(
             err("[[zone]]\nname = \"a\"\nupstreams = [\"127.0.0.1\"]\ntransport = \"quic\"")
                 .starts_with("zone[0].transport:")
         );
         assert!(err("[node]\nfirewall = \"pf\"").starts_with("node.firewall:"));
+        assert!(err("log_format = \"xml\"").starts_with("log_format:"));
+        // Flags are checked under the key they set.
+        let mut c = FileConfig::default();
+        let bad = |flag: &str, v: &str| {
+            apply_flags(&mut c.clone(), &Args::parse_from(["nodedns", flag, v]))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("--lameduck", "5x").starts_with("lameduck: invalid duration"));
+        assert!(bad("--sync-interval", "x").starts_with("node.sync_interval: invalid duration"));
+        assert!(bad("--firewall", "pf").starts_with("node.firewall:"));
+        assert!(bad("--log-format", "xml").starts_with("log_format:"));
+        let a = Args::parse_from([
+            "nodedns",
+            "--snapshot-interval",
+            "0s",
+            "--firewall",
+            "nftables",
+        ]);
+        apply_flags(&mut c, &a).unwrap();
+        assert_eq!(c.state.snapshot_interval, Duration::ZERO);
+        assert_eq!(c.node.firewall, Firewall::Nftables);
         assert!(err("[cache]\nservfail_ttl = \"1h\"").contains("RFC 2308"));
         assert!(
             err("listen = [\"10.96.0.10:53\"]\ncluster_dns = [\"10.96.0.10\"]")
@@ -1087,7 +1161,7 @@ mod tests {
     fn flags_override_the_file() {
         let mut c: FileConfig = toml::from_str("listen = [\"127.0.0.1:53\"]\nworkers = 3").unwrap();
         let a = Args::parse_from(["nodedns", "--listen", "127.0.0.2:5353", "--workers", "1"]);
-        apply_flags(&mut c, &a);
+        apply_flags(&mut c, &a).unwrap();
         assert_eq!(c.listen, vec!["127.0.0.2:5353"]);
         assert_eq!(c.workers, 1);
     }
