@@ -199,7 +199,7 @@ pub async fn run(
                 server::udp::spawn_worker(
                     format!("nodedns-udp-{i}"),
                     sock,
-                    settings.udp_batch,
+                    settings.server.udp_batch,
                     ctx.clone(),
                     rt.clone(),
                     tracker.clone(),
@@ -224,8 +224,8 @@ pub async fn run(
             shutdown: cancel.clone(),
             peers: peers.clone(),
             table: server::tcp_table::Table::new(
-                settings.tcp_max_connections,
-                settings.tcp_idle_timeout,
+                settings.server.tcp_max_connections,
+                settings.server.tcp_idle_timeout,
             ),
         };
         tokio::spawn(server::tcp::serve(listener, cc.clone()));
@@ -304,7 +304,14 @@ pub async fn run(
         } else if let Err(t) = node.teardown().await {
             warn!(error = %format!("{t:#}"), "teardown incomplete");
         }
-        stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
+        stop_all(
+            &stop,
+            &cancel,
+            threads,
+            &tracker,
+            settings.server.grace_period,
+        )
+        .await;
         return Err(e);
     }
     drop(node_lock);
@@ -441,7 +448,14 @@ pub async fn run(
     if let Some(t) = handover_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
-    stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
+    stop_all(
+        &stop,
+        &cancel,
+        threads,
+        &tracker,
+        settings.server.grace_period,
+    )
+    .await;
     if peers.has_successor() {
         metrics.handovers.with_label_values(&["gave"]).inc();
     }

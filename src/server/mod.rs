@@ -64,13 +64,16 @@ pub enum Rejected {
 impl Context {
     pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Arc<Self> {
         let cache = Arc::new(Cache::new(&crate::cache::CacheConfig {
-            max_entries: settings.cache_max_entries,
-            max_bytes: settings.cache_max_bytes,
+            max_entries: settings.cache.max_entries,
+            max_bytes: settings.cache.max_bytes,
             shards: (settings.workers * 16).clamp(16, 1024),
         }));
         metrics.set_cache(cache.clone());
         let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
-        let settings_prefetch = (settings.prefetch_hits, settings.prefetch_percentage.min(99));
+        let settings_prefetch = (
+            settings.cache.prefetch_hits,
+            settings.cache.prefetch_percentage.min(99),
+        );
         let query_log = QueryLog::new(settings.query_log);
         Arc::new_cyclic(|me| Context {
             settings,
@@ -131,7 +134,7 @@ impl Context {
                         Rejected::Reply
                     }
                     Reject::BadVers => {
-                        let size = self.settings.edns_udp_size;
+                        let size = self.settings.server.edns_udp_size;
                         dns::write_error_reply(
                             pkt,
                             dns::RCODE_BADVERS,
@@ -165,7 +168,14 @@ impl Context {
     ) -> Handled {
         let max_len = self.max_len(q, proto);
         let hit = self.cache.lookup(key, q, start, |e, age| {
-            e.render(q, pkt, age, max_len, self.settings.edns_udp_size, out);
+            e.render(
+                q,
+                pkt,
+                age,
+                max_len,
+                self.settings.server.edns_udp_size,
+                out,
+            );
             (e.zone, e.kind, e.ttl, e.stored_ms, e.age_ms)
         });
         match hit {
@@ -204,7 +214,7 @@ impl Context {
             /// Per slot: key, store time of the entry's lifetime, hits counted (MAX: claimed).
             static SEEN: RefCell<[(u64, u64, u32); SLOTS]> = const { RefCell::new([(0, 0, 0); SLOTS]) };
         }
-        let need = self.settings.prefetch_hits;
+        let need = self.settings.cache.prefetch_hits;
         let claim = SEEN.with(|seen| {
             let mut seen = seen.borrow_mut();
             let slot = &mut seen[(key as usize) % SLOTS];
@@ -240,7 +250,7 @@ impl Context {
 
     fn max_len(&self, q: &Query, proto: Proto) -> usize {
         match proto {
-            Proto::Udp => q.max_udp_reply(self.settings.edns_udp_size),
+            Proto::Udp => q.max_udp_reply(self.settings.server.edns_udp_size),
             Proto::Tcp => u16::MAX as usize,
         }
     }
@@ -256,10 +266,11 @@ impl Context {
     ) -> bool {
         let ttl = self
             .settings
+            .cache
             .stale_answer_ttl
             .as_secs()
             .min(u32::MAX as u64) as u32;
-        let size = self.settings.edns_udp_size;
+        let size = self.settings.server.edns_udp_size;
         let served = self
             .cache
             .lookup_stale(key, q, Instant::now(), |e, _| {
@@ -281,7 +292,7 @@ impl Context {
         };
         let q = *q;
         let refresh = rt.spawn(async move { ctx.forwarder.resolve_shared(&q, key).await.0 });
-        match tokio::time::timeout(self.settings.client_timeout, refresh).await {
+        match tokio::time::timeout(self.settings.forward.client_timeout, refresh).await {
             Ok(Ok(outcome)) => Some(outcome),
             _ => None,
         }
@@ -302,7 +313,9 @@ impl Context {
     ) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
         let max_len = self.max_len(q, proto);
-        let edns = q.edns.map(|e| (self.settings.edns_udp_size, e.dnssec_ok));
+        let edns = q
+            .edns
+            .map(|e| (self.settings.server.edns_udp_size, e.dnssec_ok));
         let question = &pkt[dns::HEADER_LEN..q.question_end];
         let zone = self.settings.route(q.qname_lower());
         let key = self.cache.key(q.question_lower(), q.key_flags());
@@ -324,7 +337,7 @@ impl Context {
                     self.forwarder.counters.max_concurrent_rejects.inc();
                     crate::log_limited!(
                         warn,
-                        max_inflight = self.settings.max_inflight,
+                        max_inflight = self.settings.forward.max_inflight,
                         "too many forwarded queries in flight, refusing"
                     );
                     if !(has_stale && self.render_stale(q, key, pkt, max_len, &mut out)) {
@@ -353,12 +366,26 @@ impl Context {
                                     dns::RCODE_SERVFAIL | dns::RCODE_REFUSED
                                 )) =>
                         {
-                            entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
+                            entry.render(
+                                q,
+                                pkt,
+                                0,
+                                max_len,
+                                self.settings.server.edns_udp_size,
+                                &mut out,
+                            );
                             Some(upstream)
                         }
                         _ if has_stale && self.render_stale(q, key, pkt, max_len, &mut out) => None,
                         Some(Ok((entry, upstream))) => {
-                            entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
+                            entry.render(
+                                q,
+                                pkt,
+                                0,
+                                max_len,
+                                self.settings.server.edns_udp_size,
+                                &mut out,
+                            );
                             Some(upstream)
                         }
                         Some(Err(e)) => {
