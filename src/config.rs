@@ -3,6 +3,11 @@
 //! The file holds every setting; a flag given on the command line wins over the file. Unknown
 //! keys are errors. Every validation error names the key and the reason, so `--check-config` and
 //! a failed start tell the operator exactly what to fix.
+//!
+//! Durations and enums are typed where serde reads them, so a source other than the TOML file
+//! fills the same `FileConfig`. Each section validates itself into its part of `Settings`
+//! (`CacheSection::validate` into `CacheSettings`, ...); `FileConfig::validate` composes them
+//! and adds what spans sections: upstreams, cluster DNS and the zone table.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
