@@ -127,10 +127,17 @@ fn bench(c: &mut Criterion) {
             let pkt = black_box(&pkt[..]);
             let start = Instant::now();
             let q = dns::parse_query(pkt).expect("valid query");
-            let max_len = q.max_udp_reply(ctx.settings.edns_udp_size);
+            let max_len = q.max_udp_reply(ctx.settings.server.edns_udp_size);
             let key = ctx.cache.key(q.question_lower(), q.key_flags());
             let hit = ctx.cache.lookup(key, &q, start, |e, age| {
-                e.render(&q, pkt, age, max_len, ctx.settings.edns_udp_size, &mut out);
+                e.render(
+                    &q,
+                    pkt,
+                    age,
+                    max_len,
+                    ctx.settings.server.edns_udp_size,
+                    &mut out,
+                );
                 (e.zone, e.kind)
             });
             black_box((hit, start.elapsed(), out.len()))

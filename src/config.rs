@@ -3,6 +3,11 @@
 //! The file holds every setting; a flag given on the command line wins over the file. Unknown
 //! keys are errors. Every validation error names the key and the reason, so `--check-config` and
 //! a failed start tell the operator exactly what to fix.
+//!
+//! Durations and enums are typed where serde reads them, so a source other than the TOML file
+//! fills the same `FileConfig`. Each section validates itself into its part of `Settings`
+//! (`CacheSection::validate` into `CacheSettings`, ...); `FileConfig::validate` composes them
+//! and adds what spans sections: upstreams, cluster DNS and the zone table.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -99,8 +104,9 @@ pub struct FileConfig {
     pub workers: usize,
     pub metrics: String,
     pub health: String,
-    pub lameduck: String,
-    pub log_format: String,
+    #[serde(with = "humantime_serde")]
+    pub lameduck: Duration,
+    pub log_format: LogFormat,
     pub query_log: f64,
     pub cache: CacheSection,
     pub forward: ForwardSection,
@@ -121,8 +127,8 @@ impl Default for FileConfig {
             workers: 0,
             metrics: "0.0.0.0:9253".into(),
             health: "169.254.20.10:8080".into(),
-            lameduck: "5s".into(),
-            log_format: "text".into(),
+            lameduck: Duration::from_secs(5),
+            log_format: LogFormat::Text,
             query_log: 0.0,
             cache: CacheSection::default(),
             forward: ForwardSection::default(),
@@ -139,19 +145,28 @@ impl Default for FileConfig {
 pub struct CacheSection {
     pub max_entries: usize,
     pub max_bytes: usize,
-    pub min_ttl: String,
-    pub success_max_ttl: String,
-    pub denial_max_ttl: String,
-    pub cluster_success_max_ttl: String,
-    pub cluster_denial_max_ttl: String,
-    pub servfail_ttl: String,
+    #[serde(with = "humantime_serde")]
+    pub min_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub success_max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub denial_max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cluster_success_max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cluster_denial_max_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub servfail_ttl: Duration,
     /// How long past its TTL an answer may still be served when the upstreams fail (RFC 8767);
     /// "0s" turns serve-stale off.
-    pub serve_stale: String,
+    #[serde(with = "humantime_serde")]
+    pub serve_stale: Duration,
     /// TTL of a stale answer.
-    pub stale_answer_ttl: String,
+    #[serde(with = "humantime_serde")]
+    pub stale_answer_ttl: Duration,
     /// After a failed refresh, stale answers are served without asking upstream this long.
-    pub stale_recheck: String,
+    #[serde(with = "humantime_serde")]
+    pub stale_recheck: Duration,
     /// Uses of an entry in its lifetime (the query that stored it counts as one, hits in the
     /// last `prefetch_percentage` of its TTL as the rest) after which it is refreshed in the
     /// background before it expires; 0 turns prefetch off.
@@ -164,15 +179,15 @@ impl Default for CacheSection {
         CacheSection {
             max_entries: 100_000,
             max_bytes: 64 << 20,
-            min_ttl: "5s".into(),
-            success_max_ttl: "30s".into(),
-            denial_max_ttl: "30s".into(),
-            cluster_success_max_ttl: "30s".into(),
-            cluster_denial_max_ttl: "5s".into(),
-            servfail_ttl: "5s".into(),
-            serve_stale: "1h".into(),
-            stale_answer_ttl: "30s".into(),
-            stale_recheck: "30s".into(),
+            min_ttl: Duration::from_secs(5),
+            success_max_ttl: Duration::from_secs(30),
+            denial_max_ttl: Duration::from_secs(30),
+            cluster_success_max_ttl: Duration::from_secs(30),
+            cluster_denial_max_ttl: Duration::from_secs(5),
+            servfail_ttl: Duration::from_secs(5),
+            serve_stale: Duration::from_secs(3600),
+            stale_answer_ttl: Duration::from_secs(30),
+            stale_recheck: Duration::from_secs(30),
             prefetch: 2,
             prefetch_percentage: 10,
         }
@@ -182,31 +197,36 @@ impl Default for CacheSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardSection {
-    pub timeout: String,
-    pub query_timeout: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
     pub tcp_pool_size: usize,
-    pub tcp_idle_timeout: String,
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
     pub max_inflight: usize,
     /// With a stale answer at hand, a client waits this long for a fresh one (RFC 8767's
     /// client response timer).
-    pub client_timeout: String,
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
     /// Consecutive failures that mark an upstream down (0: never); a down upstream is probed
     /// every `health_check` and used again as soon as it answers.
     pub max_fails: u32,
-    pub health_check: String,
+    #[serde(with = "humantime_serde")]
+    pub health_check: Duration,
 }
 
 impl Default for ForwardSection {
     fn default() -> Self {
         ForwardSection {
-            timeout: "1s".into(),
-            query_timeout: "3s".into(),
+            timeout: Duration::from_secs(1),
+            query_timeout: Duration::from_secs(3),
             tcp_pool_size: 2,
-            tcp_idle_timeout: "8s".into(),
+            tcp_idle_timeout: Duration::from_secs(8),
             max_inflight: 4096,
-            client_timeout: "1.8s".into(),
+            client_timeout: Duration::from_millis(1800),
             max_fails: 2,
-            health_check: "500ms".into(),
+            health_check: Duration::from_millis(500),
         }
     }
 }
@@ -214,20 +234,22 @@ impl Default for ForwardSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
-    pub tcp_idle_timeout: String,
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
     pub tcp_max_connections: usize,
     pub edns_udp_size: u16,
-    pub grace_period: String,
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
     pub udp_batch: usize,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
-            tcp_idle_timeout: "10s".into(),
+            tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
             edns_udp_size: 1232,
-            grace_period: "5s".into(),
+            grace_period: Duration::from_secs(5),
             udp_batch: 32,
         }
     }
@@ -239,8 +261,9 @@ pub struct NodeSection {
     pub setup_interface: bool,
     pub interface_name: String,
     pub setup_iptables: bool,
-    pub firewall: String,
-    pub sync_interval: String,
+    pub firewall: Firewall,
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
     pub skip_teardown: bool,
     /// "" (the default), "off" or an IP; see `Args::fail_open_to`.
     pub fail_open_to: String,
@@ -252,8 +275,8 @@ impl Default for NodeSection {
             setup_interface: false,
             interface_name: "nodelocaldns".into(),
             setup_iptables: false,
-            firewall: "iptables".into(),
-            sync_interval: "60s".into(),
+            firewall: Firewall::Iptables,
+            sync_interval: Duration::from_secs(60),
             skip_teardown: false,
             fail_open_to: String::new(),
         }
@@ -268,7 +291,8 @@ pub struct StateSection {
     /// runs without (no handover, no warm restart; refused with node setup).
     pub dir: String,
     /// Write the cache snapshot this often ("0s": only at shutdown).
-    pub snapshot_interval: String,
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
     /// Start with the cache of the previous instance (handover or snapshot).
     pub warm_restart: bool,
 }
@@ -277,7 +301,7 @@ impl Default for StateSection {
     fn default() -> Self {
         StateSection {
             dir: "/run/nodedns".into(),
-            snapshot_interval: "60s".into(),
+            snapshot_interval: Duration::from_secs(60),
             warm_restart: true,
         }
     }
@@ -297,30 +321,39 @@ pub struct StateConfig {
 pub struct ZoneSection {
     pub name: String,
     pub upstreams: Vec<String>,
-    #[serde(default = "default_transport")]
-    pub transport: String,
     #[serde(default)]
-    pub success_max_ttl: Option<String>,
-    #[serde(default)]
-    pub denial_max_ttl: Option<String>,
+    pub transport: Transport,
+    #[serde(default, with = "humantime_serde")]
+    pub success_max_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub denial_max_ttl: Option<Duration>,
     /// The zone's serve-stale window [default: cache.serve_stale].
-    #[serde(default)]
-    pub serve_stale: Option<String>,
-}
-
-fn default_transport() -> String {
-    "prefer-udp".into()
+    #[serde(default, with = "humantime_serde")]
+    pub serve_stale: Option<Duration>,
 }
 
 /// How a zone's upstreams are reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// UDP only; a truncated answer is relayed truncated.
     Udp,
     /// TCP only, on persistent pipelined connections.
     Tcp,
     /// UDP, retried over TCP when the answer is truncated.
+    #[default]
     PreferUdp,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// One forwarding zone after validation.
@@ -350,30 +383,9 @@ pub struct Settings {
     pub lameduck: Duration,
     pub log_json: bool,
     pub query_log: f64,
-    pub cache_max_entries: usize,
-    pub cache_max_bytes: usize,
-    pub min_ttl: Duration,
-    pub servfail_ttl: Duration,
-    pub stale_answer_ttl: Duration,
-    pub stale_recheck: Duration,
-    /// Uses of an entry that qualify it for a refresh before it expires (0: off).
-    pub prefetch_hits: u32,
-    /// The prefetch window: the last this many percent of an entry's TTL.
-    pub prefetch_percentage: u32,
-    pub client_timeout: Duration,
-    pub max_fails: u32,
-    pub health_check: Duration,
-    pub upstream_timeout: Duration,
-    pub query_timeout: Duration,
-    pub tcp_pool_size: usize,
-    pub upstream_tcp_idle: Duration,
-    pub max_inflight: usize,
-    pub tcp_idle_timeout: Duration,
-    pub tcp_max_connections: usize,
-    pub edns_udp_size: u16,
-    pub grace_period: Duration,
-    /// Datagrams read per `recvmmsg` by a UDP worker (1: one system call per packet).
-    pub udp_batch: usize,
+    pub cache: CacheSettings,
+    pub forward: ForwardSettings,
+    pub server: ServerSettings,
     pub node: NodeConfig,
     pub state: StateConfig,
     /// Warnings to log once logging is up (e.g. no cluster DNS configured).
@@ -425,7 +437,7 @@ pub fn load(args: &Args) -> Result<FileConfig, ConfigError> {
         Some(path) => parse_file(path)?,
         None => FileConfig::default(),
     };
-    apply_flags(&mut cfg, args);
+    apply_flags(&mut cfg, args)?;
     Ok(cfg)
 }
 
@@ -434,13 +446,31 @@ pub fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    parse_str(&text).map_err(|message| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string(),
+        message,
     })
 }
 
-pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
+/// Parses the text of a configuration file. A value of the wrong type (a bad duration, an
+/// unknown transport...) is reported with its full key, e.g. `cache.min_ttl: TOML parse error
+/// at line 2, column 11 ...`, since toml's own message shows only the line.
+pub fn parse_str(text: &str) -> Result<FileConfig, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        if key == "." {
+            inner.to_string()
+        } else {
+            format!("{key}: {inner}")
+        }
+    })
+}
+
+/// Applies the flags given over the file's values. A flag's bad value is reported under the
+/// file key it sets.
+pub fn apply_flags(cfg: &mut FileConfig, a: &Args) -> Result<(), ConfigError> {
     if !a.listen.is_empty() {
         cfg.listen = a.listen.clone();
     }
@@ -458,14 +488,50 @@ pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
     set(&mut cfg.cluster_domain, &a.cluster_domain);
     set(&mut cfg.metrics, &a.metrics);
     set(&mut cfg.health, &a.health);
-    set(&mut cfg.lameduck, &a.lameduck);
-    set(&mut cfg.log_format, &a.log_format);
     set(&mut cfg.node.interface_name, &a.interface_name);
-    set(&mut cfg.node.firewall, &a.firewall);
-    set(&mut cfg.node.sync_interval, &a.sync_interval);
     set(&mut cfg.state.dir, &a.state_dir);
-    set(&mut cfg.state.snapshot_interval, &a.snapshot_interval);
     set(&mut cfg.node.fail_open_to, &a.fail_open_to);
+    let set_duration = |dst: &mut Duration, key: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            *dst = duration(key, v)?;
+        }
+        Ok::<_, ConfigError>(())
+    };
+    set_duration(&mut cfg.lameduck, "lameduck", &a.lameduck)?;
+    set_duration(
+        &mut cfg.node.sync_interval,
+        "node.sync_interval",
+        &a.sync_interval,
+    )?;
+    set_duration(
+        &mut cfg.state.snapshot_interval,
+        "state.snapshot_interval",
+        &a.snapshot_interval,
+    )?;
+    if let Some(v) = &a.log_format {
+        cfg.log_format = match v.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?} is not one of \"text\", \"json\""),
+                ))
+            }
+        };
+    }
+    if let Some(v) = &a.firewall {
+        cfg.node.firewall = match v.as_str() {
+            "iptables" => Firewall::Iptables,
+            "nftables" => Firewall::Nftables,
+            other => {
+                return Err(invalid(
+                    "node.firewall",
+                    format!("{other:?} is not one of \"iptables\", \"nftables\""),
+                ))
+            }
+        };
+    }
     if let Some(w) = a.workers {
         cfg.workers = w;
     }
@@ -475,6 +541,7 @@ pub fn apply_flags(cfg: &mut FileConfig, a: &Args) {
     cfg.node.setup_interface |= a.setup_interface;
     cfg.node.setup_iptables |= a.setup_iptables;
     cfg.node.skip_teardown |= a.skip_teardown;
+    Ok(())
 }
 
 fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
@@ -538,172 +605,168 @@ pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-impl FileConfig {
-    /// Validates into runtime settings. `env` supplies the machine-dependent defaults.
-    pub fn validate(&self, env: &Environment) -> Result<Settings, ConfigError> {
-        let mut warnings = Vec::new();
-        if self.listen.is_empty() {
-            return Err(invalid("listen", "at least one address is required"));
-        }
-        let listen = addrs("listen", &self.listen, 53)?;
-        let workers = if self.workers == 0 {
-            available_cpus()
-        } else {
-            self.workers
-        };
-        if workers > 1024 {
-            return Err(invalid("workers", "must be at most 1024"));
-        }
-        let c = &self.cache;
-        if c.max_entries == 0 {
+/// Validated [`CacheSection`]: the cache's size and answer policy.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+    pub min_ttl: Duration,
+    pub servfail_ttl: Duration,
+    pub stale_answer_ttl: Duration,
+    pub stale_recheck: Duration,
+    /// Uses of an entry that qualify it for a refresh before it expires (0: off).
+    pub prefetch_hits: u32,
+    /// The prefetch window: the last this many percent of an entry's TTL.
+    pub prefetch_percentage: u32,
+}
+
+/// The zones' TTL caps and serve-stale window from `[cache]`, defaults for every zone.
+#[derive(Debug, Clone, Copy)]
+struct ZoneDefaults {
+    success_max_ttl: Duration,
+    denial_max_ttl: Duration,
+    cluster_success_max_ttl: Duration,
+    cluster_denial_max_ttl: Duration,
+    serve_stale: Duration,
+}
+
+impl CacheSection {
+    fn validate(&self) -> Result<(CacheSettings, ZoneDefaults), ConfigError> {
+        if self.max_entries == 0 {
             return Err(invalid("cache.max_entries", "must be at least 1"));
         }
-        if c.max_bytes < 64 << 10 {
+        if self.max_bytes < 64 << 10 {
             return Err(invalid("cache.max_bytes", "must be at least 65536"));
         }
-        let min_ttl = duration("cache.min_ttl", &c.min_ttl)?;
-        let success_max = duration("cache.success_max_ttl", &c.success_max_ttl)?;
-        let denial_max = duration("cache.denial_max_ttl", &c.denial_max_ttl)?;
-        let cl_success_max = duration("cache.cluster_success_max_ttl", &c.cluster_success_max_ttl)?;
-        let cl_denial_max = duration("cache.cluster_denial_max_ttl", &c.cluster_denial_max_ttl)?;
-        let servfail_ttl = duration("cache.servfail_ttl", &c.servfail_ttl)?;
-        let serve_stale = duration("cache.serve_stale", &c.serve_stale)?;
-        let stale_answer_ttl = duration("cache.stale_answer_ttl", &c.stale_answer_ttl)?;
-        if stale_answer_ttl.is_zero() || stale_answer_ttl > Duration::from_secs(300) {
+        if self.stale_answer_ttl.is_zero() || self.stale_answer_ttl > Duration::from_secs(300) {
             return Err(invalid(
                 "cache.stale_answer_ttl",
                 "must be between 1s and 5m (RFC 8767 §4 suggests 30s)",
             ));
         }
-        let stale_recheck = duration("cache.stale_recheck", &c.stale_recheck)?;
-        if c.prefetch_percentage == 0 || c.prefetch_percentage > 50 {
+        if self.prefetch_percentage == 0 || self.prefetch_percentage > 50 {
             return Err(invalid(
                 "cache.prefetch_percentage",
                 "must be between 1 and 50",
             ));
         }
-        if servfail_ttl > Duration::from_secs(300) {
+        if self.servfail_ttl > Duration::from_secs(300) {
             return Err(invalid(
                 "cache.servfail_ttl",
                 "must be at most 5m (RFC 2308 §7.1)",
             ));
         }
-        let f = &self.forward;
-        let upstream_timeout = duration("forward.timeout", &f.timeout)?;
-        let query_timeout = duration("forward.query_timeout", &f.query_timeout)?;
-        if upstream_timeout.is_zero() {
+        let cache = CacheSettings {
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
+            min_ttl: self.min_ttl,
+            servfail_ttl: self.servfail_ttl,
+            stale_answer_ttl: self.stale_answer_ttl,
+            stale_recheck: self.stale_recheck,
+            prefetch_hits: self.prefetch,
+            prefetch_percentage: self.prefetch_percentage,
+        };
+        let zones = ZoneDefaults {
+            success_max_ttl: self.success_max_ttl,
+            denial_max_ttl: self.denial_max_ttl,
+            cluster_success_max_ttl: self.cluster_success_max_ttl,
+            cluster_denial_max_ttl: self.cluster_denial_max_ttl,
+            serve_stale: self.serve_stale,
+        };
+        Ok((cache, zones))
+    }
+}
+
+/// Validated [`ForwardSection`]: how upstreams are asked.
+#[derive(Debug, Clone)]
+pub struct ForwardSettings {
+    pub upstream_timeout: Duration,
+    pub query_timeout: Duration,
+    pub tcp_pool_size: usize,
+    pub upstream_tcp_idle: Duration,
+    pub max_inflight: usize,
+    pub client_timeout: Duration,
+    pub max_fails: u32,
+    pub health_check: Duration,
+}
+
+impl ForwardSection {
+    fn validate(&self) -> Result<ForwardSettings, ConfigError> {
+        if self.timeout.is_zero() {
             return Err(invalid("forward.timeout", "must be above 0"));
         }
-        if query_timeout < upstream_timeout {
+        if self.query_timeout < self.timeout {
             return Err(invalid(
                 "forward.query_timeout",
                 "must be at least forward.timeout",
             ));
         }
-        if f.tcp_pool_size == 0 || f.tcp_pool_size > 64 {
+        if self.tcp_pool_size == 0 || self.tcp_pool_size > 64 {
             return Err(invalid("forward.tcp_pool_size", "must be between 1 and 64"));
         }
-        if f.max_inflight == 0 {
+        if self.max_inflight == 0 {
             return Err(invalid("forward.max_inflight", "must be at least 1"));
         }
-        let upstream_tcp_idle = duration("forward.tcp_idle_timeout", &f.tcp_idle_timeout)?;
-        let client_timeout = duration("forward.client_timeout", &f.client_timeout)?;
-        if client_timeout.is_zero() {
+        if self.client_timeout.is_zero() {
             return Err(invalid("forward.client_timeout", "must be above 0"));
         }
-        let health_check = duration("forward.health_check", &f.health_check)?;
-        if health_check < Duration::from_millis(100) {
+        if self.health_check < Duration::from_millis(100) {
             return Err(invalid("forward.health_check", "must be at least 100ms"));
         }
-        let s = &self.server;
-        let tcp_idle_timeout = duration("server.tcp_idle_timeout", &s.tcp_idle_timeout)?;
-        let grace_period = duration("server.grace_period", &s.grace_period)?;
-        if s.tcp_max_connections == 0 {
+        Ok(ForwardSettings {
+            upstream_timeout: self.timeout,
+            query_timeout: self.query_timeout,
+            tcp_pool_size: self.tcp_pool_size,
+            upstream_tcp_idle: self.tcp_idle_timeout,
+            max_inflight: self.max_inflight,
+            client_timeout: self.client_timeout,
+            max_fails: self.max_fails,
+            health_check: self.health_check,
+        })
+    }
+}
+
+/// Validated [`ServerSection`]: how clients are served.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub tcp_idle_timeout: Duration,
+    pub tcp_max_connections: usize,
+    pub edns_udp_size: u16,
+    pub grace_period: Duration,
+    /// Datagrams read per `recvmmsg` by a UDP worker (1: one system call per packet).
+    pub udp_batch: usize,
+}
+
+impl ServerSection {
+    fn validate(&self) -> Result<ServerSettings, ConfigError> {
+        if self.tcp_max_connections == 0 {
             return Err(invalid("server.tcp_max_connections", "must be at least 1"));
         }
-        if s.udp_batch == 0 || s.udp_batch > 256 {
+        if self.udp_batch == 0 || self.udp_batch > 256 {
             return Err(invalid("server.udp_batch", "must be between 1 and 256"));
         }
-        if s.edns_udp_size < dns::MIN_UDP_SIZE {
+        if self.edns_udp_size < dns::MIN_UDP_SIZE {
             return Err(invalid("server.edns_udp_size", "must be at least 512"));
         }
-        let lameduck = duration("lameduck", &self.lameduck)?;
-        let log_json = match self.log_format.as_str() {
-            "text" => false,
-            "json" => true,
-            other => {
-                return Err(invalid(
-                    "log_format",
-                    format!("{other:?} is not one of \"text\", \"json\""),
-                ))
-            }
-        };
-        if !(0.0..=1.0).contains(&self.query_log) {
-            return Err(invalid("query_log", "must be a fraction between 0 and 1"));
-        }
-        let opt_addr = |key: &str, v: &str| -> Result<Option<SocketAddr>, ConfigError> {
-            if v.is_empty() || v == "off" {
-                Ok(None)
-            } else {
-                addr(key, v, 0).map(Some)
-            }
-        };
-        let metrics = opt_addr("metrics", &self.metrics)?;
-        let health = opt_addr("health", &self.health)?;
+        Ok(ServerSettings {
+            tcp_idle_timeout: self.tcp_idle_timeout,
+            tcp_max_connections: self.tcp_max_connections,
+            edns_udp_size: self.edns_udp_size,
+            grace_period: self.grace_period,
+            udp_batch: self.udp_batch,
+        })
+    }
+}
 
-        // Upstreams for everything outside the cluster zones.
-        let upstreams = if self.upstreams.is_empty() {
-            let text = std::fs::read_to_string(&env.resolv_conf).unwrap_or_default();
-            resolv_conf_nameservers(&text)
-        } else {
-            addrs("upstreams", &self.upstreams, 53)?
-        };
-        // Never forward to ourselves.
-        let upstreams: Vec<SocketAddr> = upstreams
-            .into_iter()
-            .filter(|u| !is_own(&listen, u))
-            .collect();
-        if upstreams.is_empty() {
-            return Err(invalid(
-                "upstreams",
-                format!(
-                    "no upstream resolvers: none given and {} lists none besides our own listen addresses",
-                    env.resolv_conf.display()
-                ),
-            ));
-        }
-        let cluster_dns = if self.cluster_dns.is_empty() {
-            match &env.kube_dns_upstream {
-                Some((host, port)) => {
-                    let port = match port {
-                        Some(p) => p.parse::<u16>().map_err(|_| {
-                            invalid(
-                                "cluster_dns",
-                                format!("KUBE_DNS_UPSTREAM_SERVICE_PORT={p:?} is not a port"),
-                            )
-                        })?,
-                        None => 53,
-                    };
-                    vec![addr("cluster_dns", host, port)?]
-                }
-                None => vec![],
-            }
-        } else {
-            addrs("cluster_dns", &self.cluster_dns, 53)?
-        };
-
-        if let Some(own) = cluster_dns.iter().find(|c| is_own(&listen, c)) {
-            // Transparent mode binds the kube-dns IP: CoreDNS must then be reached through
-            // another address (the kube-dns-upstream Service), or we would query ourselves.
-            return Err(invalid(
-                "cluster_dns",
-                format!(
-                    "{own} is one of our listen addresses; point it at the kube-dns-upstream \
-                     Service, not at the address nodedns serves"
-                ),
-            ));
-        }
-        let fail_open_to = match self.node.fail_open_to.trim() {
+impl NodeSection {
+    /// Where the node's DNS traffic goes while no nodedns listens (None: nowhere, kube-proxy's
+    /// own rules then apply).
+    fn fail_open_to(
+        &self,
+        listen: &[SocketAddr],
+        cluster_dns: &[SocketAddr],
+    ) -> Result<Option<IpAddr>, ConfigError> {
+        Ok(match self.fail_open_to.trim() {
             "off" => None,
             // Pods asking a link-local address would be left with no answer while nodedns is
             // down; the cluster DNS (kube-dns-upstream) Service reaches the same CoreDNS.
@@ -727,7 +790,217 @@ impl FileConfig {
                 }
                 Some(ip)
             }
+        })
+    }
+
+    fn validate(
+        &self,
+        listen: &[SocketAddr],
+        health: Option<SocketAddr>,
+        fail_open_to: Option<IpAddr>,
+    ) -> Result<NodeConfig, ConfigError> {
+        if self.sync_interval < Duration::from_secs(1) {
+            return Err(invalid("node.sync_interval", "must be at least 1s"));
+        }
+        if self.interface_name.is_empty() || self.interface_name.len() > 15 {
+            return Err(invalid(
+                "node.interface_name",
+                "must be 1 to 15 characters (Linux IFNAMSIZ)",
+            ));
+        }
+        Ok(NodeConfig {
+            setup_interface: self.setup_interface,
+            interface_name: self.interface_name.clone(),
+            setup_iptables: self.setup_iptables,
+            firewall: self.firewall,
+            sync_interval: self.sync_interval,
+            skip_teardown: self.skip_teardown,
+            listen: listen.to_vec(),
+            health_port: health.map(|h| h.port()),
+            fail_open_to,
+        })
+    }
+}
+
+impl StateSection {
+    fn validate(&self, node: &NodeConfig) -> Result<StateConfig, ConfigError> {
+        let dir = match self.dir.trim() {
+            "" | "off" => None,
+            d if !Path::new(d).is_absolute() => {
+                return Err(invalid(
+                    "state.dir",
+                    format!("{d:?} is not an absolute path"),
+                ))
+            }
+            d => Some(PathBuf::from(d)),
         };
+        if dir.is_none() && (node.setup_interface || node.setup_iptables) {
+            // Without the node-wide lease one instance's exit would tear down what another
+            // instance serves on.
+            return Err(invalid(
+                "state.dir",
+                "must be set when node setup (interface or iptables) is on",
+            ));
+        }
+        Ok(StateConfig {
+            dir,
+            snapshot_interval: self.snapshot_interval,
+            warm_restart: self.warm_restart,
+        })
+    }
+}
+
+impl ZoneSection {
+    /// The `i`-th `[[zone]]`, its TTL caps and serve-stale window defaulting to `[cache]`'s.
+    fn validate(&self, i: usize, defaults: &ZoneDefaults) -> Result<Zone, ConfigError> {
+        let key = format!("zone[{i}]");
+        let (name, wire) = zone_name(&format!("{key}.name"), &self.name)?;
+        if self.upstreams.is_empty() {
+            return Err(invalid(
+                format!("{key}.upstreams"),
+                "at least one upstream is required",
+            ));
+        }
+        Ok(Zone {
+            name,
+            wire,
+            upstreams: addrs(&format!("{key}.upstreams"), &self.upstreams, 53)?,
+            transport: self.transport,
+            success_max_ttl: self.success_max_ttl.unwrap_or(defaults.success_max_ttl),
+            denial_max_ttl: self.denial_max_ttl.unwrap_or(defaults.denial_max_ttl),
+            stale_window: self.serve_stale.unwrap_or(defaults.serve_stale),
+        })
+    }
+}
+
+impl FileConfig {
+    /// Validates into runtime settings. `env` supplies the machine-dependent defaults.
+    pub fn validate(&self, env: &Environment) -> Result<Settings, ConfigError> {
+        let mut warnings = Vec::new();
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "at least one address is required"));
+        }
+        let listen = addrs("listen", &self.listen, 53)?;
+        let workers = if self.workers == 0 {
+            available_cpus()
+        } else {
+            self.workers
+        };
+        if workers > 1024 {
+            return Err(invalid("workers", "must be at most 1024"));
+        }
+        let (cache, zone_defaults) = self.cache.validate()?;
+        let forward = self.forward.validate()?;
+        let server = self.server.validate()?;
+        if !(0.0..=1.0).contains(&self.query_log) {
+            return Err(invalid("query_log", "must be a fraction between 0 and 1"));
+        }
+        let metrics = opt_addr("metrics", &self.metrics)?;
+        let health = opt_addr("health", &self.health)?;
+        let upstreams = self.upstreams(env, &listen)?;
+        let cluster_dns = self.cluster_dns(env, &listen)?;
+        let fail_open_to = self.node.fail_open_to(&listen, &cluster_dns)?;
+        let zones = self.zones(&zone_defaults, upstreams, cluster_dns, &mut warnings)?;
+        let node = self.node.validate(&listen, health, fail_open_to)?;
+        let state = self.state.validate(&node)?;
+
+        Ok(Settings {
+            listen,
+            workers,
+            zones,
+            metrics,
+            health,
+            lameduck: self.lameduck,
+            log_json: self.log_format == LogFormat::Json,
+            query_log: self.query_log,
+            cache,
+            forward,
+            server,
+            node,
+            state,
+            warnings,
+        })
+    }
+
+    /// Upstreams for everything outside the cluster zones: `upstreams`, or the nameservers of
+    /// resolv.conf, never one of our own listen addresses.
+    fn upstreams(
+        &self,
+        env: &Environment,
+        listen: &[SocketAddr],
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        let upstreams = if self.upstreams.is_empty() {
+            let text = std::fs::read_to_string(&env.resolv_conf).unwrap_or_default();
+            resolv_conf_nameservers(&text)
+        } else {
+            addrs("upstreams", &self.upstreams, 53)?
+        };
+        // Never forward to ourselves.
+        let upstreams: Vec<SocketAddr> = upstreams
+            .into_iter()
+            .filter(|u| !is_own(listen, u))
+            .collect();
+        if upstreams.is_empty() {
+            return Err(invalid(
+                "upstreams",
+                format!(
+                    "no upstream resolvers: none given and {} lists none besides our own listen addresses",
+                    env.resolv_conf.display()
+                ),
+            ));
+        }
+        Ok(upstreams)
+    }
+
+    /// The cluster DNS: `cluster_dns`, or the kube-dns-upstream Service from the environment
+    /// (empty when neither is there).
+    fn cluster_dns(
+        &self,
+        env: &Environment,
+        listen: &[SocketAddr],
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        let cluster_dns = if self.cluster_dns.is_empty() {
+            match &env.kube_dns_upstream {
+                Some((host, port)) => {
+                    let port = match port {
+                        Some(p) => p.parse::<u16>().map_err(|_| {
+                            invalid(
+                                "cluster_dns",
+                                format!("KUBE_DNS_UPSTREAM_SERVICE_PORT={p:?} is not a port"),
+                            )
+                        })?,
+                        None => 53,
+                    };
+                    vec![addr("cluster_dns", host, port)?]
+                }
+                None => vec![],
+            }
+        } else {
+            addrs("cluster_dns", &self.cluster_dns, 53)?
+        };
+        if let Some(own) = cluster_dns.iter().find(|c| is_own(listen, c)) {
+            // Transparent mode binds the kube-dns IP: CoreDNS must then be reached through
+            // another address (the kube-dns-upstream Service), or we would query ourselves.
+            return Err(invalid(
+                "cluster_dns",
+                format!(
+                    "{own} is one of our listen addresses; point it at the kube-dns-upstream \
+                     Service, not at the address nodedns serves"
+                ),
+            ));
+        }
+        Ok(cluster_dns)
+    }
+
+    /// The forwarding zones, most specific first: the cluster zones, the `[[zone]]`s and the
+    /// root zone last.
+    fn zones(
+        &self,
+        defaults: &ZoneDefaults,
+        upstreams: Vec<SocketAddr>,
+        cluster_dns: Vec<SocketAddr>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<Zone>, ConfigError> {
         let (cluster_name, cluster_wire) = zone_name("cluster_domain", &self.cluster_domain)?;
         if cluster_wire.len() == 1 {
             return Err(invalid("cluster_domain", "must not be the root"));
@@ -755,162 +1028,45 @@ impl FileConfig {
                 wire,
                 upstreams: cluster_upstreams.clone(),
                 transport: cluster_transport,
-                success_max_ttl: cl_success_max,
-                denial_max_ttl: cl_denial_max,
-                stale_window: serve_stale,
+                success_max_ttl: defaults.cluster_success_max_ttl,
+                denial_max_ttl: defaults.cluster_denial_max_ttl,
+                stale_window: defaults.serve_stale,
             });
         }
         for (i, z) in self.zones.iter().enumerate() {
-            let key = format!("zone[{i}]");
-            let (name, wire) = zone_name(&format!("{key}.name"), &z.name)?;
-            if z.upstreams.is_empty() {
-                return Err(invalid(
-                    format!("{key}.upstreams"),
-                    "at least one upstream is required",
-                ));
-            }
-            let transport = match z.transport.as_str() {
-                "udp" => Transport::Udp,
-                "tcp" => Transport::Tcp,
-                "prefer-udp" => Transport::PreferUdp,
-                other => {
-                    return Err(invalid(
-                        format!("{key}.transport"),
-                        format!("{other:?} is not one of \"udp\", \"tcp\", \"prefer-udp\""),
-                    ))
-                }
-            };
-            if let Some(existing) = zones.iter_mut().find(|zn| zn.wire == wire) {
+            let zone = z.validate(i, defaults)?;
+            if let Some(existing) = zones.iter_mut().find(|zn| zn.wire == zone.wire) {
                 // A [[zone]] naming a built-in zone overrides its upstreams.
-                existing.upstreams = addrs(&format!("{key}.upstreams"), &z.upstreams, 53)?;
-                existing.transport = transport;
-                if let Some(v) = &z.serve_stale {
-                    existing.stale_window = duration(&format!("{key}.serve_stale"), v)?;
+                existing.upstreams = zone.upstreams;
+                existing.transport = zone.transport;
+                if z.serve_stale.is_some() {
+                    existing.stale_window = zone.stale_window;
                 }
                 continue;
             }
-            zones.push(Zone {
-                name,
-                wire,
-                upstreams: addrs(&format!("{key}.upstreams"), &z.upstreams, 53)?,
-                transport,
-                success_max_ttl: match &z.success_max_ttl {
-                    Some(v) => duration(&format!("{key}.success_max_ttl"), v)?,
-                    None => success_max,
-                },
-                denial_max_ttl: match &z.denial_max_ttl {
-                    Some(v) => duration(&format!("{key}.denial_max_ttl"), v)?,
-                    None => denial_max,
-                },
-                stale_window: match &z.serve_stale {
-                    Some(v) => duration(&format!("{key}.serve_stale"), v)?,
-                    None => serve_stale,
-                },
-            });
+            zones.push(zone);
         }
         zones.push(Zone {
             name: ".".into(),
             wire: vec![0],
             upstreams,
             transport: Transport::PreferUdp,
-            success_max_ttl: success_max,
-            denial_max_ttl: denial_max,
-            stale_window: serve_stale,
+            success_max_ttl: defaults.success_max_ttl,
+            denial_max_ttl: defaults.denial_max_ttl,
+            stale_window: defaults.serve_stale,
         });
         // Most specific first: longest suffix match is then the first zone that contains the name.
         zones.sort_by_key(|z| std::cmp::Reverse(z.wire.len()));
+        Ok(zones)
+    }
+}
 
-        let n = &self.node;
-        let firewall = match n.firewall.as_str() {
-            "iptables" => Firewall::Iptables,
-            "nftables" => Firewall::Nftables,
-            other => {
-                return Err(invalid(
-                    "node.firewall",
-                    format!("{other:?} is not one of \"iptables\", \"nftables\""),
-                ))
-            }
-        };
-        let sync_interval = duration("node.sync_interval", &n.sync_interval)?;
-        if sync_interval < Duration::from_secs(1) {
-            return Err(invalid("node.sync_interval", "must be at least 1s"));
-        }
-        if n.interface_name.is_empty() || n.interface_name.len() > 15 {
-            return Err(invalid(
-                "node.interface_name",
-                "must be 1 to 15 characters (Linux IFNAMSIZ)",
-            ));
-        }
-        let node = NodeConfig {
-            setup_interface: n.setup_interface,
-            interface_name: n.interface_name.clone(),
-            setup_iptables: n.setup_iptables,
-            firewall,
-            sync_interval,
-            skip_teardown: n.skip_teardown,
-            listen: listen.clone(),
-            health_port: health.map(|h| h.port()),
-            fail_open_to,
-        };
-        let st = &self.state;
-        let state_dir = match st.dir.trim() {
-            "" | "off" => None,
-            d if !Path::new(d).is_absolute() => {
-                return Err(invalid(
-                    "state.dir",
-                    format!("{d:?} is not an absolute path"),
-                ))
-            }
-            d => Some(PathBuf::from(d)),
-        };
-        if state_dir.is_none() && (node.setup_interface || node.setup_iptables) {
-            // Without the node-wide lease one instance's exit would tear down what another
-            // instance serves on.
-            return Err(invalid(
-                "state.dir",
-                "must be set when node setup (interface or iptables) is on",
-            ));
-        }
-        let state = StateConfig {
-            dir: state_dir,
-            snapshot_interval: duration("state.snapshot_interval", &st.snapshot_interval)?,
-            warm_restart: st.warm_restart,
-        };
-
-        Ok(Settings {
-            listen,
-            workers,
-            zones,
-            metrics,
-            health,
-            lameduck,
-            log_json,
-            query_log: self.query_log,
-            cache_max_entries: c.max_entries,
-            cache_max_bytes: c.max_bytes,
-            min_ttl,
-            servfail_ttl,
-            stale_answer_ttl,
-            stale_recheck,
-            prefetch_hits: c.prefetch,
-            prefetch_percentage: c.prefetch_percentage,
-            client_timeout,
-            max_fails: f.max_fails,
-            health_check,
-            upstream_timeout,
-            query_timeout,
-            tcp_pool_size: f.tcp_pool_size,
-            upstream_tcp_idle,
-            max_inflight: f.max_inflight,
-            tcp_idle_timeout,
-            tcp_max_connections: s.tcp_max_connections,
-            edns_udp_size: s.edns_udp_size,
-            udp_batch: s.udp_batch,
-            grace_period,
-            node,
-            state,
-            warnings,
-        })
+/// An address that may be "off" (or empty): None.
+fn opt_addr(key: &str, v: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if v.is_empty() || v == "off" {
+        Ok(None)
+    } else {
+        addr(key, v, 0).map(Some)
     }
 }
 
@@ -972,8 +1128,8 @@ mod tests {
 
     fn err(toml_text: &str) -> String {
         let (_d, e) = env("nameserver 127.0.0.53\n");
-        match toml::from_str::<FileConfig>(toml_text) {
-            Err(e) => e.to_string(),
+        match parse_str(toml_text) {
+            Err(e) => e,
             Ok(c) => c.validate(&e).unwrap_err().to_string(),
         }
     }
@@ -1045,7 +1201,8 @@ mod tests {
         apply_flags(
             &mut c,
             &Args::parse_from(["nodedns", "--fail-open-to", "off"]),
-        );
+        )
+        .unwrap();
         e.kube_dns_upstream = Some(("10.96.0.11".into(), None));
         assert_eq!(c.validate(&e).unwrap().node.fail_open_to, None);
         assert!(err("[node]\nfail_open_to = \"kube-dns\"").starts_with("node.fail_open_to:"));
@@ -1070,13 +1227,40 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_reason() {
         assert!(err("bogus = 1").contains("unknown field `bogus`"));
-        assert!(err("[cache]\nmin_ttl = \"5x\"").starts_with("cache.min_ttl: invalid duration"));
+        let e = err("[cache]\nmin_ttl = \"5x\"");
+        assert!(
+            e.starts_with("cache.min_ttl: TOML parse error at line 2"),
+            "{e}"
+        );
+        assert!(e.contains("\"5x\", expected a duration"), "{e}");
         assert!(err("listen = [\"nope\"]").starts_with("listen: invalid address"));
         assert!(
             err("[[zone]]\nname = \"a\"\nupstreams = [\"127.0.0.1\"]\ntransport = \"quic\"")
                 .starts_with("zone[0].transport:")
         );
         assert!(err("[node]\nfirewall = \"pf\"").starts_with("node.firewall:"));
+        assert!(err("log_format = \"xml\"").starts_with("log_format:"));
+        // Flags are checked under the key they set.
+        let mut c = FileConfig::default();
+        let bad = |flag: &str, v: &str| {
+            apply_flags(&mut c.clone(), &Args::parse_from(["nodedns", flag, v]))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("--lameduck", "5x").starts_with("lameduck: invalid duration"));
+        assert!(bad("--sync-interval", "x").starts_with("node.sync_interval: invalid duration"));
+        assert!(bad("--firewall", "pf").starts_with("node.firewall:"));
+        assert!(bad("--log-format", "xml").starts_with("log_format:"));
+        let a = Args::parse_from([
+            "nodedns",
+            "--snapshot-interval",
+            "0s",
+            "--firewall",
+            "nftables",
+        ]);
+        apply_flags(&mut c, &a).unwrap();
+        assert_eq!(c.state.snapshot_interval, Duration::ZERO);
+        assert_eq!(c.node.firewall, Firewall::Nftables);
         assert!(err("[cache]\nservfail_ttl = \"1h\"").contains("RFC 2308"));
         assert!(
             err("listen = [\"10.96.0.10:53\"]\ncluster_dns = [\"10.96.0.10\"]")
@@ -1088,7 +1272,7 @@ mod tests {
     fn flags_override_the_file() {
         let mut c: FileConfig = toml::from_str("listen = [\"127.0.0.1:53\"]\nworkers = 3").unwrap();
         let a = Args::parse_from(["nodedns", "--listen", "127.0.0.2:5353", "--workers", "1"]);
-        apply_flags(&mut c, &a);
+        apply_flags(&mut c, &a).unwrap();
         assert_eq!(c.listen, vec!["127.0.0.2:5353"]);
         assert_eq!(c.workers, 1);
     }

@@ -49,7 +49,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(nodedns::app::run(settings, nodedns::app::shutdown_signal())) {
+    let served = rt.block_on(async {
+        // Installed first: a SIGTERM during startup shuts down cleanly.
+        let shutdown = nodedns::app::shutdown_signal();
+        nodedns::app::run(settings, shutdown).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

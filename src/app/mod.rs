@@ -45,13 +45,19 @@ impl SetupErrorSink for Metrics {
 const PURGE_EVERY: Duration = Duration::from_secs(10);
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT.
-pub async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled: a
+/// SIGTERM that arrives while nodedns is still starting must start a shutdown, not end the
+/// process with the signal's default action. Call it inside the runtime, before `run`.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received, shutting down"),
-        _ = int.recv() => info!("SIGINT received, shutting down"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received, shutting down"),
+            _ = int.recv() => info!("SIGINT received, shutting down"),
+        }
     }
 }
 
@@ -199,7 +205,7 @@ pub async fn run(
                 server::udp::spawn_worker(
                     format!("nodedns-udp-{i}"),
                     sock,
-                    settings.udp_batch,
+                    settings.server.udp_batch,
                     ctx.clone(),
                     rt.clone(),
                     tracker.clone(),
@@ -224,8 +230,8 @@ pub async fn run(
             shutdown: cancel.clone(),
             peers: peers.clone(),
             table: server::tcp_table::Table::new(
-                settings.tcp_max_connections,
-                settings.tcp_idle_timeout,
+                settings.server.tcp_max_connections,
+                settings.server.tcp_idle_timeout,
             ),
         };
         tokio::spawn(server::tcp::serve(listener, cc.clone()));
@@ -332,7 +338,14 @@ pub async fn run(
         } else if let Err(t) = node.teardown().await {
             warn!(error = %format!("{t:#}"), "teardown incomplete");
         }
-        stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
+        stop_all(
+            &stop,
+            &cancel,
+            threads,
+            &tracker,
+            settings.server.grace_period,
+        )
+        .await;
         return Err(e);
     }
     drop(node_lock);
@@ -469,7 +482,14 @@ pub async fn run(
     if let Some(t) = handover_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
-    stop_all(&stop, &cancel, threads, &tracker, settings.grace_period).await;
+    stop_all(
+        &stop,
+        &cancel,
+        threads,
+        &tracker,
+        settings.server.grace_period,
+    )
+    .await;
     if peers.has_successor() {
         metrics.handovers.with_label_values(&["gave"]).inc();
     }

@@ -22,9 +22,14 @@ impl Forwarder {
             return false;
         };
         let transport = self.state[&upstream].transport;
-        self.exchange(upstream, transport, &q, self.settings.upstream_timeout)
-            .await
-            .is_ok()
+        self.exchange(
+            upstream,
+            transport,
+            &q,
+            self.settings.forward.upstream_timeout,
+        )
+        .await
+        .is_ok()
     }
 
     /// Probes every upstream marked down until it answers, for as long as the future runs (the
@@ -45,7 +50,7 @@ impl Forwarder {
 
     async fn check_until_up(&self, upstream: SocketAddr) {
         let st = &self.state[&upstream];
-        let mut tick = tokio::time::interval(self.settings.health_check);
+        let mut tick = tokio::time::interval(self.settings.forward.health_check);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

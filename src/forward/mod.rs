@@ -112,8 +112,8 @@ impl Forwarder {
                     pools.entry(u).or_insert_with(|| {
                         Arc::new(TcpPool::new(
                             u,
-                            settings.tcp_pool_size,
-                            settings.upstream_tcp_idle,
+                            settings.forward.tcp_pool_size,
+                            settings.forward.upstream_tcp_idle,
                             metrics.clone(),
                             st.metrics.clone(),
                         ))
@@ -142,7 +142,7 @@ impl Forwarder {
     /// Takes an in-flight slot, or None when `forward.max_inflight` queries are already out.
     pub fn try_acquire(&self) -> Option<InflightGuard<'_>> {
         let prev = self.inflight.fetch_add(1, Ordering::Relaxed);
-        if prev >= self.settings.max_inflight {
+        if prev >= self.settings.forward.max_inflight {
             self.inflight.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
@@ -175,7 +175,7 @@ impl Forwarder {
             return;
         }
         let fails = st.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        let max = self.settings.max_fails;
+        let max = self.settings.forward.max_fails;
         if max > 0 && fails >= max && !st.down.swap(true, Ordering::Relaxed) {
             crate::log_limited!(warn, upstream = %upstream, fails, "upstream marked down; probing it");
             let _ = self.down_tx.send(upstream);
@@ -213,7 +213,7 @@ impl Forwarder {
     /// Remembers a failed resolution of `key` for `cache.stale_recheck` (stale answers are then
     /// served without asking upstream); forgets it on success.
     fn note_refresh(&self, key: u64, ok: bool) {
-        if self.settings.stale_recheck.is_zero() {
+        if self.settings.cache.stale_recheck.is_zero() {
             return;
         }
         let mut m = self.stale_failures.lock();
@@ -224,7 +224,7 @@ impl Forwarder {
             if m.len() > 4096 {
                 m.retain(|_, until| *until > now);
             }
-            m.insert(key, now + self.settings.stale_recheck);
+            m.insert(key, now + self.settings.cache.stale_recheck);
         }
     }
 
@@ -245,14 +245,14 @@ impl Forwarder {
         let zone_idx = self.settings.route(q.qname_lower());
         let zone = &self.settings.zones[zone_idx];
         let start = Instant::now();
-        let deadline = start + self.settings.query_timeout;
+        let deadline = start + self.settings.forward.query_timeout;
         let mut relay: Option<(Response, SocketAddr)> = None;
         for upstream in self.ordered(&zone.upstreams) {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            let attempt = self.settings.upstream_timeout.min(deadline - now);
+            let attempt = self.settings.forward.upstream_timeout.min(deadline - now);
             let t0 = Instant::now();
             let result = self.exchange(upstream, zone.transport, q, attempt).await;
             let elapsed = t0.elapsed();
@@ -298,7 +298,7 @@ impl Forwarder {
         let Ok(q) = dns::parse_query(&pkt) else {
             return false;
         };
-        let timeout = self.settings.upstream_timeout;
+        let timeout = self.settings.forward.upstream_timeout;
         let mut seen = std::collections::HashSet::new();
         for z in &self.settings.zones {
             for &u in &z.upstreams {
@@ -318,7 +318,7 @@ impl Forwarder {
         q: &Query,
         timeout: Duration,
     ) -> Result<Response, UpstreamError> {
-        let size = self.settings.edns_udp_size;
+        let size = self.settings.server.edns_udp_size;
         let deadline = Instant::now() + timeout;
         let m = &self.state[&upstream].metrics;
         match transport {
@@ -349,7 +349,7 @@ impl Forwarder {
     fn store(&self, q: &Query, zone_idx: usize, resp: Response) -> Entry {
         let zone = &self.settings.zones[zone_idx];
         let now = Instant::now();
-        let min_ttl = self.settings.min_ttl;
+        let min_ttl = self.settings.cache.min_ttl;
         let secs = |d: Duration| d.as_secs().min(u32::MAX as u64) as u32;
         // Lifetime in seconds when cacheable, with the cap for each record's TTL.
         let lifetime = if resp.truncated {
@@ -367,7 +367,9 @@ impl Forwarder {
                     // RFC 2308 §5: without an SOA a negative answer is not cached.
                     resp.negative_ttl.map(|t| t.clamp(floor, cap))
                 }
-                AnswerKind::ServFail => Some(secs(self.settings.servfail_ttl)).filter(|&t| t > 0),
+                AnswerKind::ServFail => {
+                    Some(secs(self.settings.cache.servfail_ttl)).filter(|&t| t > 0)
+                }
                 AnswerKind::Other => None,
             }
         };

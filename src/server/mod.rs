@@ -64,13 +64,16 @@ pub enum Rejected {
 impl Context {
     pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Arc<Self> {
         let cache = Arc::new(Cache::new(&crate::cache::CacheConfig {
-            max_entries: settings.cache_max_entries,
-            max_bytes: settings.cache_max_bytes,
+            max_entries: settings.cache.max_entries,
+            max_bytes: settings.cache.max_bytes,
             shards: (settings.workers * 16).clamp(16, 1024),
         }));
         metrics.set_cache(cache.clone());
         let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
-        let settings_prefetch = (settings.prefetch_hits, settings.prefetch_percentage.min(99));
+        let settings_prefetch = (
+            settings.cache.prefetch_hits,
+            settings.cache.prefetch_percentage.min(99),
+        );
         let query_log = QueryLog::new(settings.query_log);
         Arc::new_cyclic(|me| Context {
             settings,
@@ -133,7 +136,7 @@ impl Context {
                         Rejected::Reply
                     }
                     Reject::BadVers => {
-                        let size = self.settings.edns_udp_size;
+                        let size = self.settings.server.edns_udp_size;
                         dns::write_error_reply(
                             pkt,
                             dns::RCODE_BADVERS,
@@ -167,7 +170,14 @@ impl Context {
     ) -> Handled {
         let max_len = self.max_len(q, proto);
         let hit = self.cache.lookup(key, q, start, |e, age| {
-            e.render(q, pkt, age, max_len, self.settings.edns_udp_size, out);
+            e.render(
+                q,
+                pkt,
+                age,
+                max_len,
+                self.settings.server.edns_udp_size,
+                out,
+            );
             (e.zone, e.kind, e.ttl, e.stored_ms, e.age_ms)
         });
         match hit {
@@ -209,7 +219,7 @@ impl Context {
             /// Per slot: key, store time of the entry's lifetime, window hits (MAX: claimed).
             static SEEN: RefCell<Vec<(u64, u64, u32)>> = RefCell::new(vec![(0, 0, 0); SLOTS]);
         }
-        let need = self.settings.prefetch_hits.saturating_sub(1).max(1);
+        let need = self.settings.cache.prefetch_hits.saturating_sub(1).max(1);
         let claim = SEEN.with(|seen| {
             let mut seen = seen.borrow_mut();
             let slot = &mut seen[(key as usize) % SLOTS];
@@ -245,7 +255,7 @@ impl Context {
 
     fn max_len(&self, q: &Query, proto: Proto) -> usize {
         match proto {
-            Proto::Udp => q.max_udp_reply(self.settings.edns_udp_size),
+            Proto::Udp => q.max_udp_reply(self.settings.server.edns_udp_size),
             Proto::Tcp => u16::MAX as usize,
         }
     }
@@ -261,10 +271,11 @@ impl Context {
     ) -> bool {
         let ttl = self
             .settings
+            .cache
             .stale_answer_ttl
             .as_secs()
             .min(u32::MAX as u64) as u32;
-        let size = self.settings.edns_udp_size;
+        let size = self.settings.server.edns_udp_size;
         let served = self
             .cache
             .lookup_stale(key, q, Instant::now(), |e, _| {
@@ -286,7 +297,7 @@ impl Context {
         };
         let q = *q;
         let refresh = rt.spawn(async move { ctx.forwarder.resolve_shared(&q, key).await.0 });
-        match tokio::time::timeout(self.settings.client_timeout, refresh).await {
+        match tokio::time::timeout(self.settings.forward.client_timeout, refresh).await {
             Ok(Ok(outcome)) => Some(outcome),
             _ => None,
         }
@@ -307,7 +318,9 @@ impl Context {
     ) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
         let max_len = self.max_len(q, proto);
-        let edns = q.edns.map(|e| (self.settings.edns_udp_size, e.dnssec_ok));
+        let edns = q
+            .edns
+            .map(|e| (self.settings.server.edns_udp_size, e.dnssec_ok));
         let question = &pkt[dns::HEADER_LEN..q.question_end];
         let zone = self.settings.route(q.qname_lower());
         let key = self.cache.key(q.question_lower(), q.key_flags());
@@ -329,7 +342,7 @@ impl Context {
                     self.forwarder.counters.max_concurrent_rejects.inc();
                     crate::log_limited!(
                         warn,
-                        max_inflight = self.settings.max_inflight,
+                        max_inflight = self.settings.forward.max_inflight,
                         "too many forwarded queries in flight, refusing"
                     );
                     if !(has_stale && self.render_stale(q, key, pkt, max_len, &mut out)) {
@@ -365,7 +378,14 @@ impl Context {
                     if failed && has_stale && self.render_stale(q, key, pkt, max_len, &mut out) {
                         None
                     } else if let Some((entry, upstream)) = fresh {
-                        entry.render(q, pkt, 0, max_len, self.settings.edns_udp_size, &mut out);
+                        entry.render(
+                            q,
+                            pkt,
+                            0,
+                            max_len,
+                            self.settings.server.edns_udp_size,
+                            &mut out,
+                        );
                         Some(upstream)
                     } else {
                         dns::write_error_reply(

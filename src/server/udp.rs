@@ -366,7 +366,7 @@ impl Worker {
         }
         // Stopped listening: answer the misses already taken, within the grace period.
         self.local_tasks.close();
-        let grace = self.ctx.settings.grace_period;
+        let grace = self.ctx.settings.server.grace_period;
         if tokio::time::timeout(grace, self.local_tasks.wait())
             .await
             .is_err()

@@ -471,7 +471,7 @@ fn check_config_names_the_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("forward.timeout") && err.contains("invalid duration"),
+        err.contains("forward.timeout") && err.contains("expected a duration"),
         "{err}"
     );
     let unknown = dir.path().join("unknown.toml");
