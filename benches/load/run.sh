@@ -176,7 +176,7 @@ start_server() {
         nodedns)
             spawn nodedns "$SERVER_CPU" "$NODEDNS" --workers 1 --listen "$a:53" \
                 --upstream "$BACKEND_ADDR:53" --cluster-dns "$BACKEND_ADDR:53" \
-                --metrics "$a:9253" --health "$a:8080" --lameduck 0s ;;
+                --metrics "$a:9253" --health "$a:8080" --lameduck 0s --state-dir off ;;
         unbound)
             cat >"$st/unbound.conf" <<EOF
 server:
