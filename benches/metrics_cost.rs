@@ -68,7 +68,7 @@ fn context() -> Arc<Context> {
     let question = &pkt[dns::HEADER_LEN..q.question_end];
     let resp = dns::parse_response(&answer(question), question).expect("valid answer");
     assert_eq!(resp.kind, AnswerKind::Positive);
-    let zone = ctx.settings.route(q.qname_lower()) as u16;
+    let zone = ctx.settings.zones.route(q.qname_lower()) as u16;
     let entry = Entry::new(
         resp.wire,
         resp.ttl_offsets,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dns;
 use crate::node::{Firewall, NodeConfig};
+pub use crate::zones::{Zone, ZoneTable};
 
 /// nodedns: a node-local DNS cache for Kubernetes.
 #[derive(Parser, Debug, Default, Clone)]
@@ -356,28 +357,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// One forwarding zone after validation.
-#[derive(Debug, Clone)]
-pub struct Zone {
-    /// Presentation form, e.g. "cluster.local." or ".".
-    pub name: String,
-    /// Lowercased wire form.
-    pub wire: Vec<u8>,
-    pub upstreams: Vec<SocketAddr>,
-    pub transport: Transport,
-    pub success_max_ttl: Duration,
-    pub denial_max_ttl: Duration,
-    /// How long past their TTL the zone's answers may be served stale (zero: never).
-    pub stale_window: Duration,
-}
-
 /// Validated runtime settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: Vec<SocketAddr>,
     pub workers: usize,
     /// Zones ordered most specific first; the last is always the root zone ".".
-    pub zones: Vec<Zone>,
+    pub zones: ZoneTable,
     pub metrics: Option<SocketAddr>,
     pub health: Option<SocketAddr>,
     pub lameduck: Duration,
@@ -1000,7 +986,7 @@ impl FileConfig {
         upstreams: Vec<SocketAddr>,
         cluster_dns: Vec<SocketAddr>,
         warnings: &mut Vec<String>,
-    ) -> Result<Vec<Zone>, ConfigError> {
+    ) -> Result<ZoneTable, ConfigError> {
         let (cluster_name, cluster_wire) = zone_name("cluster_domain", &self.cluster_domain)?;
         if cluster_wire.len() == 1 {
             return Err(invalid("cluster_domain", "must not be the root"));
@@ -1055,9 +1041,7 @@ impl FileConfig {
             denial_max_ttl: defaults.denial_max_ttl,
             stale_window: defaults.serve_stale,
         });
-        // Most specific first: longest suffix match is then the first zone that contains the name.
-        zones.sort_by_key(|z| std::cmp::Reverse(z.wire.len()));
-        Ok(zones)
+        Ok(ZoneTable::new(zones))
     }
 }
 
@@ -1099,16 +1083,6 @@ impl FileConfig {
     }
 }
 
-impl Settings {
-    /// The zone a lowercased wire name routes to (longest suffix match).
-    pub fn route(&self, qname: &[u8]) -> usize {
-        self.zones
-            .iter()
-            .position(|z| dns::name_in_zone(qname, &z.wire))
-            .unwrap_or(self.zones.len() - 1)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1144,11 +1118,14 @@ mod tests {
         assert_eq!(root.upstreams, vec!["127.0.0.53:53".parse().unwrap()]);
         assert_eq!(s.warnings.len(), 1, "no cluster DNS warns");
         assert_eq!(
-            s.zones[s.route(&dns::name_from_str("a.svc.cluster.local").unwrap())].name,
+            s.zones[s
+                .zones
+                .route(&dns::name_from_str("a.svc.cluster.local").unwrap())]
+            .name,
             "cluster.local."
         );
         assert_eq!(
-            s.zones[s.route(&dns::name_from_str("example.com").unwrap())].name,
+            s.zones[s.zones.route(&dns::name_from_str("example.com").unwrap())].name,
             "."
         );
     }
@@ -1174,7 +1151,9 @@ mod tests {
         let (_d, mut e) = env("nameserver 127.0.0.53\n");
         e.kube_dns_upstream = Some(("10.96.0.11".into(), Some("5353".into())));
         let s = FileConfig::default().validate(&e).unwrap();
-        let z = &s.zones[s.route(&dns::name_from_str("1.0.96.10.in-addr.arpa").unwrap())];
+        let z = &s.zones[s
+            .zones
+            .route(&dns::name_from_str("1.0.96.10.in-addr.arpa").unwrap())];
         assert_eq!(z.upstreams, vec!["10.96.0.11:5353".parse().unwrap()]);
         assert_eq!(z.transport, Transport::Tcp);
         assert_eq!(z.denial_max_ttl, Duration::from_secs(5));
@@ -1218,9 +1197,13 @@ mod tests {
         )
         .unwrap();
         let s = c.validate(&e).unwrap();
-        let z = &s.zones[s.route(&dns::name_from_str("x.a.corp.example").unwrap())];
+        let z = &s.zones[s
+            .zones
+            .route(&dns::name_from_str("x.a.corp.example").unwrap())];
         assert_eq!(z.upstreams, vec!["127.0.0.10:5300".parse().unwrap()]);
-        let z = &s.zones[s.route(&dns::name_from_str("b.corp.example").unwrap())];
+        let z = &s.zones[s
+            .zones
+            .route(&dns::name_from_str("b.corp.example").unwrap())];
         assert_eq!(z.transport, Transport::Tcp);
     }
 

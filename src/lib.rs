@@ -10,7 +10,9 @@
 //!   sharded table, `cache/entry.rs` the entries and the reply renderer, `cache/snapshot.rs` the
 //!   warm-restart snapshot (entries to a byte stream or state file and back, verified on load).
 //! - [`readslots`]: the shards' lock; a reader writes only to its own thread's slot.
-//! - [`forward`]: the miss path: zone routing, UDP/TCP upstream exchanges, caching rules.
+//! - [`zones`]: the forwarding zones and the one routing decision; a miss carries its zone.
+//! - [`forward`]: the miss path: upstream ordering and health, coalescing, UDP/TCP upstream
+//!   exchanges, caching rules.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints;
 //!   `metrics` holds the registry and upstream families, `metrics/worker.rs` the per-worker
 //!   counters, `metrics/collector.rs` their scrape-time folding, `metrics/panic.rs` the panic hook.
@@ -33,3 +35,4 @@ pub mod metrics;
 pub mod node;
 pub mod readslots;
 pub mod server;
+pub mod zones;

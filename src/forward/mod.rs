@@ -100,7 +100,7 @@ impl Forwarder {
     pub fn new(settings: Arc<Settings>, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Self {
         let mut pools = HashMap::new();
         let mut state = HashMap::new();
-        for z in &settings.zones {
+        for z in settings.zones.iter() {
             for &u in &z.upstreams {
                 let st = state.entry(u).or_insert_with(|| UpstreamState {
                     fails: AtomicU32::new(0),
@@ -184,7 +184,12 @@ impl Forwarder {
 
     /// Resolves `q` (cache key `key`) through one exchange shared with every identical miss in
     /// flight. Returns the outcome and whether this caller waited on another's exchange.
-    pub async fn resolve_shared(&self, q: &crate::dns::Query, key: u64) -> (FlightOutcome, bool) {
+    pub async fn resolve_shared(
+        &self,
+        q: &crate::dns::Query,
+        key: u64,
+        zone: usize,
+    ) -> (FlightOutcome, bool) {
         let mut question = q.question_lower().to_vec();
         question.push(q.key_flags());
         match self.flights.join(key, &question) {
@@ -194,10 +199,10 @@ impl Forwarder {
                     return (outcome, true);
                 }
                 // The leader went away without an answer: resolve on our own.
-                (self.resolve_via(q).await.map_err(Arc::new), false)
+                (self.resolve_via(q, zone).await.map_err(Arc::new), false)
             }
             Join::Lead(leader) => {
-                let outcome = self.resolve_via(q).await.map_err(Arc::new);
+                let outcome = self.resolve_via(q, zone).await.map_err(Arc::new);
                 self.note_refresh(key, outcome.is_ok());
                 leader.land(&outcome);
                 (outcome, false)
@@ -234,15 +239,14 @@ impl Forwarder {
         !m.is_empty() && m.get(&key).is_some_and(|until| *until > now)
     }
 
-    /// Resolves `q` through its zone's upstreams; caches what may be cached and returns the
-    /// entry to answer from (cached or not). `Err` means the client gets SERVFAIL.
-    pub async fn resolve(&self, q: &Query) -> Result<Entry, AllFailed> {
-        self.resolve_via(q).await.map(|(entry, _)| entry)
-    }
-
-    /// [`Forwarder::resolve`], also naming the upstream whose answer it is (for the query log).
-    pub async fn resolve_via(&self, q: &Query) -> Result<(Entry, SocketAddr), AllFailed> {
-        let zone_idx = self.settings.route(q.qname_lower());
+    /// Resolves `q` through the upstreams of its zone (`zone_idx`, routed by the caller); caches
+    /// what may be cached and returns the entry to answer from (cached or not) and the upstream
+    /// whose answer it is. `Err` means the client gets SERVFAIL (or a stale answer).
+    pub async fn resolve_via(
+        &self,
+        q: &Query,
+        zone_idx: usize,
+    ) -> Result<(Entry, SocketAddr), AllFailed> {
         let zone = &self.settings.zones[zone_idx];
         let start = Instant::now();
         let deadline = start + self.settings.forward.query_timeout;
@@ -300,7 +304,7 @@ impl Forwarder {
         };
         let timeout = self.settings.forward.upstream_timeout;
         let mut seen = std::collections::HashSet::new();
-        for z in &self.settings.zones {
+        for z in self.settings.zones.iter() {
             for &u in &z.upstreams {
                 if seen.insert(u) && self.exchange(u, z.transport, &q, timeout).await.is_ok() {
                     return true;

@@ -48,8 +48,17 @@ pub enum Handled {
     Hit(HitTiming),
     /// Nothing to send (unparseable packet).
     Drop,
-    /// Not in the cache: resolve `Query` on the runtime.
-    Miss(Query),
+    /// Not in the cache: resolve it on the runtime.
+    Miss(Miss),
+}
+
+/// A query the cache could not answer, routed once: its zone and cache key travel with it.
+#[derive(Clone, Copy)]
+pub struct Miss {
+    pub q: Query,
+    pub key: u64,
+    /// Index in `Settings::zones`.
+    pub zone: usize,
 }
 
 /// A packet [`Context::parse`] did not turn into a query.
@@ -200,7 +209,11 @@ impl Context {
                 }
                 Handled::Hit(timing)
             }
-            None => Handled::Miss(*q),
+            None => Handled::Miss(Miss {
+                q: *q,
+                key,
+                zone: self.settings.zones.route(q.qname_lower()),
+            }),
         }
     }
 
@@ -243,11 +256,12 @@ impl Context {
             return;
         };
         let q = *q;
+        let zone = self.settings.zones.route(q.qname_lower());
         rt.spawn(async move {
             let Some(_slot) = ctx.forwarder.try_acquire() else {
                 return;
             };
-            if let (Ok(_), false) = ctx.forwarder.resolve_shared(&q, key).await {
+            if let (Ok(_), false) = ctx.forwarder.resolve_shared(&q, key, zone).await {
                 ctx.forwarder.counters.prefetch.inc();
             }
         });
@@ -291,12 +305,13 @@ impl Context {
     /// Resolves `q` for a client that a stale answer can stand in for: the refresh runs on the
     /// shared runtime and outlives the wait, so a fresh answer replaces the stale entry whenever
     /// it comes. None: no fresh answer within `forward.client_timeout`.
-    async fn resolve_behind_stale(&self, q: &Query, key: u64) -> Option<FlightOutcome> {
+    async fn resolve_behind_stale(&self, m: &Miss) -> Option<FlightOutcome> {
         let (Some(rt), Some(ctx)) = (&self.rt, self.me.upgrade()) else {
-            return Some(self.forwarder.resolve_shared(q, key).await.0);
+            return Some(self.forwarder.resolve_shared(&m.q, m.key, m.zone).await.0);
         };
-        let q = *q;
-        let refresh = rt.spawn(async move { ctx.forwarder.resolve_shared(&q, key).await.0 });
+        let m = *m;
+        let refresh =
+            rt.spawn(async move { ctx.forwarder.resolve_shared(&m.q, m.key, m.zone).await.0 });
         match tokio::time::timeout(self.settings.forward.client_timeout, refresh).await {
             Ok(Ok(outcome)) => Some(outcome),
             _ => None,
@@ -309,21 +324,20 @@ impl Context {
     /// upstreams fail, REFUSED when too many queries are already in flight.
     pub async fn resolve(
         &self,
-        q: &Query,
+        m: &Miss,
         pkt: &[u8],
         src: SocketAddr,
         proto: Proto,
         stats: &WorkerStats,
         start: Instant,
     ) -> Vec<u8> {
+        let (q, key, zone) = (&m.q, m.key, m.zone);
         let mut out = Vec::with_capacity(512);
         let max_len = self.max_len(q, proto);
         let edns = q
             .edns
             .map(|e| (self.settings.server.edns_udp_size, e.dnssec_ok));
         let question = &pkt[dns::HEADER_LEN..q.question_end];
-        let zone = self.settings.route(q.qname_lower());
-        let key = self.cache.key(q.question_lower(), q.key_flags());
         let stale_zone = !self.settings.zones[zone].stale_window.is_zero();
         let has_stale = stale_zone
             && self
@@ -359,9 +373,9 @@ impl Context {
                 // The slot is held until the upstream answers (or the client's wait ends).
                 Some(_slot) => {
                     let outcome = if has_stale {
-                        self.resolve_behind_stale(q, key).await
+                        self.resolve_behind_stale(m).await
                     } else {
-                        Some(self.forwarder.resolve_shared(q, key).await.0)
+                        Some(self.forwarder.resolve_shared(q, key, zone).await.0)
                     };
                     let fresh = match outcome {
                         Some(Ok(answer)) => Some(answer),

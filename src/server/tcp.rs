@@ -178,7 +178,7 @@ async fn connection(
                     }
                 }
                 Handled::Drop => {}
-                Handled::Miss(q) => {
+                Handled::Miss(miss) => {
                     // Reserve the pipeline slot before spawning: reading pauses when it is full.
                     let Ok(permit) = tx.clone().reserve_owned().await else {
                         break 'conn;
@@ -187,7 +187,9 @@ async fn connection(
                     let stats = stats.clone();
                     let start = Instant::now();
                     tracker.spawn(async move {
-                        let reply = ctx.resolve(&q, &pkt, peer, Proto::Tcp, &stats, start).await;
+                        let reply = ctx
+                            .resolve(&miss, &pkt, peer, Proto::Tcp, &stats, start)
+                            .await;
                         permit.send(reply);
                     });
                 }

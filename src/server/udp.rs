@@ -429,17 +429,17 @@ impl Worker {
             }
             Handled::Reply => true,
             Handled::Drop => false,
-            Handled::Miss(q) => {
+            Handled::Miss(miss) => {
                 let start = now;
                 let pkt = pkt.to_vec();
                 let ctx = self.ctx.clone();
                 let sock = self.sock.clone();
                 let stats = self.stats.clone();
-                let settings = &self.ctx.settings;
-                let tcp_zone =
-                    settings.zones[settings.route(q.qname_lower())].transport == Transport::Tcp;
+                let tcp_zone = self.ctx.settings.zones[miss.zone].transport == Transport::Tcp;
                 let task = async move {
-                    let reply = ctx.resolve(&q, &pkt, src, Proto::Udp, &stats, start).await;
+                    let reply = ctx
+                        .resolve(&miss, &pkt, src, Proto::Udp, &stats, start)
+                        .await;
                     send_reply(&sock, reply, src);
                 };
                 if tcp_zone {
