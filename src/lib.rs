@@ -7,7 +7,7 @@
 //!   the TCP server; [`server::Context`] answers.
 //! - [`dns`]: allocation-free query parsing and response walking on the wire.
 //! - [`cache`]: the sharded answer cache (arena blocks, FIFO eviction): `cache/mod.rs` the
-//!   sharded table, `cache/entry.rs` the entries and the reply renderer, `cache/snapshot.rs` the
+//!   sharded table, `cache/arena.rs` a shard's arena and handle table, `cache/entry.rs` the entries and the reply renderer, `cache/snapshot.rs` the
 //!   warm-restart snapshot (entries to a byte stream or state file and back, verified on load).
 //! - [`readslots`]: the shards' lock; a reader writes only to its own thread's slot.
 //! - [`zones`]: the forwarding zones and the one routing decision; a miss carries its zone.
