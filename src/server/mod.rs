@@ -79,10 +79,12 @@ impl Context {
         }));
         metrics.set_cache(cache.clone());
         let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
-        let settings_prefetch = (
-            settings.cache.prefetch_hits,
-            settings.cache.prefetch_percentage.min(99),
-        );
+        // A hit is in the prefetch window when `age_ms * 100 >= ttl * prefetch_from_ms`; with
+        // prefetch off, a factor no hit reaches (age_ms < ttl * 1000 + 1000).
+        let prefetch_from_ms = match settings.cache.prefetch_hits {
+            0 => 1 << 31,
+            _ => 1000 * (100 - settings.cache.prefetch_percentage.min(99) as u64),
+        };
         let query_log = QueryLog::new(settings.query_log);
         Arc::new_cyclic(|me| Context {
             settings,
@@ -91,11 +93,7 @@ impl Context {
             metrics,
             rt: tokio::runtime::Handle::try_current().ok(),
             me: me.clone(),
-            prefetch_from_ms: if settings_prefetch.0 == 0 {
-                1 << 31
-            } else {
-                1000 * (100 - settings_prefetch.1 as u64)
-            },
+            prefetch_from_ms,
             query_log,
         })
     }

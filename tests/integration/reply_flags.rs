@@ -29,6 +29,19 @@ fn authority() -> FakeUpstream {
     })
 }
 
+/// nodedns on loopback in front of `up` for every zone.
+fn start(up: &FakeUpstream) -> Nodedns {
+    let up = up.arg();
+    Nodedns::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up,
+        "--cluster-dns",
+        &up,
+    ])
+}
+
 fn ask(dns: std::net::SocketAddr, name: &str, cd: bool, edns: Option<u16>) -> Message {
     let mut q = query_msg(name, RecordType::A, rand_id(), edns);
     q.metadata.checking_disabled = cd;
@@ -39,14 +52,7 @@ fn ask(dns: std::net::SocketAddr, name: &str, cd: bool, edns: Option<u16>) -> Me
 #[test]
 fn replies_set_ra_clear_aa_and_echo_cd_on_miss_and_hit() {
     let up = authority();
-    let n = Nodedns::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up.arg(),
-        "--cluster-dns",
-        &up.arg(),
-    ]);
+    let n = start(&up);
     for cd in [false, true] {
         let name = format!("flags-{cd}.example.org");
         for pass in ["miss", "hit"] {
@@ -68,14 +74,7 @@ fn replies_set_ra_clear_aa_and_echo_cd_on_miss_and_hit() {
 #[test]
 fn badvers_and_other_error_replies_carry_the_question() {
     let up = authority();
-    let n = Nodedns::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up.arg(),
-        "--cluster-dns",
-        &up.arg(),
-    ]);
+    let n = start(&up);
     // EDNS version 1: BADVERS, with the question (RFC 6891 §6.1.3).
     let mut q = query_msg("Version.Example.org", RecordType::A, 4242, Some(1232));
     let mut e = Edns::new();
@@ -103,14 +102,7 @@ fn badvers_and_other_error_replies_carry_the_question() {
 #[test]
 fn additional_records_go_before_the_answer_is_truncated() {
     let up = authority();
-    let n = Nodedns::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up.arg(),
-        "--cluster-dns",
-        &up.arg(),
-    ]);
+    let n = start(&up);
     for pass in ["miss", "hit"] {
         // No EDNS: 512 bytes. The answer fits, the ~1.2 KB of additional records do not.
         let r = ask(n.dns, "big.example.org", false, None);

@@ -11,6 +11,20 @@ use crate::common::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 
+/// Starts nodedns on loopback with `up` as every upstream, plus `extra` flags.
+fn start(up: &str, extra: &[&str]) -> Nodedns {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        up,
+        "--cluster-dns",
+        up,
+    ];
+    args.extend_from_slice(extra);
+    Nodedns::start(&args)
+}
+
 /// Writes a config file and returns its path (kept alive by the TempDir).
 fn config(text: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -206,18 +220,7 @@ fn identical_misses_share_one_upstream_exchange() {
         std::thread::sleep(Duration::from_millis(300));
         Action::Answer(a_reply(q, 60, &[[192, 0, 2, 99]]))
     });
-    let n = Nodedns::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--health",
-        "off",
-        "--upstream",
-        &up.arg(),
-        "--cluster-dns",
-        &up.arg(),
-    ]);
+    let n = start(&up.arg(), &["--metrics", "127.0.0.1:0", "--health", "off"]);
     let msgs: Vec<Message> = (0..500u16)
         .map(|i| query_msg("popular.example.org", RecordType::A, 20000 + i, None))
         .collect();
@@ -240,18 +243,7 @@ fn identical_misses_share_one_upstream_exchange() {
 #[test]
 fn a_popular_name_is_refreshed_before_it_expires() {
     let up = FakeUpstream::start(|q, _| Action::Answer(a_reply(q, 5, &[[192, 0, 2, 5]])));
-    let n = Nodedns::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--health",
-        "off",
-        "--upstream",
-        &up.arg(),
-        "--cluster-dns",
-        &up.arg(),
-    ]);
+    let n = start(&up.arg(), &["--metrics", "127.0.0.1:0", "--health", "off"]);
     // 12 s of one query every 50 ms: two lifetimes of the 5 s TTL and more.
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -304,6 +296,8 @@ fn a_recovered_upstream_is_used_again_within_a_second() {
     };
     let b = FakeUpstream::start(|q, _| Action::Answer(a_reply(q, 60, &[[192, 0, 2, 2]])));
     let (_d, cfg) = config("[forward]\ntimeout = \"300ms\"\nquery_timeout = \"1s\"\n");
+    // Two upstreams for the names asked, a first.
+    let (a_arg, b_arg) = (a.arg(), b.arg());
     let n = Nodedns::start(&[
         "--config",
         &cfg,
@@ -314,11 +308,11 @@ fn a_recovered_upstream_is_used_again_within_a_second() {
         "--health",
         "off",
         "--upstream",
-        &a.arg(),
+        &a_arg,
         "--upstream",
-        &b.arg(),
+        &b_arg,
         "--cluster-dns",
-        &b.arg(),
+        &b_arg,
     ]);
     let mut k = 0;
     let mut ask = |count: usize| {
@@ -386,20 +380,17 @@ fn a_lost_exchange_is_no_health_check_failure() {
         })
     };
     let (_d, cfg) = config("[forward]\ntimeout = \"300ms\"\nquery_timeout = \"1s\"\n");
-    let n = Nodedns::start(&[
-        "--config",
-        &cfg,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--health",
-        "off",
-        "--upstream",
+    let n = start(
         &up.arg(),
-        "--cluster-dns",
-        &up.arg(),
-    ]);
+        &[
+            "--config",
+            &cfg,
+            "--metrics",
+            "127.0.0.1:0",
+            "--health",
+            "off",
+        ],
+    );
     let _ = udp_raw(
         n.dns,
         &query_msg("lost.example.org", RecordType::A, 1, None)
@@ -427,18 +418,7 @@ fn an_upstream_that_refuses_the_root_probe_still_makes_us_ready() {
             Action::Answer(a_reply(q, 60, &[[10, 96, 0, 1]]))
         }
     });
-    let n = Nodedns::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--health",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-        "--upstream",
-        &up.arg(),
-        "--cluster-dns",
-        &up.arg(),
-    ]);
+    let n = start(&up.arg(), &["--health", "127.0.0.1:0", "--metrics", "off"]);
     let addr = n.health.expect("health address");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
