@@ -30,6 +30,7 @@ pub mod config;
 pub mod dns;
 pub mod forward;
 pub mod lifecycle;
+pub mod local;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::local::config::{HostsSection, RewriteMatch, RewriteSection, TemplateSection};
 use crate::node::Firewall;
 
 /// The configuration file, also the effective configuration printed by `--check-config`.
@@ -30,6 +31,9 @@ pub struct FileConfig {
     pub state: StateSection,
     #[serde(rename = "zone")]
     pub zones: Vec<ZoneSection>,
+    pub hosts: Vec<HostsSection>,
+    pub rewrite: Vec<RewriteSection>,
+    pub template: Vec<TemplateSection>,
 }
 
 impl Default for FileConfig {
@@ -51,6 +55,9 @@ impl Default for FileConfig {
             node: NodeSection::default(),
             state: StateSection::default(),
             zones: vec![],
+            hosts: vec![],
+            rewrite: vec![],
+            template: vec![],
         }
     }
 }

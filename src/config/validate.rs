@@ -282,6 +282,18 @@ impl FileConfig {
             return Err(invalid("listen", "at least one address is required"));
         }
         let listen = addrs("listen", &self.listen, 53)?;
+        for (key, n) in [
+            ("hosts", self.hosts.len()),
+            ("rewrite", self.rewrite.len()),
+            ("template", self.template.len()),
+        ] {
+            if n > 0 {
+                return Err(invalid(
+                    key,
+                    "local answers are not built into this version",
+                ));
+            }
+        }
         let workers = if self.workers == 0 {
             available_cpus()
         } else {
