@@ -89,22 +89,32 @@ pub fn init(json: bool) {
 
 /// The query log: a sample (`log.query_log`, a fraction) of answered queries, one `info` line each
 /// under the target `nodedns::query`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct QueryLog {
-    rate: f64,
+    /// The fraction's bits (an f64): a reload may change it while workers read it.
+    rate: std::sync::atomic::AtomicU64,
 }
 
 impl QueryLog {
     /// Samples the fraction `rate` (0 to 1) of queries.
     pub fn new(rate: f64) -> Self {
-        QueryLog { rate }
+        QueryLog {
+            rate: std::sync::atomic::AtomicU64::new(rate.to_bits()),
+        }
+    }
+
+    /// Changes the fraction sampled from now on.
+    pub fn set_rate(&self, rate: f64) {
+        self.rate
+            .store(rate.to_bits(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether to log this query: the sampling decision, a float compare when the log is off.
     /// Callers ask first, so an unsampled query costs no clock read, formatting or allocation.
     #[inline]
     pub fn sampled(&self) -> bool {
-        self.rate > 0.0 && (self.rate >= 1.0 || rand::random::<f64>() < self.rate)
+        let rate = f64::from_bits(self.rate.load(std::sync::atomic::Ordering::Relaxed));
+        rate > 0.0 && (rate >= 1.0 || rand::random::<f64>() < rate)
     }
 
     /// Logs one answered query (one that [`sampled`](Self::sampled) picked): name, type, rcode,

@@ -10,6 +10,18 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // A reload reads the same sources again, the same way; what they hold now is noted first.
+    let source = {
+        let args = args.clone();
+        nodedns::app::ConfigSource::new(
+            args.config.iter().cloned().collect(),
+            std::sync::Arc::new(move || {
+                config::load(&args)
+                    .and_then(|f| f.validate(&Environment::from_process()))
+                    .map_err(|e| e.to_string())
+            }),
+        )
+    };
     let file = match config::load(&args) {
         Ok(f) => f,
         Err(e) => {
@@ -52,7 +64,7 @@ fn main() -> ExitCode {
     let served = rt.block_on(async {
         // Installed first: a SIGTERM during startup shuts down cleanly.
         let shutdown = nodedns::app::shutdown_signal();
-        nodedns::app::run(settings, shutdown).await
+        nodedns::app::run(settings, Some(source), shutdown).await
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,

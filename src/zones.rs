@@ -22,6 +22,18 @@ pub struct Zone {
     pub denial_max_ttl: Duration,
     /// How long past their TTL the zone's answers may be served stale (zero: never).
     pub stale_window: Duration,
+    /// The zone's place in the metrics' `zone` dimension and in cache entries. A zone keeps its
+    /// slot across reloads (the table's order may change); the table gives each zone its index
+    /// until the metrics assign slots (`Metrics::assign_zone_slots`).
+    pub slot: u16,
+}
+
+/// A routing decision: the zone's index in the zone table of configuration generation `gen`.
+/// A query routed just before a reload is routed again in the new table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub zone: usize,
+    pub gen: u64,
 }
 
 /// The zones, ordered most specific first; the last is always the root zone ".".
@@ -34,6 +46,9 @@ impl ZoneTable {
     pub fn new(mut zones: Vec<Zone>) -> ZoneTable {
         debug_assert!(zones.iter().any(|z| z.wire == [0]));
         zones.sort_by_key(|z| std::cmp::Reverse(z.wire.len()));
+        for (i, z) in zones.iter_mut().enumerate() {
+            z.slot = i as u16;
+        }
         ZoneTable(zones)
     }
 
@@ -43,6 +58,12 @@ impl ZoneTable {
             .iter()
             .position(|z| dns::name_in_zone(qname, &z.wire))
             .unwrap_or(self.0.len() - 1)
+    }
+}
+
+impl std::ops::DerefMut for ZoneTable {
+    fn deref_mut(&mut self) -> &mut [Zone] {
+        &mut self.0
     }
 }
 
@@ -66,6 +87,7 @@ mod tests {
             success_max_ttl: Duration::ZERO,
             denial_max_ttl: Duration::ZERO,
             stale_window: Duration::ZERO,
+            slot: 0,
         }
     }
 

@@ -32,8 +32,10 @@ use crate::node::{NodeManager, SetupErrorSink};
 use crate::server::tcp::ConnCtx;
 
 mod admins;
+pub mod reload;
 use crate::server::{self, socket, Context};
 use admins::{Admins, Taker};
+pub use reload::ConfigSource;
 
 impl SetupErrorSink for Metrics {
     fn setup_error(&self, errortype: &'static str) {
@@ -61,8 +63,8 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// SIGHUP and SIGUSR1 end a process by default (and node-cache's `-reloadwithsignal` sends
-/// SIGUSR1): here they are logged and ignored, so no stray signal takes a node's DNS down.
+/// SIGHUP and SIGUSR1 end a process by default: without a configuration source to reload, they
+/// are logged and ignored, so no stray signal takes a node's DNS down.
 fn ignore_stray_signals() {
     use tokio::signal::unix::{signal, SignalKind};
     for (kind, name) in [
@@ -75,7 +77,7 @@ fn ignore_stray_signals() {
                     while s.recv().await.is_some() {
                         warn!(
                             signal = name,
-                            "signal received: configuration reload is not supported, ignoring it"
+                            "signal received: no configuration source to reload, ignoring it"
                         );
                     }
                 });
@@ -125,12 +127,20 @@ fn wanted(settings: &Settings) -> Vec<(Kind, SocketAddr)> {
     w
 }
 
-/// Runs nodedns until `shutdown` resolves, then drains and tears down.
+/// Runs nodedns until `shutdown` resolves, then drains and tears down. With a `source`, SIGHUP,
+/// SIGUSR1 and changes of its files reload the configuration (`reload`).
 pub async fn run(
     settings: Settings,
+    source: Option<ConfigSource>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    ignore_stray_signals();
+    let signals = match source {
+        Some(_) => Some(reload::Signals::install()),
+        None => {
+            ignore_stray_signals();
+            None
+        }
+    };
     for w in &settings.warnings {
         warn!("{w}");
     }
@@ -391,6 +401,17 @@ pub async fn run(
         let ctx = ctx.clone();
         tokio::spawn(async move { ctx.forwarder.run_health_checks().await })
     };
+    let reload_cancel = CancellationToken::new();
+    if let (Some(source), Some(signals)) = (source, signals) {
+        tokio::spawn(reload::run(
+            source,
+            signals,
+            settings.clone(),
+            ctx.clone(),
+            metrics.clone(),
+            reload_cancel.clone(),
+        ));
+    }
     let sync_cancel = CancellationToken::new();
     let sync = {
         let node = node.clone();
@@ -439,6 +460,7 @@ pub async fn run(
         tokio::time::sleep(settings.lameduck).await;
     }
     sync_cancel.cancel();
+    reload_cancel.cancel();
     let _ = sync.await;
     if let (Some(s), true) = (&state, settings.state.warm_restart) {
         let (path, cache, metrics) = (s.snapshot_path(), ctx.cache.clone(), metrics.clone());

@@ -29,6 +29,7 @@ pub struct FileConfig {
     pub server: ServerSection,
     pub node: NodeSection,
     pub state: StateSection,
+    pub reload: ReloadSection,
     #[serde(rename = "zone")]
     pub zones: Vec<ZoneSection>,
     pub hosts: Vec<HostsSection>,
@@ -54,6 +55,7 @@ impl Default for FileConfig {
             server: ServerSection::default(),
             node: NodeSection::default(),
             state: StateSection::default(),
+            reload: ReloadSection::default(),
             zones: vec![],
             hosts: vec![],
             rewrite: vec![],
@@ -202,6 +204,20 @@ impl Default for NodeSection {
             skip_teardown: false,
             fail_open_to: String::new(),
         }
+    }
+}
+
+/// Live reload (SIGHUP, SIGUSR1 and file changes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadSection {
+    /// Reload when a configuration file changes (signals always reload).
+    pub watch: bool,
+}
+
+impl Default for ReloadSection {
+    fn default() -> Self {
+        ReloadSection { watch: true }
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Settings {
     pub server: ServerSettings,
     pub node: NodeConfig,
     pub state: StateConfig,
+    /// Reload when a configuration file changes (`reload.watch`).
+    pub reload_watch: bool,
     /// Warnings to log once logging is up (e.g. no cluster DNS configured).
     pub warnings: Vec<String>,
 }

@@ -270,6 +270,7 @@ impl ZoneSection {
             success_max_ttl: self.success_max_ttl.unwrap_or(defaults.success_max_ttl),
             denial_max_ttl: self.denial_max_ttl.unwrap_or(defaults.denial_max_ttl),
             stale_window: self.serve_stale.unwrap_or(defaults.serve_stale),
+            slot: 0,
         })
     }
 }
@@ -331,6 +332,7 @@ impl FileConfig {
             server,
             node,
             state,
+            reload_watch: self.reload.watch,
             warnings,
         })
     }
@@ -444,6 +446,7 @@ impl FileConfig {
                 success_max_ttl: defaults.cluster_success_max_ttl,
                 denial_max_ttl: defaults.cluster_denial_max_ttl,
                 stale_window: defaults.serve_stale,
+                slot: 0,
             });
         }
         for (i, z) in self.zones.iter().enumerate() {
@@ -467,6 +470,7 @@ impl FileConfig {
             success_max_ttl: defaults.success_max_ttl,
             denial_max_ttl: defaults.denial_max_ttl,
             stale_window: defaults.serve_stale,
+            slot: 0,
         });
         Ok(ZoneTable::new(zones))
     }

@@ -21,15 +21,14 @@ impl Forwarder {
         let Ok(q) = dns::parse_query(&PROBE) else {
             return false;
         };
-        let transport = self.state[&upstream].transport;
-        self.exchange(
-            upstream,
-            transport,
-            &q,
-            self.settings.forward.upstream_timeout,
-        )
-        .await
-        .is_ok()
+        let r = self.routes();
+        let Some(st) = r.state.get(&upstream) else {
+            return false;
+        };
+        let timeout = r.settings.forward.upstream_timeout;
+        self.exchange(&r, upstream, st.transport, &q, timeout)
+            .await
+            .is_ok()
     }
 
     /// Probes every upstream marked down until it answers, for as long as the future runs (the
@@ -49,11 +48,21 @@ impl Forwarder {
     }
 
     async fn check_until_up(&self, upstream: SocketAddr) {
-        let st = &self.state[&upstream];
-        let mut tick = tokio::time::interval(self.settings.forward.health_check);
+        let mut every = self.routes().settings.forward.health_check;
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // The routes in force decide: an upstream a reload removed is no longer probed.
+            let r = self.routes();
+            let Some(st) = r.state.get(&upstream).cloned() else {
+                return;
+            };
+            if r.settings.forward.health_check != every {
+                every = r.settings.forward.health_check;
+                tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
             // A real exchange may have found it up meanwhile.
             if !st.down.load(Ordering::Relaxed) {
                 return;

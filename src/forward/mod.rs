@@ -28,6 +28,9 @@ use crate::cache::{Cache, Entry};
 use crate::config::{Settings, Transport};
 use crate::dns::{self, AnswerKind, Query, Response};
 use crate::metrics::{Metrics, Outcome, UpstreamMetrics, UpstreamTransport};
+pub use crate::zones::Route;
+
+use arc_swap::ArcSwap;
 
 pub use flights::Outcome as FlightOutcome;
 pub use tcp::TcpPool;
@@ -56,7 +59,7 @@ pub struct AllFailed {
 }
 
 /// Per-upstream state: consecutive failures, and whether it is marked down.
-struct UpstreamState {
+pub(crate) struct UpstreamState {
     fails: AtomicU32,
     /// Marked down after `max_fails` consecutive failures; up again once a probe is answered.
     down: AtomicBool,
@@ -65,13 +68,85 @@ struct UpstreamState {
     metrics: Arc<UpstreamMetrics>,
 }
 
+/// What one configuration decides about forwarding: the settings, the zones and the state of
+/// their upstreams. A reload builds new routes and swaps them in whole; a query under way
+/// finishes on the routes it started with. Upstreams old and new routes share keep their state
+/// (failures, down) and their pooled TCP connections.
+pub struct Routes {
+    /// Configuration generation: 0 at start, one more at each reload.
+    pub gen: u64,
+    pub settings: Arc<Settings>,
+    pools: HashMap<SocketAddr, Arc<TcpPool>>,
+    state: HashMap<SocketAddr, Arc<UpstreamState>>,
+}
+
+impl Routes {
+    fn build(
+        gen: u64,
+        settings: Arc<Settings>,
+        prev: Option<&Routes>,
+        metrics: &Arc<Metrics>,
+    ) -> Routes {
+        let mut pools = HashMap::new();
+        let mut state = HashMap::new();
+        for z in settings.zones.iter() {
+            for &u in &z.upstreams {
+                let st = state
+                    .entry(u)
+                    .or_insert_with(|| match prev.and_then(|p| p.state.get(&u)) {
+                        Some(old) if old.transport == z.transport => old.clone(),
+                        _ => Arc::new(UpstreamState {
+                            fails: AtomicU32::new(0),
+                            down: AtomicBool::new(false),
+                            transport: z.transport,
+                            metrics: Arc::new(metrics.upstream(u)),
+                        }),
+                    })
+                    .clone();
+                if z.transport == Transport::Tcp {
+                    let same = |p: &Arc<TcpPool>| {
+                        p.size() == settings.forward.tcp_pool_size
+                            && p.idle() == settings.forward.upstream_tcp_idle
+                    };
+                    pools.entry(u).or_insert_with(|| {
+                        match prev.and_then(|p| p.pools.get(&u)).filter(|p| same(p)) {
+                            Some(old) => old.clone(),
+                            None => Arc::new(TcpPool::new(
+                                u,
+                                settings.forward.tcp_pool_size,
+                                settings.forward.upstream_tcp_idle,
+                                metrics.clone(),
+                                st.metrics.clone(),
+                            )),
+                        }
+                    });
+                }
+            }
+        }
+        Routes {
+            gen,
+            settings,
+            pools,
+            state,
+        }
+    }
+
+    /// The index in these routes' zone table of the zone `route` names; a query routed under
+    /// other routes (just before a reload) is routed again here.
+    pub fn zone_index(&self, route: Route, q: &Query) -> usize {
+        if route.gen == self.gen {
+            route.zone
+        } else {
+            self.settings.zones.route(q.qname_lower())
+        }
+    }
+}
+
 /// Resolves cache misses.
 pub struct Forwarder {
-    settings: Arc<Settings>,
+    routes: ArcSwap<Routes>,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
-    pools: HashMap<SocketAddr, Arc<TcpPool>>,
-    state: HashMap<SocketAddr, UpstreamState>,
     /// Rotates the starting upstream among healthy ones to spread load.
     rotate: AtomicUsize,
     /// Forwarded queries in flight, bounded by `forward.max_inflight`.
@@ -98,37 +173,13 @@ impl Drop for InflightGuard<'_> {
 
 impl Forwarder {
     pub fn new(settings: Arc<Settings>, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Self {
-        let mut pools = HashMap::new();
-        let mut state = HashMap::new();
-        for z in settings.zones.iter() {
-            for &u in &z.upstreams {
-                let st = state.entry(u).or_insert_with(|| UpstreamState {
-                    fails: AtomicU32::new(0),
-                    down: AtomicBool::new(false),
-                    transport: z.transport,
-                    metrics: Arc::new(metrics.upstream(u)),
-                });
-                if z.transport == Transport::Tcp {
-                    pools.entry(u).or_insert_with(|| {
-                        Arc::new(TcpPool::new(
-                            u,
-                            settings.forward.tcp_pool_size,
-                            settings.forward.upstream_tcp_idle,
-                            metrics.clone(),
-                            st.metrics.clone(),
-                        ))
-                    });
-                }
-            }
-        }
+        let routes = Routes::build(0, settings, None, &metrics);
         let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
         let counters = Counters::register(&metrics.registry);
         Forwarder {
-            settings,
+            routes: ArcSwap::from_pointee(routes),
             cache,
             metrics,
-            pools,
-            state,
             rotate: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
             flights: Flights::default(),
@@ -139,10 +190,46 @@ impl Forwarder {
         }
     }
 
+    /// The routes in force.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.load_full()
+    }
+
+    /// Puts routes built from `settings` in force (a reload) and returns their generation.
+    /// Queries under way finish on the routes they started with.
+    pub fn reconfigure(&self, settings: Arc<Settings>) -> u64 {
+        let old = self.routes.load_full();
+        let new = Routes::build(old.gen + 1, settings, Some(&old), &self.metrics);
+        // Upstreams marked down are probed by the health checker, whatever their routes.
+        for (&u, st) in &new.state {
+            if st.down.load(Ordering::Relaxed) && !old.state.contains_key(&u) {
+                let _ = self.down_tx.send(u);
+            }
+        }
+        let gen = new.gen;
+        self.routes.store(Arc::new(new));
+        gen
+    }
+
+    /// Routes a lowercased query name under the routes in force.
+    pub fn route(&self, qname: &[u8]) -> Route {
+        let r = self.routes.load();
+        Route {
+            zone: r.settings.zones.route(qname),
+            gen: r.gen,
+        }
+    }
+
+    /// True when `route`'s zone is reached over pooled TCP.
+    pub fn is_tcp(&self, route: Route, q: &Query) -> bool {
+        let r = self.routes.load();
+        r.settings.zones[r.zone_index(route, q)].transport == Transport::Tcp
+    }
+
     /// Takes an in-flight slot, or None when `forward.max_inflight` queries are already out.
     pub fn try_acquire(&self) -> Option<InflightGuard<'_>> {
         let prev = self.inflight.fetch_add(1, Ordering::Relaxed);
-        if prev >= self.settings.forward.max_inflight {
+        if prev >= self.routes.load().settings.forward.max_inflight {
             self.inflight.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
@@ -152,13 +239,13 @@ impl Forwarder {
 
     /// The zone's upstreams in the order to try them: those up first, rotating the first pick
     /// among them; those marked down last (tried only when every other one failed).
-    fn ordered(&self, upstreams: &[SocketAddr]) -> Vec<SocketAddr> {
+    fn ordered(&self, r: &Routes, upstreams: &[SocketAddr]) -> Vec<SocketAddr> {
         let n = upstreams.len();
         let start = self.rotate.fetch_add(1, Ordering::Relaxed) % n.max(1);
         let mut v: Vec<SocketAddr> = (0..n).map(|i| upstreams[(start + i) % n]).collect();
-        v.sort_by_key(|u| self.state[u].down.load(Ordering::Relaxed));
+        v.sort_by_key(|u| r.state[u].down.load(Ordering::Relaxed));
         if v.first()
-            .is_some_and(|u| self.state[u].down.load(Ordering::Relaxed))
+            .is_some_and(|u| r.state[u].down.load(Ordering::Relaxed))
         {
             self.counters.broken.inc();
         }
@@ -167,15 +254,15 @@ impl Forwarder {
 
     /// Counts an exchange's result: `max_fails` failures in a row mark the upstream down (the
     /// health checker then probes it); any answer marks it up.
-    fn record(&self, upstream: SocketAddr, ok: bool) {
-        let st = &self.state[&upstream];
+    fn record(&self, r: &Routes, upstream: SocketAddr, ok: bool) {
+        let st = &r.state[&upstream];
         if ok {
             st.fails.store(0, Ordering::Relaxed);
             st.down.store(false, Ordering::Relaxed);
             return;
         }
         let fails = st.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        let max = self.settings.forward.max_fails;
+        let max = r.settings.forward.max_fails;
         if max > 0 && fails >= max && !st.down.swap(true, Ordering::Relaxed) {
             crate::log_limited!(warn, upstream = %upstream, fails, "upstream marked down; probing it");
             let _ = self.down_tx.send(upstream);
@@ -188,7 +275,7 @@ impl Forwarder {
         &self,
         q: &crate::dns::Query,
         key: u64,
-        zone: usize,
+        zone: Route,
     ) -> (FlightOutcome, bool) {
         let mut question = q.question_lower().to_vec();
         question.push(q.key_flags());
@@ -218,7 +305,8 @@ impl Forwarder {
     /// Remembers a failed resolution of `key` for `cache.stale_recheck` (stale answers are then
     /// served without asking upstream); forgets it on success.
     fn note_refresh(&self, key: u64, ok: bool) {
-        if self.settings.cache.stale_recheck.is_zero() {
+        let recheck = self.routes.load().settings.cache.stale_recheck;
+        if recheck.is_zero() {
             return;
         }
         let mut m = self.stale_failures.lock();
@@ -229,7 +317,7 @@ impl Forwarder {
             if m.len() > 4096 {
                 m.retain(|_, until| *until > now);
             }
-            m.insert(key, now + self.settings.cache.stale_recheck);
+            m.insert(key, now + recheck);
         }
     }
 
@@ -239,44 +327,48 @@ impl Forwarder {
         !m.is_empty() && m.get(&key).is_some_and(|until| *until > now)
     }
 
-    /// Resolves `q` through the upstreams of its zone (`zone_idx`, routed by the caller); caches
+    /// Resolves `q` through the upstreams of its zone (`route`, decided by the caller); caches
     /// what may be cached and returns the entry to answer from (cached or not) and the upstream
     /// whose answer it is. `Err` means the client gets SERVFAIL (or a stale answer).
     pub async fn resolve_via(
         &self,
         q: &Query,
-        zone_idx: usize,
+        route: Route,
     ) -> Result<(Entry, SocketAddr), AllFailed> {
-        let zone = &self.settings.zones[zone_idx];
+        let r = self.routes.load_full();
+        let zone_idx = r.zone_index(route, q);
+        let zone = &r.settings.zones[zone_idx];
         let start = Instant::now();
-        let deadline = start + self.settings.forward.query_timeout;
+        let deadline = start + r.settings.forward.query_timeout;
         let mut relay: Option<(Response, SocketAddr)> = None;
-        for upstream in self.ordered(&zone.upstreams) {
+        for upstream in self.ordered(&r, &zone.upstreams) {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            let attempt = self.settings.forward.upstream_timeout.min(deadline - now);
+            let attempt = r.settings.forward.upstream_timeout.min(deadline - now);
             let t0 = Instant::now();
-            let result = self.exchange(upstream, zone.transport, q, attempt).await;
+            let result = self
+                .exchange(&r, upstream, zone.transport, q, attempt)
+                .await;
             let elapsed = t0.elapsed();
             match result {
                 Ok(resp) => {
-                    self.state[&upstream]
+                    r.state[&upstream]
                         .metrics
                         .response(resp.rcode, elapsed.as_secs_f64());
                     // SERVFAIL and REFUSED mean this upstream could not help: try the next,
                     // and relay the last such answer if none can.
                     if matches!(resp.rcode, dns::RCODE_SERVFAIL | dns::RCODE_REFUSED) {
-                        self.record(upstream, false);
+                        self.record(&r, upstream, false);
                         relay = Some((resp, upstream));
                         continue;
                     }
-                    self.record(upstream, true);
-                    return Ok((self.store(q, zone_idx, resp), upstream));
+                    self.record(&r, upstream, true);
+                    return Ok((self.store(&r, q, zone_idx, resp), upstream));
                 }
                 Err(e) => {
-                    self.record(upstream, false);
+                    self.record(&r, upstream, false);
                     crate::log_limited!(
                         warn,
                         upstream = %upstream,
@@ -288,7 +380,7 @@ impl Forwarder {
             }
         }
         match relay {
-            Some((resp, upstream)) => Ok((self.store(q, zone_idx, resp), upstream)),
+            Some((resp, upstream)) => Ok((self.store(&r, q, zone_idx, resp), upstream)),
             None => Err(AllFailed {
                 zone: zone.name.clone(),
             }),
@@ -302,11 +394,12 @@ impl Forwarder {
         let Ok(q) = dns::parse_query(&pkt) else {
             return false;
         };
-        let timeout = self.settings.forward.upstream_timeout;
+        let r = self.routes.load_full();
+        let timeout = r.settings.forward.upstream_timeout;
         let mut seen = std::collections::HashSet::new();
-        for z in self.settings.zones.iter() {
+        for z in r.settings.zones.iter() {
             for &u in &z.upstreams {
-                if seen.insert(u) && self.exchange(u, z.transport, &q, timeout).await.is_ok() {
+                if seen.insert(u) && self.exchange(&r, u, z.transport, &q, timeout).await.is_ok() {
                     return true;
                 }
             }
@@ -317,17 +410,18 @@ impl Forwarder {
     /// One exchange with one upstream over the zone's transport.
     async fn exchange(
         &self,
+        r: &Routes,
         upstream: SocketAddr,
         transport: Transport,
         q: &Query,
         timeout: Duration,
     ) -> Result<Response, UpstreamError> {
-        let size = self.settings.server.edns_udp_size;
+        let size = r.settings.server.edns_udp_size;
         let deadline = Instant::now() + timeout;
-        let m = &self.state[&upstream].metrics;
+        let m = &r.state[&upstream].metrics;
         match transport {
             Transport::Tcp => {
-                let pool = &self.pools[&upstream];
+                let pool = &r.pools[&upstream];
                 let r = pool.exchange(q, size, timeout).await;
                 m.query(UpstreamTransport::Tcp, outcome(&r));
                 r
@@ -350,10 +444,10 @@ impl Forwarder {
     }
 
     /// Applies the caching rules to `resp`, stores it when allowed and returns the entry.
-    fn store(&self, q: &Query, zone_idx: usize, resp: Response) -> Entry {
-        let zone = &self.settings.zones[zone_idx];
+    fn store(&self, r: &Routes, q: &Query, zone_idx: usize, resp: Response) -> Entry {
+        let zone = &r.settings.zones[zone_idx];
         let now = Instant::now();
-        let min_ttl = self.settings.cache.min_ttl;
+        let min_ttl = r.settings.cache.min_ttl;
         let secs = |d: Duration| d.as_secs().min(u32::MAX as u64) as u32;
         // Lifetime in seconds when cacheable, with the cap for each record's TTL.
         let lifetime = if resp.truncated {
@@ -372,7 +466,7 @@ impl Forwarder {
                     resp.negative_ttl.map(|t| t.clamp(floor, cap))
                 }
                 AnswerKind::ServFail => {
-                    Some(secs(self.settings.cache.servfail_ttl)).filter(|&t| t > 0)
+                    Some(secs(r.settings.cache.servfail_ttl)).filter(|&t| t > 0)
                 }
                 AnswerKind::Other => None,
             }
@@ -411,7 +505,7 @@ impl Forwarder {
             ttl_offsets,
             q.key_flags(),
             kind,
-            zone_idx as u16,
+            zone.slot,
             now,
             Duration::from_secs(ttl.unwrap_or(0) as u64),
         )

@@ -103,6 +103,16 @@ impl Conn {
 }
 
 impl TcpPool {
+    /// Connections the pool keeps (its configured size).
+    pub fn size(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// How long a connection may stay idle before the pool closes it.
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
     pub fn new(
         addr: SocketAddr,
         size: usize,

@@ -16,8 +16,11 @@ use crate::cache::Cache;
 /// What the collector reads at scrape time, shared with [`Metrics`](super::Metrics), which adds
 /// the workers' counters as listeners start and the cache once it exists.
 pub(super) struct Sources {
-    /// Labels of the `zone` dimension, in the order of `Settings::zones`.
-    pub(super) zone_names: Vec<String>,
+    /// Labels of the `zone` dimension by slot (`Zone::slot`). Append-only: a zone a reload
+    /// removes keeps its slot and its counts, a zone it adds takes the next free slot.
+    pub(super) zone_names: parking_lot::RwLock<Vec<String>>,
+    /// Zone slots every worker's counter blocks have room for.
+    pub(super) zone_capacity: usize,
     pub(super) workers: Mutex<Vec<Arc<WorkerStats>>>,
     /// Set once, when the cache is made (`Context::new`); until then no cache series.
     pub(super) cache: OnceLock<Arc<Cache>>,
@@ -179,11 +182,11 @@ impl Collector for QueryCollector {
         let mut servers: Vec<String> = workers.iter().map(|w| w.server.clone()).collect();
         servers.sort();
         servers.dedup();
-        let zone_names = &self.sources.zone_names;
-        let zones = zone_names.len().max(1);
+        let zone_names = self.sources.zone_names.read().clone();
+        let zones = zone_names.len().clamp(1, self.sources.zone_capacity);
         let zone_name = |z: usize| zone_names.get(z).map_or(".", |s| s.as_str());
         for server in &servers {
-            let mut sum = Counters::<u64>::new(zones);
+            let mut sum = Counters::<u64>::new(self.sources.zone_capacity);
             for w in workers.iter().filter(|w| &w.server == server) {
                 sum.add(&w.owned);
                 sum.add(&w.shared);

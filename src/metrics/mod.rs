@@ -28,6 +28,10 @@ use prometheus::{
 
 use crate::cache::Cache;
 use collector::{QueryCollector, Sources};
+
+/// Zones a reload may add beyond those of the configuration at start (each costs every worker a
+/// few kilobytes of counters).
+const ZONE_HEADROOM: usize = 16;
 pub use panic::{install_panic_hook, panics};
 pub use worker::{Answered, HitTiming, WorkerStats};
 
@@ -194,10 +198,15 @@ pub struct Metrics {
     pub snapshot_writes: IntCounterVec,
     /// Listener handovers, by role (took: from the instance before; gave: to a successor).
     pub handovers: IntCounterVec,
+    /// Reloads refused (the configuration read was invalid); CoreDNS's name.
+    pub reload_failed: IntCounter,
+    /// The configuration generation in force: 0 at start, one more at each reload.
+    pub config_generation: IntGauge,
 }
 
 impl Metrics {
-    /// `zone_names` in the order of `Settings::zones` (labels of the `zone` dimension).
+    /// `zone_names` in the order of `Settings::zones` (labels of the `zone` dimension, the
+    /// zones' first slots); room is left for zones a reload adds (`assign_zone_slots`).
     pub fn new(zone_names: Vec<String>) -> Arc<Self> {
         let registry = Registry::new();
         /// Registers `c` on our registry and hands it back. Names are constants: a clash is a bug.
@@ -262,6 +271,22 @@ impl Metrics {
         for r in ["took", "gave"] {
             handovers.with_label_values(&[r]);
         }
+        let reload_failed = reg(
+            &registry,
+            IntCounter::new(
+                "coredns_reload_failed_total",
+                "Counter of the number of failed reload attempts.",
+            )
+            .expect("valid metric"),
+        );
+        let config_generation = reg(
+            &registry,
+            IntGauge::new(
+                "nodedns_config_generation",
+                "Configuration generation in force: 0 at start, one more at each reload.",
+            )
+            .expect("valid metric"),
+        );
         let warm_entries = reg(
             &registry,
             IntGauge::new(
@@ -323,8 +348,10 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .ok();
+        let zone_capacity = zone_names.len().max(1) + ZONE_HEADROOM;
         let sources = Arc::new(Sources {
-            zone_names,
+            zone_names: parking_lot::RwLock::new(zone_names),
+            zone_capacity,
             workers: Mutex::new(Vec::new()),
             cache: OnceLock::new(),
         });
@@ -346,28 +373,57 @@ impl Metrics {
             warm_entries,
             snapshot_writes,
             handovers,
+            reload_failed,
+            config_generation,
         })
     }
 
     /// A new block of query counters for a listener serving `server` whose queries may be
     /// answered on any thread (TCP).
     pub fn new_worker_for(&self, server: String) -> Arc<WorkerStats> {
-        self.add_worker(WorkerStats::new(
-            server,
-            self.sources.zone_names.len().max(1),
-            false,
-        ))
+        self.add_worker(WorkerStats::new(server, self.sources.zone_capacity, false))
     }
 
     /// A new block of query counters for one UDP worker serving `server`: its cache hits and
     /// malformed packets must be counted on the worker's own thread only (as `Context::handle`
     /// does when the worker calls it), which lets them skip atomic read-modify-writes.
     pub fn new_udp_worker_for(&self, server: String) -> Arc<WorkerStats> {
-        self.add_worker(WorkerStats::new(
-            server,
-            self.sources.zone_names.len().max(1),
-            true,
-        ))
+        self.add_worker(WorkerStats::new(server, self.sources.zone_capacity, true))
+    }
+
+    /// Gives each zone of `zones` its slot: the one it had (same name), or the next free one.
+    /// Fails, changing nothing, when the zones new since start exceed the room left for them.
+    pub fn assign_zone_slots(&self, zones: &mut crate::zones::ZoneTable) -> Result<(), String> {
+        let mut names = self.sources.zone_names.write();
+        let new: Vec<&str> = zones
+            .iter()
+            .filter(|z| !names.contains(&z.name))
+            .map(|z| z.name.as_str())
+            .collect();
+        if names.len() + new.len() > self.sources.zone_capacity {
+            return Err(format!(
+                "{} zones ({}) would be new since start, room is left for {} more; restart to \
+                 add them",
+                new.len(),
+                new.join(", "),
+                self.sources.zone_capacity - names.len()
+            ));
+        }
+        for z in zones.iter_mut() {
+            z.slot = match names.iter().position(|n| *n == z.name) {
+                Some(i) => i as u16,
+                None => {
+                    names.push(z.name.clone());
+                    (names.len() - 1) as u16
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Zone slots known: the zones of the configuration at start and any a reload added.
+    pub fn zone_slots(&self) -> usize {
+        self.sources.zone_names.read().len()
     }
 
     fn add_worker(&self, w: WorkerStats) -> Arc<WorkerStats> {

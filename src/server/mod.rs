@@ -10,13 +10,14 @@ pub mod tcp_table;
 pub mod udp;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cache::Cache;
 use crate::config::Settings;
 use crate::dns::{self, Query, Reject};
-use crate::forward::{FlightOutcome, Forwarder};
+use crate::forward::{FlightOutcome, Forwarder, Route};
 use crate::logging::QueryLog;
 use crate::metrics::{Answered, HitTiming, Metrics, Proto, WorkerStats};
 
@@ -32,8 +33,9 @@ pub struct Context {
     /// This context, for such work to hold on to.
     me: std::sync::Weak<Context>,
     /// A hit is in its entry's prefetch window when `age_ms * 100 >= ttl * prefetch_from_ms`:
-    /// `1000 * (100 - prefetch_percentage)`, or a value no hit reaches when prefetch is off.
-    prefetch_from_ms: u64,
+    /// `1000 * (100 - prefetch_percentage)`, or a value no hit reaches when prefetch is off. A
+    /// reload may change it (a relaxed load costs what a plain one does).
+    prefetch_from_ms: AtomicU64,
     pub query_log: QueryLog,
 }
 
@@ -57,8 +59,8 @@ pub enum Handled {
 pub struct Miss {
     pub q: Query,
     pub key: u64,
-    /// Index in `Settings::zones`.
-    pub zone: usize,
+    /// The zone it routes to, in the routes in force when it left the hit path.
+    pub zone: Route,
 }
 
 /// A packet [`Context::parse`] did not turn into a query.
@@ -79,12 +81,7 @@ impl Context {
         }));
         metrics.set_cache(cache.clone());
         let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
-        // A hit is in the prefetch window when `age_ms * 100 >= ttl * prefetch_from_ms`; with
-        // prefetch off, a factor no hit reaches (age_ms < ttl * 1000 + 1000).
-        let prefetch_from_ms = match settings.cache.prefetch_hits {
-            0 => 1 << 31,
-            _ => 1000 * (100 - settings.cache.prefetch_percentage.min(99) as u64),
-        };
+        let prefetch_from_ms = AtomicU64::new(prefetch_from_ms(&settings));
         let query_log = QueryLog::new(settings.query_log);
         Arc::new_cyclic(|me| Context {
             settings,
@@ -96,6 +93,16 @@ impl Context {
             prefetch_from_ms,
             query_log,
         })
+    }
+
+    /// Puts what a reload may change in force: the routes (zones, upstreams, forwarding and
+    /// caching policy), the prefetch window and the query log's sampling. Everything else of
+    /// `settings` (listeners, workers, sizes) stays as it was at start.
+    pub fn reconfigure(&self, settings: Arc<Settings>) -> u64 {
+        self.prefetch_from_ms
+            .store(prefetch_from_ms(&settings), Ordering::Relaxed);
+        self.query_log.set_rate(settings.query_log);
+        self.forwarder.reconfigure(settings)
     }
 
     /// Handles one packet as far as it can without waiting: errors and cache hits are written to
@@ -202,7 +209,7 @@ impl Context {
                     self.query_log.log(q, src, out, true, None, start.elapsed());
                 }
                 // In the last `prefetch_percentage` of its TTL: a candidate for a refresh.
-                if age_ms * 100 >= ttl as u64 * self.prefetch_from_ms {
+                if age_ms * 100 >= ttl as u64 * self.prefetch_from_ms.load(Ordering::Relaxed) {
                     self.prefetch_hit(q, key, stored_ms);
                 }
                 Handled::Hit(timing)
@@ -210,7 +217,7 @@ impl Context {
             None => Handled::Miss(Miss {
                 q: *q,
                 key,
-                zone: self.settings.zones.route(q.qname_lower()),
+                zone: self.forwarder.route(q.qname_lower()),
             }),
         }
     }
@@ -230,7 +237,14 @@ impl Context {
             /// Per slot: key, store time of the entry's lifetime, window hits (MAX: claimed).
             static SEEN: RefCell<Vec<(u64, u64, u32)>> = RefCell::new(vec![(0, 0, 0); SLOTS]);
         }
-        let need = self.settings.cache.prefetch_hits.saturating_sub(1).max(1);
+        let need = self
+            .forwarder
+            .routes()
+            .settings
+            .cache
+            .prefetch_hits
+            .saturating_sub(1)
+            .max(1);
         let claim = SEEN.with(|seen| {
             let mut seen = seen.borrow_mut();
             let slot = &mut seen[(key as usize) % SLOTS];
@@ -254,7 +268,7 @@ impl Context {
             return;
         };
         let q = *q;
-        let zone = self.settings.zones.route(q.qname_lower());
+        let zone = self.forwarder.route(q.qname_lower());
         rt.spawn(async move {
             let Some(_slot) = ctx.forwarder.try_acquire() else {
                 return;
@@ -282,6 +296,8 @@ impl Context {
         out: &mut Vec<u8>,
     ) -> bool {
         let ttl = self
+            .forwarder
+            .routes()
             .settings
             .cache
             .stale_answer_ttl
@@ -310,7 +326,8 @@ impl Context {
         let m = *m;
         let refresh =
             rt.spawn(async move { ctx.forwarder.resolve_shared(&m.q, m.key, m.zone).await.0 });
-        match tokio::time::timeout(self.settings.forward.client_timeout, refresh).await {
+        let wait = self.forwarder.routes().settings.forward.client_timeout;
+        match tokio::time::timeout(wait, refresh).await {
             Ok(Ok(outcome)) => Some(outcome),
             _ => None,
         }
@@ -330,13 +347,15 @@ impl Context {
         start: Instant,
     ) -> Vec<u8> {
         let (q, key, zone) = (&m.q, m.key, m.zone);
+        let routes = self.forwarder.routes();
+        let zone_idx = routes.zone_index(zone, q);
         let mut out = Vec::with_capacity(512);
         let max_len = self.max_len(q, proto);
         let edns = q
             .edns
             .map(|e| (self.settings.server.edns_udp_size, e.dnssec_ok));
         let question = &pkt[dns::HEADER_LEN..q.question_end];
-        let stale_zone = !self.settings.zones[zone].stale_window.is_zero();
+        let stale_zone = !routes.settings.zones[zone_idx].stale_window.is_zero();
         let has_stale = stale_zone
             && self
                 .cache
@@ -354,7 +373,7 @@ impl Context {
                     self.forwarder.counters.max_concurrent_rejects.inc();
                     crate::log_limited!(
                         warn,
-                        max_inflight = self.settings.forward.max_inflight,
+                        max_inflight = routes.settings.forward.max_inflight,
                         "too many forwarded queries in flight, refusing"
                     );
                     if !(has_stale && self.render_stale(q, key, pkt, max_len, &mut out)) {
@@ -414,7 +433,7 @@ impl Context {
         };
         let elapsed = start.elapsed();
         let answered = Answered {
-            zone,
+            zone: routes.settings.zones[zone_idx].slot as usize,
             proto,
             ipv6: src.is_ipv6(),
             query: q,
@@ -426,5 +445,14 @@ impl Context {
             self.query_log.log(q, src, &out, false, upstream, elapsed);
         }
         out
+    }
+}
+
+/// The prefetch window's factor (see `Context::prefetch_from_ms`): with prefetch off, one no hit
+/// reaches (age_ms < ttl * 1000 + 1000).
+fn prefetch_from_ms(settings: &Settings) -> u64 {
+    match settings.cache.prefetch_hits {
+        0 => 1 << 31,
+        _ => 1000 * (100 - settings.cache.prefetch_percentage.min(99) as u64),
     }
 }

@@ -26,7 +26,6 @@ use tokio_util::task::TaskTracker;
 
 use super::socket::UDP_POLL;
 use super::{Context, Handled, Rejected};
-use crate::config::Transport;
 use crate::dns;
 use crate::metrics::{HitTiming, Proto, WorkerStats};
 
@@ -435,7 +434,7 @@ impl Worker {
                 let ctx = self.ctx.clone();
                 let sock = self.sock.clone();
                 let stats = self.stats.clone();
-                let tcp_zone = self.ctx.settings.zones[miss.zone].transport == Transport::Tcp;
+                let tcp_zone = self.ctx.forwarder.is_tcp(miss.zone, &miss.q);
                 let task = async move {
                     let reply = ctx
                         .resolve(&miss, &pkt, src, Proto::Udp, &stats, start)

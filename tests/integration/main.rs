@@ -18,6 +18,7 @@ mod node_failopen;
 mod node_netns;
 mod observability;
 mod real_servers;
+mod reload;
 mod reply_flags;
 mod resilience;
 mod tcp_pressure;

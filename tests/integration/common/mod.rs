@@ -39,6 +39,7 @@ macro_rules! cluster {
     };
 }
 
+pub mod knot;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -495,4 +496,15 @@ pub fn require(tools: &[&str], root: bool) -> bool {
     }
     eprintln!("{msg}");
     false
+}
+
+/// `dig @server NAME TYPE +short` (one try, 1 s): the answer's data lines, trimmed.
+pub fn dig_short(server: SocketAddr, name: &str, qtype: &str) -> String {
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), name, qtype])
+        .args(["+short", "+time=1", "+tries=1"])
+        .output()
+        .expect("run dig");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
