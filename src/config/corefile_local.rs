@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::corefile::{parse_error, Directive};
-use super::corefile_map::{num, unsupported_option};
+use super::corefile_plugin::{num, unsupported_option};
 use super::*;
 
 /// `hosts [FILE [ZONES...]] { IP NAME...; ttl SECONDS; no_reverse; fallthrough [ZONES...] }`.

@@ -12,7 +12,7 @@
 //! - `args`: the command line and how it overrides the file;
 //! - `file`: the file's shape, every key and its default (`FileConfig`);
 //! - `validate`: `FileConfig` into `Settings`, section by section;
-//! - `corefile`, `corefile_map`, `corefile_local`: a CoreDNS Corefile (node-local-dns's) as the
+//! - `corefile`, `corefile_map`, `corefile_plugin`, `corefile_local`: a CoreDNS Corefile (node-local-dns's) as the
 //!   source that fills `FileConfig` in place of the TOML file;
 //! - `kubedns`: the kube-dns ConfigMap's stub domains and upstream nameservers;
 //! - `nodecache`: node-cache's command line, translated into ours.
@@ -29,6 +29,7 @@ mod args;
 pub mod corefile;
 mod corefile_local;
 mod corefile_map;
+mod corefile_plugin;
 #[cfg(test)]
 mod corefile_tests;
 mod file;
