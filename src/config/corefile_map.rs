@@ -149,12 +149,20 @@ pub fn map(
                 }
                 // Accepted without effect: nodedns logs every upstream failure itself
                 // (rate limited) and counts errors in its metrics, which is what `errors`
-                // adds to CoreDNS.
+                // adds to CoreDNS. `consolidate` (one log line for repeated errors) is what
+                // the rate limit already does.
                 "errors" => {
                     if !d.args.is_empty() {
                         return Err(extra(path, d, "errors"));
                     }
-                    no_block(path, d)?;
+                    for o in &d.block {
+                        match (o.name.as_str(), o.args.len()) {
+                            ("consolidate", 2 | 3) => {
+                                dur(path, o.line, "consolidate", &o.args[0])?;
+                            }
+                            _ => return Err(unsupported_option(path, o, "errors")),
+                        }
+                    }
                 }
                 // Accepted without effect: the configuration is read again when its file
                 // changes (and on SIGHUP), so a polling interval has no use.

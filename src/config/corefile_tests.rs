@@ -227,9 +227,14 @@ fn health_prometheus_log_and_accepted_plugins() {
     let c = map_text(&block(".", "  health\n  prometheus\n")).unwrap();
     assert_eq!(c.health, "0.0.0.0:8080");
     assert_eq!(c.metrics, "127.0.0.1:9153");
-    let e = err(&block(".", "  errors {\n    consolidate 5m \".*\"\n  }\n"));
+    map_text(&block(
+        ".",
+        "  errors {\n    consolidate 5m \".* i/o timeout$\"\n    consolidate 10s \".*\" warning\n  }\n",
+    ))
+    .unwrap();
+    let e = err(&block(".", "  errors {\n    stacktrace\n  }\n"));
     assert!(
-        e.contains("line 5: errors: option \"consolidate\" is not supported"),
+        e.contains("line 5: errors: option \"stacktrace\" is not supported"),
         "{e}"
     );
     let e = err(&block(".", "  log . \"{common}\"\n"));

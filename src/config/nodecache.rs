@@ -115,11 +115,15 @@ pub fn sync_interval_seconds(v: &str) -> Result<u64, String> {
     Ok(ns as u64)
 }
 
+/// node-cache flags whose `--name` form is also a native flag of the same meaning: alone they
+/// do not make a command line node-cache's.
+const SHARED: &[&str] = &["corefile", "pidfile"];
+
 /// True when `argv` (without the program name) is node-cache's command line.
 pub fn is_node_cache(argv: &[OsString]) -> bool {
-    argv.iter()
-        .filter_map(|a| a.to_str())
-        .any(|a| node_cache_flag(a).is_some())
+    argv.iter().filter_map(|a| a.to_str()).any(|a| {
+        node_cache_flag(a).is_some_and(|(name, _)| !(a.starts_with("--") && SHARED.contains(&name)))
+    })
 }
 
 /// Translates node-cache's command line into the native one (the program name first, kept).
@@ -304,6 +308,14 @@ mod tests {
             "127.0.0.1:9353"
         );
         assert_eq!(value(&v, "--prometheus-listen-address").unwrap(), ":9254");
+    }
+
+    #[test]
+    fn native_flags_named_like_node_cache_ones_stay_native() {
+        let native = ["--corefile", "/c", "--pidfile=/p", "--setup-iptables"];
+        assert_eq!(tr(&native).unwrap()[1..], native);
+        let v = tr(&["-corefile", "/c"]).unwrap();
+        assert_eq!(v[1], "--node-cache");
     }
 
     #[test]
