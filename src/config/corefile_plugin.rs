@@ -248,16 +248,18 @@ pub(super) fn forward_plugin(
     // CoreDNS asks upstream over the protocol the client used; nodedns asks over UDP and
     // retries a truncated answer over TCP, which is where a UDP client of CoreDNS ends up.
     let mut transport = Transport::PreferUdp;
+    let (mut force_tcp, mut prefer_udp) = (false, false);
     for o in &d.block {
         let a = o.args.as_slice();
         match (o.name.as_str(), a) {
             // node-cache drops force_tcp where the ConfigMap's upstreamNameservers stand.
             ("force_tcp", []) => {
+                force_tcp = true;
                 if !custom_upstreams {
                     transport = Transport::Tcp
                 }
             }
-            ("prefer_udp", []) => transport = Transport::PreferUdp,
+            ("prefer_udp", []) => prefer_udp = true,
             ("max_fails", [n]) => {
                 max_fails.set(path, o.line, num(path, o.line, "max_fails", n)?)?
             }
@@ -274,6 +276,14 @@ pub(super) fn forward_plugin(
             ("policy", [p]) if p == "random" || p == "round_robin" => {}
             _ => return Err(unsupported_option(path, o, "forward")),
         }
+    }
+    if force_tcp && prefer_udp {
+        // As CoreDNS refuses it.
+        return Err(parse_error(
+            path,
+            d.line,
+            "forward: force_tcp and prefer_udp cannot be used together",
+        ));
     }
     Ok(BlockZone {
         upstreams,

@@ -160,6 +160,17 @@ fn forward_options() {
         c.zones.iter().all(|z| z.name != "."),
         "UDP root stays built in"
     );
+    let e = err(".:53 {\n forward . 127.0.0.3 {\n  force_tcp\n  prefer_udp\n }\n}\n");
+    assert!(
+        e.contains("line 2: forward: force_tcp and prefer_udp cannot be used together"),
+        "{e}"
+    );
+    let c = map_text(&block("b.example", "").replace(
+        "forward . 127.0.0.2",
+        "forward . 127.0.0.2 {\n  prefer_udp\n }",
+    ))
+    .unwrap();
+    assert_eq!(zone(&c, "b.example").transport, Transport::PreferUdp);
     let c =
         map_text(".:53 {\n bind 127.0.0.1\n forward . 127.0.0.3 {\n  force_tcp\n }\n}\n").unwrap();
     assert_eq!(zone(&c, ".").transport, Transport::Tcp);
@@ -235,6 +246,17 @@ fn health_prometheus_log_and_accepted_plugins() {
     let e = err(&block(".", "  errors {\n    stacktrace\n  }\n"));
     assert!(
         e.contains("line 5: errors: option \"stacktrace\" is not supported"),
+        "{e}"
+    );
+    let e = err(&block(".", "  health 127.0.0.1:8080 127.0.0.2:8080\n"));
+    assert!(e.contains("line 4: health: unexpected arguments"), "{e}");
+    let e = err(&format!(
+        "{}{}",
+        block("a.example", "  health 127.0.0.1:8080\n"),
+        block(".", "  health 127.0.0.1:8081\n")
+    ));
+    assert!(
+        e.contains("line 9: health: \"127.0.0.1:8081\" differs"),
         "{e}"
     );
     let e = err(&block(".", "  log . \"{common}\"\n"));
@@ -317,7 +339,7 @@ fn template_mapping() {
 fn rewrite_name_rules() {
     let c = map_text(&block(
         ".",
-        "  rewrite name a.example b.example\n  rewrite stop name suffix .old.example .new.example\n  rewrite name regex (.*)\\.x\\.example {1}.y.example\n",
+        "  rewrite name a.example b.example\n  rewrite stop name suffix .old.example .new.example\n  rewrite name prefix a. b.\n  rewrite name substring mid mod\n  rewrite name exact c.example d.example\n  rewrite name regex (.*)\\.x\\.example {1}.y.example\n",
     ))
     .unwrap();
     let kinds: Vec<_> = c
@@ -330,6 +352,9 @@ fn rewrite_name_rules() {
         vec![
             (RewriteMatch::Exact, "a.example", "b.example"),
             (RewriteMatch::Suffix, ".old.example", ".new.example"),
+            (RewriteMatch::Prefix, "a.", "b."),
+            (RewriteMatch::Substring, "mid", "mod"),
+            (RewriteMatch::Exact, "c.example", "d.example"),
             (RewriteMatch::Regex, "(.*)\\.x\\.example", "{1}.y.example"),
         ]
     );

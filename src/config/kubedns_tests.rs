@@ -341,7 +341,11 @@ fn native_flags_select_the_corefile_and_service() {
         "--reload-with-signal".into(),
     ])
     .unwrap();
-    let env = |k: &str| (k == "COREDNS_SERVICE_HOST").then(|| "127.0.0.5".to_string());
+    let env = |k: &str| match k {
+        "COREDNS_SERVICE_HOST" => Some("127.0.0.5".to_string()),
+        "COREDNS_SERVICE_PORT" => Some("5353".to_string()),
+        _ => None,
+    };
     let s = load_with(&args, &env, Path::new("/nonexistent"))
         .unwrap()
         .validate(&node.env())
@@ -352,7 +356,10 @@ fn native_flags_select_the_corefile_and_service() {
         !s.node.setup_interface,
         "native: node setup stays off unless asked"
     );
-    assert_eq!(route(&s, "example.com").upstreams, vec![sa("127.0.0.5:53")]);
+    assert_eq!(
+        route(&s, "example.com").upstreams,
+        vec![sa("127.0.0.5:5353")]
+    );
     let e = Args::try_parse_from(["nodedns", "--config", "/x.toml", "--corefile", "/c"])
         .map(|a| {
             load_with(&a, &|_| None, Path::new("/nonexistent"))

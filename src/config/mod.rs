@@ -187,7 +187,14 @@ pub fn load_with(
         let svc = args.upstream_svc.as_deref().unwrap_or(DEFAULT_UPSTREAM_SVC);
         let pillars = corefile::Pillars {
             local_ips: local_ips.clone(),
-            cluster_dns: service_env(svc, getenv).map(|(h, _)| h),
+            // The Service's IP, with its port when that is not 53 (node-cache uses the IP).
+            cluster_dns: service_env(svc, getenv).map(|(h, p)| match (h.parse::<IpAddr>(), p) {
+                (Ok(ip), Some(p)) if p != "53" => match p.parse::<u16>() {
+                    Ok(port) => SocketAddr::new(ip, port).to_string(),
+                    Err(_) => h,
+                },
+                _ => h,
+            }),
             cluster_dns_var: service_env_names(svc).0,
             upstream_servers: kube_dns.upstream_nameservers.clone(),
             prometheus: args
