@@ -57,6 +57,7 @@ pub fn map(
     let mut any_cache = false;
     let mut cluster_seen = false;
     let mut query_log = false;
+    let mut seen: Vec<(String, usize)> = Vec::new();
 
     for b in blocks {
         let mut port = None;
@@ -229,6 +230,14 @@ pub fn map(
         let bind = bind.unwrap_or_else(|| vec![format!("0.0.0.0:{port}"), format!("[::]:{port}")]);
         listen.set(path, bind_line, bind)?;
         for name in zones {
+            if let Some((_, at)) = seen.iter().find(|(n, _)| *n == name) {
+                return Err(parse_error(
+                    path,
+                    b.line,
+                    format!("zone {name} is already served by the block on line {at}"),
+                ));
+            }
+            seen.push((name.clone(), b.line));
             let reverse = name.ends_with("in-addr.arpa") || name.ends_with("ip6.arpa");
             if name == "." {
                 cfg.cache.success_max_ttl = z.success_max_ttl;

@@ -376,6 +376,15 @@ fn rewrite_name_rules() {
 }
 
 #[test]
+fn a_zone_in_two_blocks_is_refused() {
+    let e = err(&format!("{}{}", block(".", ""), block(".", "")));
+    assert!(
+        e.contains("line 5: zone . is already served by the block on line 1"),
+        "{e}"
+    );
+}
+
+#[test]
 fn keys_not_supported_are_refused() {
     let e = err("tls://.:853 {\n forward . 127.0.0.2\n}\n");
     assert!(
