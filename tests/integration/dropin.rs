@@ -234,3 +234,93 @@ fn manifest_args_serve_cluster_external_and_stub_names_through_their_upstreams()
         );
     }
 }
+
+/// Runs the binary with `args` and the `kube-dns-upstream` Service's environment; returns
+/// (exit code, stdout, stderr).
+fn nodedns(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nodedns"))
+        .args(args)
+        .env_clear()
+        .env("KUBE_DNS_UPSTREAM_SERVICE_HOST", "127.0.0.9")
+        .output()
+        .expect("run nodedns");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_prints_what_the_corefile_and_configmap_produce() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("Corefile.base");
+    std::fs::write(&base, sed(TEMPLATE)).unwrap();
+    let kd = dir.path().join("kube-dns");
+    std::fs::create_dir(&kd).unwrap();
+    std::fs::write(kd.join("stubDomains"), r#"{"consul.local": ["127.0.0.7"]}"#).unwrap();
+    std::fs::write(kd.join("upstreamNameservers"), r#"["127.0.0.8"]"#).unwrap();
+    let mut args: Vec<String> = MANIFEST_ARGS.iter().map(|a| sed(a)).collect();
+    args.extend([
+        "-basecorefile".into(),
+        base.display().to_string(),
+        "-kubednscm".into(),
+        kd.display().to_string(),
+        "--check-config".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = nodedns(&args);
+    assert_eq!(code, 0, "{err}");
+    let printed: toml::Value = toml::from_str(&out).unwrap();
+    assert_eq!(
+        printed["listen"].as_array().unwrap(),
+        &vec![
+            toml::Value::from("169.254.20.10:53"),
+            toml::Value::from("10.96.0.10:53")
+        ]
+    );
+    assert_eq!(printed["cluster_dns"][0].as_str(), Some("127.0.0.9:53"));
+    assert_eq!(printed["upstreams"][0].as_str(), Some("127.0.0.8:53"));
+    assert_eq!(printed["node"]["setup_iptables"].as_bool(), Some(true));
+    let zones: Vec<(&str, &str)> = printed["zone"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|z| {
+            (
+                z["name"].as_str().unwrap(),
+                z["upstreams"][0].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        zones,
+        vec![
+            ("cluster.local", "127.0.0.9:53"),
+            ("in-addr.arpa", "127.0.0.9:53"),
+            ("ip6.arpa", "127.0.0.9:53"),
+            ("consul.local", "127.0.0.7:53"),
+        ]
+    );
+
+    // An unsupported plugin: refused with file, line and name, exit 78.
+    let bad = dir.path().join("Corefile.bad");
+    std::fs::write(
+        &bad,
+        sed(TEMPLATE).replace("    loop\n", "    loop\n    loadbalance\n"),
+    )
+    .unwrap();
+    let bad = bad.display().to_string();
+    let (code, _, err) = nodedns(&[
+        "--corefile",
+        &bad,
+        "--local-ip",
+        "169.254.20.10,10.96.0.10",
+        "--check-config",
+    ]);
+    assert_eq!(code, 78, "{err}");
+    assert_eq!(
+        err.trim(),
+        format!("nodedns: invalid configuration: config file {bad}: line 13: plugin \"loadbalance\" is not supported")
+    );
+}
