@@ -79,6 +79,48 @@ pub struct Args {
     /// listens, or "off" [default: the cluster DNS IP when listening on a link-local address].
     #[arg(long, value_name = "IP|off")]
     pub fail_open_to: Option<String>,
+    /// A CoreDNS Corefile (node-local-dns's) to read instead of a TOML file; its
+    /// `__PILLAR__` placeholders are filled as node-cache fills them.
+    #[arg(long, value_name = "PATH")]
+    pub corefile: Option<PathBuf>,
+    /// node-cache's Corefile template: read in place of --corefile when it exists.
+    #[arg(long, value_name = "PATH")]
+    pub base_corefile: Option<PathBuf>,
+    /// Service whose `<NAME>_SERVICE_HOST`/`_PORT` environment variables give the cluster DNS
+    /// (and fill `__PILLAR__CLUSTER__DNS__`) [default: kube-dns-upstream].
+    #[arg(long, value_name = "NAME")]
+    pub upstream_svc: Option<String>,
+    /// Directory of the kube-dns ConfigMap (`stubDomains`, `upstreamNameservers`).
+    #[arg(long, value_name = "DIR")]
+    pub kube_dns_config: Option<PathBuf>,
+    /// The addresses to serve on, comma separated, port --dns-port (node-cache's -localip);
+    /// also fills a Corefile's `__PILLAR__LOCAL__DNS__`.
+    #[arg(long, value_name = "IP,IP")]
+    pub local_ip: Option<String>,
+    /// Port of --local-ip and of Corefile blocks that name none [default: 53].
+    #[arg(long, value_name = "PORT")]
+    pub dns_port: Option<u16>,
+    /// Write the process ID to this file once the configuration is valid; removed at exit.
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+    /// Reload the configuration on SIGUSR1 (node-cache's -reloadwithsignal).
+    #[arg(long)]
+    pub reload_with_signal: bool,
+    /// Set when the command line was node-cache's: its defaults apply (/etc/kube-dns when it
+    /// exists, the Corefile template).
+    #[arg(long, hide = true)]
+    pub node_cache: bool,
+    /// node-cache's -health-port: the port of the health rules. nodedns takes it from the
+    /// health address it serves; accepted and checked.
+    #[arg(long, hide = true, value_name = "PORT")]
+    pub health_port: Option<u16>,
+    /// node-cache's -metrics-listen-address (its setup-error metrics): nodedns serves those on
+    /// the one metrics address; accepted and checked.
+    #[arg(long, hide = true, value_name = "ADDR:PORT")]
+    pub metrics_listen_address: Option<String>,
+    /// Fills a Corefile's `__PROMETHEUS__ENDPOINT__` [default: :9253].
+    #[arg(long, hide = true, value_name = "ADDR:PORT")]
+    pub prometheus_listen_address: Option<String>,
 }
 
 /// Applies the flags given over the file's values. A flag's bad value is reported under the
@@ -154,5 +196,6 @@ pub fn apply_flags(cfg: &mut FileConfig, a: &Args) -> Result<(), ConfigError> {
     cfg.node.setup_interface |= a.setup_interface;
     cfg.node.setup_iptables |= a.setup_iptables;
     cfg.node.skip_teardown |= a.skip_teardown;
+    cfg.reload_with_signal |= a.reload_with_signal;
     Ok(())
 }

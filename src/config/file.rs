@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub hosts: Vec<HostsSection>,
     pub rewrite: Vec<RewriteSection>,
     pub template: Vec<TemplateSection>,
+    /// Reload the configuration on SIGUSR1 as well (node-cache's -reloadwithsignal).
+    pub reload_with_signal: bool,
 }
 
 impl Default for FileConfig {
@@ -60,6 +62,7 @@ impl Default for FileConfig {
             hosts: vec![],
             rewrite: vec![],
             template: vec![],
+            reload_with_signal: false,
         }
     }
 }

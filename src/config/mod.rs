@@ -11,7 +11,11 @@
 //!
 //! - `args`: the command line and how it overrides the file;
 //! - `file`: the file's shape, every key and its default (`FileConfig`);
-//! - `validate`: `FileConfig` into `Settings`, section by section.
+//! - `validate`: `FileConfig` into `Settings`, section by section;
+//! - `corefile`, `corefile_map`, `corefile_plugin`, `corefile_local`: a CoreDNS Corefile (node-local-dns's) as the
+//!   source that fills `FileConfig` in place of the TOML file;
+//! - `kubedns`: the kube-dns ConfigMap's stub domains and upstream nameservers;
+//! - `nodecache`: node-cache's command line, translated into ours.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -22,7 +26,17 @@ use crate::node::NodeConfig;
 pub use crate::zones::{Zone, ZoneTable};
 
 mod args;
+pub mod corefile;
+mod corefile_local;
+mod corefile_map;
+mod corefile_plugin;
+#[cfg(test)]
+mod corefile_tests;
 mod file;
+pub mod kubedns;
+#[cfg(test)]
+mod kubedns_tests;
+pub mod nodecache;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -50,6 +64,8 @@ pub struct Settings {
     pub state: StateConfig,
     /// Reload when a configuration file changes (`reload.watch`).
     pub reload_watch: bool,
+    /// SIGUSR1 reloads the configuration too (node-cache's -reloadwithsignal).
+    pub reload_with_signal: bool,
     /// Warnings to log once logging is up (e.g. no cluster DNS configured).
     pub warnings: Vec<String>,
 }
@@ -81,26 +97,201 @@ pub struct Environment {
     pub kube_dns_upstream: Option<(String, Option<String>)>,
 }
 
+/// The Service the cluster DNS is found through when none is given [default of
+/// --upstream-svc].
+pub const DEFAULT_UPSTREAM_SVC: &str = "kube-dns-upstream";
+
 impl Environment {
     pub fn from_process() -> Self {
+        Self::for_service(DEFAULT_UPSTREAM_SVC, &|k| std::env::var(k).ok())
+    }
+
+    /// The machine defaults with the cluster DNS taken from Service `svc`'s environment.
+    pub fn for_service(svc: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Self {
         Environment {
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
-            kube_dns_upstream: std::env::var("KUBE_DNS_UPSTREAM_SERVICE_HOST")
-                .ok()
-                .filter(|h| !h.is_empty())
-                .map(|h| (h, std::env::var("KUBE_DNS_UPSTREAM_SERVICE_PORT").ok())),
+            kube_dns_upstream: service_env(svc, getenv),
         }
     }
 }
 
-/// Reads the file (if any) and applies the flags over it.
+/// The names of a Service's environment variables (`kube-dns-upstream`:
+/// `KUBE_DNS_UPSTREAM_SERVICE_HOST`, `_PORT`), as Kubernetes sets them in every pod.
+pub fn service_env_names(svc: &str) -> (String, String) {
+    let base = svc.replace('-', "_").to_uppercase();
+    (
+        format!("{base}_SERVICE_HOST"),
+        format!("{base}_SERVICE_PORT"),
+    )
+}
+
+/// A Service's cluster IP and port from the environment.
+pub fn service_env(
+    svc: &str,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Option<(String, Option<String>)> {
+    let (host, port) = service_env_names(svc);
+    getenv(&host)
+        .filter(|h| !h.is_empty())
+        .map(|h| (h, getenv(&port).filter(|p| !p.is_empty())))
+}
+
+/// Reads the configuration source (the TOML file, a Corefile or none), the kube-dns ConfigMap,
+/// and applies the flags over them.
 pub fn load(args: &Args) -> Result<FileConfig, ConfigError> {
-    let mut cfg = match &args.config {
-        Some(path) => parse_file(path)?,
-        None => FileConfig::default(),
+    load_with(
+        args,
+        &|k| std::env::var(k).ok(),
+        Path::new("/etc/resolv.conf"),
+    )
+}
+
+/// [`load`] with the process environment (`getenv`) and resolv.conf given, for tests.
+pub fn load_with(
+    args: &Args,
+    getenv: &dyn Fn(&str) -> Option<String>,
+    resolv_conf: &Path,
+) -> Result<FileConfig, ConfigError> {
+    let kube_dns = match &args.kube_dns_config {
+        Some(dir) => kubedns::read_dir(dir)?,
+        None if args.node_cache && Path::new(kubedns::DEFAULT_DIR).is_dir() => {
+            kubedns::read_dir(Path::new(kubedns::DEFAULT_DIR))?
+        }
+        None => kubedns::KubeDnsConfig::default(),
     };
+    let dns_port = args.dns_port.unwrap_or(53);
+    let local_ips: Vec<String> = match &args.local_ip {
+        Some(list) => list
+            .split(',')
+            .map(|ip| {
+                ip.trim()
+                    .parse::<IpAddr>()
+                    .map(|_| ip.trim().to_string())
+                    .map_err(|_| invalid("local_ip", format!("invalid address {ip:?} in {list:?}")))
+            })
+            .collect::<Result<_, _>>()?,
+        None => vec![],
+    };
+    if let Some(m) = &args.metrics_listen_address {
+        addr("metrics_listen_address", m.trim_start_matches(':'), 0)
+            .or_else(|_| addr("metrics_listen_address", &format!("0.0.0.0{m}"), 0))?;
+    }
+    let corefile = corefile_path(args)?;
+    let mut cfg = if let Some(path) = &args.config {
+        let mut cfg = parse_file(path)?;
+        kube_dns.apply_upstreams(&mut cfg);
+        cfg
+    } else if let Some(path) = &corefile {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let svc = args.upstream_svc.as_deref().unwrap_or(DEFAULT_UPSTREAM_SVC);
+        let pillars = corefile::Pillars {
+            local_ips: local_ips.clone(),
+            // The Service's IP, with its port when that is not 53 (node-cache uses the IP).
+            cluster_dns: service_env(svc, getenv).map(|(h, p)| match (h.parse::<IpAddr>(), p) {
+                (Ok(ip), Some(p)) if p != "53" => match p.parse::<u16>() {
+                    Ok(port) => SocketAddr::new(ip, port).to_string(),
+                    Err(_) => h,
+                },
+                _ => h,
+            }),
+            cluster_dns_var: service_env_names(svc).0,
+            upstream_servers: kube_dns.upstream_nameservers.clone(),
+            prometheus: args
+                .prometheus_listen_address
+                .clone()
+                .unwrap_or_else(|| ":9253".into()),
+        };
+        let rendered = corefile::render(path, &text, &pillars)?;
+        let blocks = corefile::parse(path, &rendered.text)?;
+        corefile_map::map(
+            path,
+            &blocks,
+            &rendered.custom_upstream_lines,
+            dns_port,
+            resolv_conf,
+        )?
+    } else {
+        let mut cfg = FileConfig::default();
+        kube_dns.apply_upstreams(&mut cfg);
+        cfg
+    };
+    kube_dns.apply_stub_domains(&mut cfg, args.config.is_none() && corefile.is_some())?;
+    if !local_ips.is_empty() {
+        let listen: Vec<String> = local_ips
+            .iter()
+            .map(|ip| SocketAddr::new(ip.parse().unwrap(), dns_port).to_string())
+            .collect();
+        if args.config.is_none() && corefile.is_some() {
+            // node-cache sets up -localip and CoreDNS binds what the Corefile says; nodedns
+            // does both with one list, so they must name the same addresses.
+            let ips = |v: &[String]| {
+                let mut v: Vec<IpAddr> = v
+                    .iter()
+                    .filter_map(|a| a.parse::<SocketAddr>().ok().map(|s| s.ip()))
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            };
+            if ips(&listen) != ips(&cfg.listen) {
+                return Err(invalid(
+                    "local_ip",
+                    format!(
+                        "-localip {} and the Corefile's bind ({}) differ; nodedns sets up and \
+                         serves one set of addresses",
+                        local_ips.join(","),
+                        cfg.listen.join(" ")
+                    ),
+                ));
+            }
+        } else if args.listen.is_empty() {
+            cfg.listen = listen;
+        }
+    }
     apply_flags(&mut cfg, args)?;
     Ok(cfg)
+}
+
+/// The files the configuration is read from (the TOML file or the Corefile, and the kube-dns
+/// ConfigMap's files): a change of any of them reloads it.
+pub fn watched_files(args: &Args) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = args.config.iter().cloned().collect();
+    if let Ok(Some(corefile)) = corefile_path(args) {
+        files.push(corefile);
+    }
+    let kube_dns = match &args.kube_dns_config {
+        Some(dir) => Some(dir.clone()),
+        None if args.node_cache => Some(PathBuf::from(kubedns::DEFAULT_DIR)),
+        None => None,
+    };
+    if let Some(dir) = kube_dns {
+        files.extend(kubedns::FILES.iter().map(|f| dir.join(f)));
+    }
+    files
+}
+
+/// The Corefile to read: node-cache's template (--base-corefile) when it exists, else
+/// --corefile. node-cache renders the template into the Corefile and CoreDNS reads that;
+/// nodedns renders it in memory and writes nothing.
+fn corefile_path(args: &Args) -> Result<Option<PathBuf>, ConfigError> {
+    if args.config.is_some() {
+        if !args.node_cache && (args.corefile.is_some() || args.base_corefile.is_some()) {
+            return Err(invalid(
+                "corefile",
+                "--config and --corefile are two sources; give one",
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some(base) = &args.base_corefile {
+        if base.is_file() || !args.node_cache {
+            return Ok(Some(base.clone()));
+        }
+    }
+    Ok(args.corefile.clone())
 }
 
 pub fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -333,6 +333,7 @@ impl FileConfig {
             node,
             state,
             reload_watch: self.reload.watch,
+            reload_with_signal: self.reload_with_signal,
             warnings,
         })
     }
@@ -449,19 +450,6 @@ impl FileConfig {
                 slot: 0,
             });
         }
-        for (i, z) in self.zones.iter().enumerate() {
-            let zone = z.validate(i, defaults)?;
-            if let Some(existing) = zones.iter_mut().find(|zn| zn.wire == zone.wire) {
-                // A [[zone]] naming a built-in zone overrides its upstreams.
-                existing.upstreams = zone.upstreams;
-                existing.transport = zone.transport;
-                if z.serve_stale.is_some() {
-                    existing.stale_window = zone.stale_window;
-                }
-                continue;
-            }
-            zones.push(zone);
-        }
         zones.push(Zone {
             name: ".".into(),
             wire: vec![0],
@@ -472,6 +460,26 @@ impl FileConfig {
             stale_window: defaults.serve_stale,
             slot: 0,
         });
+        for (i, z) in self.zones.iter().enumerate() {
+            let zone = z.validate(i, defaults)?;
+            if let Some(existing) = zones.iter_mut().find(|zn| zn.wire == zone.wire) {
+                // A [[zone]] naming a built-in zone (the cluster zones, ".") overrides its
+                // upstreams and transport, and the TTL caps and window it gives.
+                existing.upstreams = zone.upstreams;
+                existing.transport = zone.transport;
+                if z.serve_stale.is_some() {
+                    existing.stale_window = zone.stale_window;
+                }
+                if z.success_max_ttl.is_some() {
+                    existing.success_max_ttl = zone.success_max_ttl;
+                }
+                if z.denial_max_ttl.is_some() {
+                    existing.denial_max_ttl = zone.denial_max_ttl;
+                }
+                continue;
+            }
+            zones.push(zone);
+        }
         Ok(ZoneTable::new(zones))
     }
 }

@@ -12,6 +12,7 @@
 mod common;
 
 mod core;
+mod dropin;
 mod handover_netns;
 mod lifecycle;
 mod node_failopen;
