@@ -48,6 +48,9 @@ pub struct Settings {
     pub server: ServerSettings,
     pub node: NodeConfig,
     pub state: StateConfig,
+    /// Hosts entries, templates and rewrite rules, applied to misses before they are forwarded;
+    /// immutable, so a reload builds new ones and swaps them in.
+    pub local: std::sync::Arc<crate::local::LocalAnswers>,
     /// Warnings to log once logging is up (e.g. no cluster DNS configured).
     pub warnings: Vec<String>,
 }
