@@ -242,6 +242,15 @@ fn rewritten_names_are_routed_and_forwarded_and_the_client_sees_its_own() {
     // A miss over TCP takes the same path.
     assert_eq!(short(s, &["y.old.test", "A", "+tcp"]), "192.0.2.99");
     assert_eq!(up.count("y.new.test"), 1, "{:?}", up.queries());
+    // The rewritten query reached the cluster DNS's pooled TCP connections from a UDP worker's
+    // own runtime: those connections must still serve the cluster zone's queries once that
+    // worker sits idle in recvmmsg (each name below is new, so each is an exchange).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for i in 0..6 {
+        let name = format!("n{i}.default.svc.cluster.local");
+        let out = kdig(s, &[&name, "A", "+timeout=5", "+retry=0"]);
+        assert!(out.contains("NXDOMAIN"), "{name}: {out}");
+    }
     for name in [
         "api.legacy.test",
         "kubernetes.default.svc.cluster.local",
