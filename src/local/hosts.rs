@@ -182,7 +182,9 @@ impl Hosts {
     /// What this section makes of `q`, or None to let the next source answer.
     pub fn answer(&self, q: &Query) -> Option<Made> {
         let qname = q.qname_lower();
-        let in_zone = self.zones.iter().any(|z| dns::name_in_zone(qname, z));
+        if q.qtype != TYPE_PTR && !self.zones.iter().any(|z| dns::name_in_zone(qname, z)) {
+            return None;
+        }
         let owner = Name::from_ascii(dns::name_to_string(qname)).ok()?;
         if q.qtype == TYPE_PTR {
             // PTR names need not be in the zones; an address without entries goes on.
@@ -193,9 +195,6 @@ impl Hosts {
                 .map(|n| Record::from_rdata(owner.clone(), self.ttl, RData::PTR(PTR(n))))
                 .collect();
             return Some(Made::records(records));
-        }
-        if !in_zone {
-            return None;
         }
         let addrs = self.addresses(qname);
         let records: Vec<Record> = addrs
