@@ -13,6 +13,8 @@
 //! - [`zones`]: the forwarding zones and the one routing decision; a miss carries its zone.
 //! - [`forward`]: the miss path: upstream ordering and health, coalescing, UDP/TCP upstream
 //!   exchanges, caching rules.
+//! - [`local`]: answers made on the node (hosts entries, templates, name rewrites), applied to
+//!   misses before they are forwarded and cached like upstream answers.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the /metrics, /health, /ready endpoints;
 //!   `metrics` holds the registry and upstream families, `metrics/worker.rs` the per-worker
 //!   counters, `metrics/collector.rs` their scrape-time folding, `metrics/panic.rs` the panic hook.

@@ -66,6 +66,9 @@ pub struct Settings {
     pub reload_watch: bool,
     /// SIGUSR1 reloads the configuration too (node-cache's -reloadwithsignal).
     pub reload_with_signal: bool,
+    /// Hosts entries, templates and rewrite rules, applied to misses before they are forwarded;
+    /// immutable, so a reload builds new ones and swaps them in.
+    pub local: std::sync::Arc<crate::local::LocalAnswers>,
     /// Warnings to log once logging is up (e.g. no cluster DNS configured).
     pub warnings: Vec<String>,
 }

@@ -1,9 +1,11 @@
 //! Validation: each section into its part of `Settings`, then what spans sections.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::local::LocalAnswers;
 use crate::node::NodeConfig;
 
 /// Validated [`CacheSection`]: the cache's size and answer policy.
@@ -283,18 +285,6 @@ impl FileConfig {
             return Err(invalid("listen", "at least one address is required"));
         }
         let listen = addrs("listen", &self.listen, 53)?;
-        for (key, n) in [
-            ("hosts", self.hosts.len()),
-            ("rewrite", self.rewrite.len()),
-            ("template", self.template.len()),
-        ] {
-            if n > 0 {
-                return Err(invalid(
-                    key,
-                    "local answers are not built into this version",
-                ));
-            }
-        }
         let workers = if self.workers == 0 {
             available_cpus()
         } else {
@@ -317,6 +307,7 @@ impl FileConfig {
         let zones = self.zones(&zone_defaults, upstreams, cluster_dns, &mut warnings)?;
         let node = self.node.validate(&listen, health, fail_open_to)?;
         let state = self.state.validate(&node)?;
+        let local = LocalAnswers::build(&self.hosts, &self.rewrite, &self.template)?;
 
         Ok(Settings {
             listen,
@@ -334,6 +325,7 @@ impl FileConfig {
             state,
             reload_watch: self.reload.watch,
             reload_with_signal: self.reload_with_signal,
+            local: Arc::new(local),
             warnings,
         })
     }

@@ -12,8 +12,9 @@ use tokio::sync::watch;
 use super::AllFailed;
 use crate::cache::Entry;
 
-/// What a flight ends with: the answer and the upstream that gave it, or the failure.
-pub type Outcome = Result<(Entry, SocketAddr), Arc<AllFailed>>;
+/// What a flight ends with: the answer and the upstream that gave it (None: made locally), or
+/// the failure.
+pub type Outcome = Result<(Entry, Option<SocketAddr>), Arc<AllFailed>>;
 
 type Slot = watch::Receiver<Option<Outcome>>;
 /// One shard: per key, the question it was asked for and the flight's channel.
@@ -160,7 +161,7 @@ mod tests {
             })
             .collect();
         assert!(f.in_air(7));
-        let up: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let up: Option<SocketAddr> = Some("127.0.0.1:53".parse().unwrap());
         leader.land(&Ok((entry(), up)));
         assert!(!f.in_air(7) && f.is_empty());
         for w in waiters {

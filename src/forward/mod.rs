@@ -27,6 +27,7 @@ use tracing::debug;
 use crate::cache::{Cache, Entry};
 use crate::config::{Settings, Transport};
 use crate::dns::{self, AnswerKind, Query, Response};
+use crate::local::LocalMetrics;
 use crate::metrics::{Metrics, Outcome, UpstreamMetrics, UpstreamTransport};
 pub use crate::zones::Route;
 
@@ -159,6 +160,8 @@ pub struct Forwarder {
     down_tx: tokio::sync::mpsc::UnboundedSender<SocketAddr>,
     down_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<SocketAddr>>>,
     pub counters: Counters,
+    /// Template matches and failures, hosts entries.
+    pub local_metrics: LocalMetrics,
 }
 
 /// Holds one `inflight` slot; released on drop.
@@ -176,6 +179,8 @@ impl Forwarder {
         let routes = Routes::build(0, settings, None, &metrics);
         let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
         let counters = Counters::register(&metrics.registry);
+        let local_metrics = LocalMetrics::register(&metrics.registry);
+        local_metrics.observe(&routes.settings.local);
         Forwarder {
             routes: ArcSwap::from_pointee(routes),
             cache,
@@ -187,6 +192,7 @@ impl Forwarder {
             down_tx,
             down_rx: Mutex::new(Some(down_rx)),
             counters,
+            local_metrics,
         }
     }
 
@@ -206,6 +212,7 @@ impl Forwarder {
                 let _ = self.down_tx.send(u);
             }
         }
+        self.local_metrics.observe(&new.settings.local);
         let gen = new.gen;
         self.routes.store(Arc::new(new));
         gen
@@ -327,16 +334,56 @@ impl Forwarder {
         !m.is_empty() && m.get(&key).is_some_and(|until| *until > now)
     }
 
-    /// Resolves `q` through the upstreams of its zone (`route`, decided by the caller); caches
-    /// what may be cached and returns the entry to answer from (cached or not) and the upstream
-    /// whose answer it is. `Err` means the client gets SERVFAIL (or a stale answer).
+    /// Resolves `q` for its zone (`route`, decided by the caller): local answers first (a
+    /// rewrite, a template, a hosts entry: `crate::local`), then the zone's upstreams, routed
+    /// again by the rewritten name when a rule rewrote it. Caches what may be cached, keyed by
+    /// the client's question, and returns the entry to answer from (cached or not) and the
+    /// upstream whose answer it is (None: made locally). `Err` means the client gets SERVFAIL
+    /// (or a stale answer).
     pub async fn resolve_via(
         &self,
         q: &Query,
         route: Route,
-    ) -> Result<(Entry, SocketAddr), AllFailed> {
+    ) -> Result<(Entry, Option<SocketAddr>), AllFailed> {
         let r = self.routes.load_full();
         let zone_idx = r.zone_index(route, q);
+        let local = &r.settings.local;
+        if local.is_empty() {
+            let (resp, upstream) = self.exchange_zone(&r, q, zone_idx).await?;
+            return Ok((self.store(&r, q, zone_idx, resp), Some(upstream)));
+        }
+        let mut plan = local.plan(q, &self.local_metrics);
+        let asked = *plan.asked(q);
+        // CoreDNS routes after the rewrite: the new name picks the zone.
+        let zone_idx = match plan.rewritten {
+            Some(_) => r.settings.zones.route(asked.qname_lower()),
+            None => zone_idx,
+        };
+        let failed = || AllFailed {
+            zone: r.settings.zones[zone_idx].name.clone(),
+        };
+        let (resp, upstream) = match plan.reply.take() {
+            Some(wire) => (
+                dns::parse_response(&wire, asked.question_lower()).map_err(|_| failed())?,
+                None,
+            ),
+            None => {
+                let (resp, upstream) = self.exchange_zone(&r, &asked, zone_idx).await?;
+                (resp, Some(upstream))
+            }
+        };
+        let resp = plan.finish(resp, q).ok_or_else(failed)?;
+        Ok((self.store(&r, q, zone_idx, resp), upstream))
+    }
+
+    /// Exchanges `q` with the upstreams of zone `zone_idx` in turn: the first answer that is
+    /// not SERVFAIL or REFUSED, else the last such answer, else `Err`.
+    async fn exchange_zone(
+        &self,
+        r: &Routes,
+        q: &Query,
+        zone_idx: usize,
+    ) -> Result<(Response, SocketAddr), AllFailed> {
         let zone = &r.settings.zones[zone_idx];
         let start = Instant::now();
         let deadline = start + r.settings.forward.query_timeout;
@@ -364,8 +411,8 @@ impl Forwarder {
                         relay = Some((resp, upstream));
                         continue;
                     }
-                    self.record(&r, upstream, true);
-                    return Ok((self.store(&r, q, zone_idx, resp), upstream));
+                    self.record(r, upstream, true);
+                    return Ok((resp, upstream));
                 }
                 Err(e) => {
                     self.record(&r, upstream, false);
@@ -380,7 +427,7 @@ impl Forwarder {
             }
         }
         match relay {
-            Some((resp, upstream)) => Ok((self.store(&r, q, zone_idx, resp), upstream)),
+            Some(relayed) => Ok(relayed),
             None => Err(AllFailed {
                 zone: zone.name.clone(),
             }),

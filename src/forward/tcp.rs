@@ -75,6 +75,10 @@ pub struct TcpPool {
     idle: Duration,
     metrics: Arc<Metrics>,
     upstream_metrics: Arc<UpstreamMetrics>,
+    /// The runtime the pool was made on (the shared one): connections are opened and read there
+    /// whichever runtime asks, since a UDP worker's own runtime is not driven while the worker
+    /// waits in `recvmmsg` (a miss rewritten into a TCP zone runs on it). None: the caller's.
+    rt: Option<tokio::runtime::Handle>,
 }
 
 struct Conn {
@@ -129,6 +133,7 @@ impl TcpPool {
             idle,
             metrics,
             upstream_metrics,
+            rt: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -167,7 +172,13 @@ impl TcpPool {
                 return Ok((c.clone(), false));
             }
         }
-        let stream = TcpStream::connect(self.addr).await?;
+        let stream = match &self.rt {
+            Some(rt) => rt
+                .spawn(TcpStream::connect(self.addr))
+                .await
+                .map_err(|_| UpstreamError::Closed)??,
+            None => TcpStream::connect(self.addr).await?,
+        };
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
         let conn = Arc::new(Conn {
@@ -178,13 +189,11 @@ impl TcpPool {
             }),
         });
         self.metrics.upstream_tcp_open(self.addr, 1);
-        tokio::spawn(read_loop(
-            rd,
-            conn.clone(),
-            self.idle,
-            self.metrics.clone(),
-            self.addr,
-        ));
+        let reader = read_loop(rd, conn.clone(), self.idle, self.metrics.clone(), self.addr);
+        match &self.rt {
+            Some(rt) => rt.spawn(reader),
+            None => tokio::spawn(reader),
+        };
         *slot = Some(conn.clone());
         Ok((conn, true))
     }

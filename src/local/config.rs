@@ -83,7 +83,7 @@ pub struct TemplateSection {
     /// Response code [default: "NOERROR"].
     pub rcode: String,
     /// Zones where a name that no expression matches goes on; `[]`: every zone; absent: such a
-    /// name is answered by the template's rcode without records.
+    /// name is answered SERVFAIL (as CoreDNS's template plugin answers it).
     pub fallthrough: Option<Vec<String>>,
 }
 

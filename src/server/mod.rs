@@ -417,7 +417,7 @@ impl Context {
                             self.settings.server.edns_udp_size,
                             &mut out,
                         );
-                        Some(upstream)
+                        upstream
                     } else {
                         dns::write_error_reply(
                             pkt,

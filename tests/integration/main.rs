@@ -15,6 +15,7 @@ mod core;
 mod dropin;
 mod handover_netns;
 mod lifecycle;
+mod local_answers;
 mod node_failopen;
 mod node_netns;
 mod observability;

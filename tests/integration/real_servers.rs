@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 /// knotd serving two zones on a loopback port, stopped on drop.
-struct Knot {
+pub(crate) struct Knot {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl Knot {
-    fn start() -> Knot {
+    pub(crate) fn start() -> Knot {
         let dir = tempfile::tempdir().unwrap();
         let port = {
             let s = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -84,7 +84,7 @@ impl Drop for Knot {
     }
 }
 
-fn kdig(server: SocketAddr, args: &[&str]) -> String {
+pub(crate) fn kdig(server: SocketAddr, args: &[&str]) -> String {
     let out = Command::new("kdig")
         .arg(format!("@{}", server.ip()))
         .arg("-p")
