@@ -156,7 +156,9 @@ fn addrs(key: &str, vs: &[String], default_port: u16) -> Result<Vec<SocketAddr>,
     vs.iter().map(|v| addr(key, v, default_port)).collect()
 }
 
-/// Nameservers listed in a resolv.conf, port 53.
+/// Nameservers listed in a resolv.conf, port 53. An IPv6 nameserver may carry a zone
+/// (`fe80::1%eth0` or `%2`, as glibc reads it): it becomes the address's scope id, without which
+/// a link-local upstream cannot be reached. One naming a link that does not exist is left out.
 pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
     text.lines()
         .filter_map(|l| {
@@ -165,9 +167,27 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
                 .then(|| it.next())
                 .flatten()
         })
-        .filter_map(|ns| ns.split('%').next()?.parse::<IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, 53))
+        .filter_map(|ns| {
+            let (ip, zone) = ns.split_once('%').unwrap_or((ns, ""));
+            match ip.parse::<IpAddr>().ok()? {
+                IpAddr::V6(v6) if !zone.is_empty() => {
+                    let scope = zone.parse::<u32>().ok().or_else(|| if_index(zone))?;
+                    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                        v6, 53, 0, scope,
+                    )))
+                }
+                ip => Some(SocketAddr::new(ip, 53)),
+            }
+        })
         .collect()
+}
+
+/// The index of the link named `name` in this network namespace.
+fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
 }
 
 fn zone_name(key: &str, name: &str) -> Result<(String, Vec<u8>), ConfigError> {

@@ -14,6 +14,7 @@ mod common;
 mod core;
 mod handover_netns;
 mod lifecycle;
+mod node_dualstack;
 mod node_failopen;
 mod node_netns;
 mod observability;

@@ -187,6 +187,12 @@ impl Drop for Netns {
 pub const LOCAL_IP: &str = "169.254.20.10";
 pub const CLUSTER_DNS: &str = "10.201.0.2:53";
 pub const EXTERNAL_DNS: &str = "10.201.0.3:53";
+/// The IPv6 node-local address of a dual-stack cluster (a unique local address in fd00::/8, the
+/// range node-local-dns suggests for IPv6).
+pub const LOCAL_IP6: &str = "fd00::a";
+/// A dual-stack cluster's CoreDNS and external resolver on IPv6, beside the IPv4 ones.
+pub const CLUSTER_DNS6: &str = "[fd00:201::2]:53";
+pub const EXTERNAL_DNS6: &str = "[fd00:201::3]:53";
 pub const SEARCH: &str = "default.svc.cluster.local svc.cluster.local cluster.local";
 
 /// Runs `f` in a thread that joined the namespace (sockets it opens live there).
@@ -212,7 +218,9 @@ pub fn warm_name(name: &str) -> Option<u16> {
 }
 
 /// node, pod and upstream namespaces, wired with veth pairs; the pod's resolv.conf points at
-/// nodedns with the Kubernetes search list.
+/// nodedns with the Kubernetes search list. A dual-stack cluster ([`Cluster::create_dual`]) has
+/// IPv6 on every veth too (10.200.0.0/24 and fd00:200::/64 to the pod, 10.201.0.0/24 and
+/// fd00:201::/64 to the upstreams) and its upstreams answer on both families.
 pub struct Cluster {
     pub node: Netns,
     pub pod: Netns,
@@ -223,6 +231,10 @@ pub struct Cluster {
     pub state: std::path::PathBuf,
     pub cluster: FakeUpstream,
     pub external: FakeUpstream,
+    /// Dual-stack only: CoreDNS and the external resolver on IPv6 ([`CLUSTER_DNS6`],
+    /// [`EXTERNAL_DNS6`]).
+    pub cluster6: Option<FakeUpstream>,
+    pub external6: Option<FakeUpstream>,
 }
 
 impl Drop for Cluster {
@@ -233,11 +245,64 @@ impl Drop for Cluster {
     }
 }
 
+/// CoreDNS: web.default.svc.cluster.local has an address, every other name is NXDOMAIN.
+fn cluster_answer(q: &hickory_proto::op::Message, _: super::Via) -> Action {
+    let qq = &q.queries[0];
+    let name = qq.name().to_ascii().to_lowercase();
+    if name == "web.default.svc.cluster.local." {
+        if qq.query_type() == RecordType::A {
+            Action::Answer(a_reply(q, 30, &[[10, 96, 1, 5]]))
+        } else {
+            Action::Answer(reply(q, ResponseCode::NoError))
+        }
+    } else {
+        Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5))))
+    }
+}
+
+/// The external resolver.
+fn external_answer(q: &hickory_proto::op::Message, _: super::Via) -> Action {
+    let qq = &q.queries[0];
+    let name = qq.name().to_ascii().to_lowercase();
+    match (name.as_str(), qq.query_type()) {
+        ("example.org.", RecordType::A) => Action::Answer(a_reply(q, 30, &[[192, 0, 2, 7]])),
+        ("example.org.", _) => Action::Answer(reply(q, ResponseCode::NoError)),
+        // Longer than the pod link's MTU (1500).
+        ("big.example.org.", RecordType::TXT) => Action::Answer(txt_reply(q, 30, 2000)),
+        // n<i>.example.org: one address per name (a warm-cache test's working set).
+        (n, RecordType::A) if warm_name(n).is_some() => {
+            let i = warm_name(n).unwrap_or(0);
+            Action::Answer(a_reply(q, 30, &[[198, 51, (i >> 8) as u8, i as u8]]))
+        }
+        _ => Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5)))),
+    }
+}
+
 impl Cluster {
     pub fn create(tag: &str) -> Result<Cluster, String> {
+        Self::build(tag, false)
+    }
+
+    /// A cluster with IPv4 and IPv6 on every link (see [`Cluster`]); nodedns started by
+    /// [`Cluster::spawn_nodedns`] listens on [`LOCAL_IP`] and [`LOCAL_IP6`] and asks CoreDNS
+    /// over IPv6, the external resolver over IPv4.
+    pub fn create_dual(tag: &str) -> Result<Cluster, String> {
+        Self::build(tag, true)
+    }
+
+    fn build(tag: &str, dual: bool) -> Result<Cluster, String> {
         let node = Netns::create(&format!("{tag}n"))?;
         let pod = Netns::create(&format!("{tag}p"))?;
         let up = Netns::create(&format!("{tag}u"))?;
+        if dual {
+            // No duplicate address detection anywhere (the veths' link-local addresses
+            // included): every address is usable at once, as `nodad` makes ours on the node.
+            for ns in [&node, &pod, &up] {
+                ns.sh_ok(
+                    "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
+                );
+            }
+        }
         // Both ends are created inside the namespaces: nothing appears on the host.
         for (a, b, peer_ns, a_ip, b_ip) in [
             ("topod", "eth0", &pod, "10.200.0.1/24", "10.200.0.2/24"),
@@ -261,8 +326,21 @@ impl Cluster {
                 "ip addr add {b_ip} dev {b} && ip link set {b} up && ip route add default via {}",
                 a_ip.trim_end_matches("/24")
             ));
+            if dual {
+                // fd00:200::/64 to the pod, fd00:201::/64 to the upstreams: the IPv4 subnet's
+                // second octet.
+                let net = a_ip.split('.').nth(1).unwrap();
+                node.sh_ok(&format!("ip addr add fd00:{net}::1/64 dev {a} nodad"));
+                peer_ns.sh_ok(&format!(
+                    "ip addr add fd00:{net}::2/64 dev {b} nodad && \
+                     ip -6 route add default via fd00:{net}::1"
+                ));
+            }
         }
         up.sh_ok("ip addr add 10.201.0.3/24 dev eth0");
+        if dual {
+            up.sh_ok("ip addr add fd00:201::3/64 dev eth0 nodad");
+        }
 
         // ip netns exec bind-mounts /etc/netns/<pod>/resolv.conf over /etc/resolv.conf.
         let etc = Path::new("/etc/netns").join(&pod.name);
@@ -274,40 +352,23 @@ impl Cluster {
         .unwrap();
 
         let cluster = in_netns(&up.name, || {
-            FakeUpstream::start_on(CLUSTER_DNS, |q, _| {
-                let qq = &q.queries[0];
-                let name = qq.name().to_ascii().to_lowercase();
-                if name == "web.default.svc.cluster.local." {
-                    if qq.query_type() == RecordType::A {
-                        Action::Answer(a_reply(q, 30, &[[10, 96, 1, 5]]))
-                    } else {
-                        Action::Answer(reply(q, ResponseCode::NoError))
-                    }
-                } else {
-                    Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5))))
-                }
-            })
+            FakeUpstream::start_on(CLUSTER_DNS, cluster_answer)
         });
         let external = in_netns(&up.name, || {
-            FakeUpstream::start_on(EXTERNAL_DNS, |q, _| {
-                let qq = &q.queries[0];
-                let name = qq.name().to_ascii().to_lowercase();
-                match (name.as_str(), qq.query_type()) {
-                    ("example.org.", RecordType::A) => {
-                        Action::Answer(a_reply(q, 30, &[[192, 0, 2, 7]]))
-                    }
-                    ("example.org.", _) => Action::Answer(reply(q, ResponseCode::NoError)),
-                    // Longer than the pod link's MTU (1500).
-                    ("big.example.org.", RecordType::TXT) => Action::Answer(txt_reply(q, 30, 2000)),
-                    // n<i>.example.org: one address per name (a warm-cache test's working set).
-                    (n, RecordType::A) if warm_name(n).is_some() => {
-                        let i = warm_name(n).unwrap_or(0);
-                        Action::Answer(a_reply(q, 30, &[[198, 51, (i >> 8) as u8, i as u8]]))
-                    }
-                    _ => Action::Answer(negative_reply(q, ResponseCode::NXDomain, Some((5, 5)))),
-                }
-            })
+            FakeUpstream::start_on(EXTERNAL_DNS, external_answer)
         });
+        let (cluster6, external6) = if dual {
+            (
+                Some(in_netns(&up.name, || {
+                    FakeUpstream::start_on(CLUSTER_DNS6, cluster_answer)
+                })),
+                Some(in_netns(&up.name, || {
+                    FakeUpstream::start_on(EXTERNAL_DNS6, external_answer)
+                })),
+            )
+        } else {
+            (None, None)
+        };
         let tmpfs = Path::new("/dev/shm");
         let base = if tmpfs.is_dir() {
             tmpfs.to_path_buf()
@@ -324,7 +385,13 @@ impl Cluster {
             etc,
             cluster,
             external,
+            cluster6,
+            external6,
         })
+    }
+
+    fn dual(&self) -> bool {
+        self.cluster6.is_some()
     }
 
     /// Replaces the pod's resolv.conf: `nameserver` with the Kubernetes search list.
@@ -373,6 +440,24 @@ impl Cluster {
         }
     }
 
+    /// [`Cluster::fake_kube_proxy`] for IPv6: the Service IP `service_ip`:53 DNATed to
+    /// [`CLUSTER_DNS6`] with ip6tables-nft, IPv6 forwarding on.
+    pub fn fake_kube_proxy6(&self, service_ip: &str) {
+        self.node.sh_ok("sysctl -qw net.ipv6.conf.all.forwarding=1");
+        self.node.sh_ok("ip6tables-nft -t nat -N KUBE-SERVICES");
+        for chain in ["PREROUTING", "OUTPUT"] {
+            self.node.sh_ok(&format!(
+                "ip6tables-nft -t nat -A {chain} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+            ));
+        }
+        for proto in ["udp", "tcp"] {
+            self.node.sh_ok(&format!(
+                "ip6tables-nft -t nat -A KUBE-SERVICES -d {service_ip}/128 -p {proto} --dport 53 \
+                 -m comment --comment \"kube-system/kube-dns:dns\" -j DNAT --to-destination {CLUSTER_DNS6}"
+            ));
+        }
+    }
+
     /// Starts nodedns in the node namespace with node setup on `lo` and waits until it serves
     /// the pod through its rules.
     pub fn start_nodedns(&self, extra: &[&str]) -> Daemon {
@@ -387,6 +472,12 @@ impl Cluster {
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("{}-nodedns-{n}.log", self.node.name));
         let file = std::fs::File::create(&log).unwrap();
+        // Dual-stack: one process on both node-local addresses, CoreDNS over IPv6.
+        let (listen6, cluster_dns): (&[&str], &str) = if self.dual() {
+            (&["--listen", "[fd00::a]:53"], CLUSTER_DNS6)
+        } else {
+            (&[], CLUSTER_DNS)
+        };
         let mut args: Vec<String> = [
             "netns",
             "exec",
@@ -394,12 +485,16 @@ impl Cluster {
             env!("CARGO_BIN_EXE_nodedns"),
             "--listen",
             "169.254.20.10:53",
+        ]
+        .iter()
+        .chain(listen6)
+        .chain(&[
             "--health",
             "169.254.20.10:8080",
             "--metrics",
             "127.0.0.1:9253",
             "--cluster-dns",
-            CLUSTER_DNS,
+            cluster_dns,
             "--upstream",
             EXTERNAL_DNS,
             "--setup-interface",
@@ -408,8 +503,7 @@ impl Cluster {
             "--setup-iptables",
             "--sync-interval",
             "1s",
-        ]
-        .iter()
+        ])
         .map(|s| s.to_string())
         .collect();
         if !extra.contains(&"--state-dir") {
@@ -432,19 +526,26 @@ impl Cluster {
     pub fn wait_serving(&self, d: &Daemon) {
         // Ready once the pod gets an answer through the rules.
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (ok, out) = self.pod.sh(&format!(
-                "kdig @{LOCAL_IP} +short +time=1 +retry=0 example.org A"
-            ));
-            if ok && out.contains("192.0.2.7") {
-                break;
+        let ask: &[&str] = if self.dual() {
+            &[LOCAL_IP, LOCAL_IP6]
+        } else {
+            &[LOCAL_IP]
+        };
+        for ip in ask {
+            loop {
+                let (ok, out) = self
+                    .pod
+                    .sh(&format!("kdig @{ip} +short +time=1 +retry=0 example.org A"));
+                if ok && out.contains("192.0.2.7") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nodedns did not answer the pod on {ip} within 20 s: {out}\n{}",
+                    d.log()
+                );
+                std::thread::sleep(Duration::from_millis(200));
             }
-            assert!(
-                Instant::now() < deadline,
-                "nodedns did not answer the pod within 20 s: {out}\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
         }
         // Answering comes before the firewall rules; "serving" is logged once they are in.
         let serving = format!("nodedns {} serving", env!("CARGO_PKG_VERSION"));
