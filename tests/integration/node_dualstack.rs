@@ -2,7 +2,8 @@
 //! nodedns, which holds 169.254.20.10 and fd00::a on the node and asks its upstreams over either
 //! family; the rules of both families (iptables and ip6tables, or one `inet` nftables table) are
 //! in place while it runs, adopted by a restart after a crash, and gone after it stops; with a
-//! fail-open target per family, each family's queries reach CoreDNS while nodedns is down.
+//! fail-open target per family, each family's queries reach CoreDNS while nodedns is down, in
+//! link-local and in transparent mode.
 //!
 //! The cluster is `Cluster::create_dual` (common/netns.rs): CoreDNS answers nodedns on
 //! [fd00:201::2]:53, the external resolver on 10.201.0.3:53. Needs root, `ip`, iptables-nft,
@@ -249,9 +250,12 @@ fn lookup(c: &Cluster, nameserver: &str) -> Duration {
     took
 }
 
-/// A fail-open target per family: with nodedns killed, queries to 169.254.20.10 go to the IPv4
-/// kube-dns IP and queries to fd00::a to the IPv6 one, each DNATed by kube-proxy to CoreDNS.
-fn fail_open_per_family(tag: &str, firewall: &str) {
+/// With nodedns killed, each family's queries reach CoreDNS. Link-local mode: queries to
+/// 169.254.20.10 and fd00::a go to the kube-dns IP of their family (one fail-open target per
+/// family), which kube-proxy DNATs to CoreDNS. Transparent mode: nodedns also holds both kube-dns
+/// IPs; pods asking those are conntracked again once no socket listens (ip6tables' `-m socket`
+/// as iptables') and kube-proxy's DNAT applies.
+fn fail_open_per_family(tag: &str, firewall: &str, transparent: bool) {
     require!(
         have_tools(),
         "needs iptables-nft, ip6tables-nft, nft, kdig, dig, getent and ss"
@@ -260,7 +264,16 @@ fn fail_open_per_family(tag: &str, firewall: &str) {
     c.fake_kube_proxy(KUBE_DNS_IP);
     c.fake_kube_proxy6(KUBE_DNS_IP6);
     let targets = format!("{KUBE_DNS_IP},{KUBE_DNS_IP6}");
-    let args = ["--firewall", firewall, "--fail-open-to", &targets];
+    let mut args = vec!["--firewall", firewall, "--fail-open-to", &targets];
+    let kube_dns6 = format!("[{KUBE_DNS_IP6}]:53");
+    if transparent {
+        args.extend(["--listen", "10.96.0.10:53", "--listen", &kube_dns6]);
+    }
+    let (ask4, ask6) = if transparent {
+        (KUBE_DNS_IP, KUBE_DNS_IP6)
+    } else {
+        (LOCAL_IP, LOCAL_IP6)
+    };
     let mut d = c.start_nodedns(&args);
     let log = d.log();
     assert!(log.contains("from=169.254.20.10 to=10.96.0.10"), "{log}");
@@ -272,9 +285,23 @@ fn fail_open_per_family(tag: &str, firewall: &str) {
         t.contains("ip daddr set 10.96.0.10") && t.contains("ip6 daddr set fd00:96::a"),
         "{t}"
     );
+    let per_ip = if transparent { 2 } else { 1 };
+    match firewall {
+        "iptables" => {
+            assert_eq!(
+                (before.v4.len(), before.v6.len()),
+                (12 * per_ip, 12 * per_ip)
+            );
+        }
+        _ => assert_eq!(
+            t.matches("comment \"nodedns").count(),
+            24 * per_ip + 9,
+            "{t}"
+        ),
+    }
     // While nodedns serves, CoreDNS sees only nodedns's own (TCP, IPv6) queries.
-    lookup(&c, LOCAL_IP);
-    lookup(&c, LOCAL_IP6);
+    lookup(&c, ask4);
+    lookup(&c, ask6);
     assert!(asked(&c.cluster, CLUSTER_NAME).is_empty());
     assert!(asked(cluster6(&c), CLUSTER_NAME)
         .iter()
@@ -290,7 +317,7 @@ fn fail_open_per_family(tag: &str, firewall: &str) {
     );
 
     // Each family's queries reach CoreDNS over that family, at once (no timeout, no retry).
-    for (nameserver, up) in [(LOCAL_IP, &c.cluster), (LOCAL_IP6, cluster6(&c))] {
+    for (nameserver, up) in [(ask4, &c.cluster), (ask6, cluster6(&c))] {
         let udp_before = asked(up, CLUSTER_NAME)
             .iter()
             .filter(|v| **v == Via::Udp)
@@ -317,8 +344,8 @@ fn fail_open_per_family(tag: &str, firewall: &str) {
     let mut d = c.start_nodedns(&args);
     assert_eq!(installed(&c), before, "{}", d.log());
     let udp_before = asked(cluster6(&c), CLUSTER_NAME).len();
-    lookup(&c, LOCAL_IP6);
-    lookup(&c, LOCAL_IP);
+    lookup(&c, ask6);
+    lookup(&c, ask4);
     assert!(
         asked(cluster6(&c), CLUSTER_NAME)[udp_before..]
             .iter()
@@ -335,10 +362,20 @@ fn fail_open_per_family(tag: &str, firewall: &str) {
 
 #[test]
 fn dual_stack_fails_open_per_family_iptables() {
-    fail_open_per_family("dfi", "iptables");
+    fail_open_per_family("dfi", "iptables", false);
 }
 
 #[test]
 fn dual_stack_fails_open_per_family_nftables() {
-    fail_open_per_family("dfn", "nftables");
+    fail_open_per_family("dfn", "nftables", false);
+}
+
+#[test]
+fn dual_stack_transparent_falls_back_per_family_iptables() {
+    fail_open_per_family("dti", "iptables", true);
+}
+
+#[test]
+fn dual_stack_transparent_falls_back_per_family_nftables() {
+    fail_open_per_family("dtn", "nftables", true);
 }
