@@ -192,6 +192,33 @@ fn serve_both_families(tag: &str, firewall: &str) {
     assert_eq!(tables.matches("nodedns").count(), 1, "{tables}");
     assert!(tables.contains("table inet nodedns"), "{tables}");
 
+    // The sync loop (every second here) puts back a lost IPv6 address and IPv6 rules.
+    c.node.sh_ok("ip addr del fd00::a/128 dev lo");
+    match firewall {
+        "iptables" => {
+            c.node
+                .sh_ok("ip6tables-nft -t raw -F PREROUTING && ip6tables-nft -F INPUT");
+        }
+        _ => {
+            c.node.sh_ok("nft flush chain inet nodedns raw_prerouting");
+        }
+    }
+    assert_ne!(installed(&c), before);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while installed(&c) != before || !c.node.lo_addrs().contains("fd00::a/128") {
+        assert!(
+            Instant::now() < deadline,
+            "not restored within 10 s: {:?}\n{}",
+            installed(&c),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        ask(&c, "kdig", LOCAL_IP6, "+tcp", "example.org"),
+        "192.0.2.7"
+    );
+
     // A crash leaves everything; the restart adopts both families' rules as they are.
     d.sigkill();
     drop(d);
