@@ -137,11 +137,29 @@ fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     })
 }
 
-/// Parses "ADDR:PORT", "ADDR" (port `default_port`) or "[V6]:PORT".
+/// Parses "ADDR:PORT", "ADDR" (port `default_port`) or "[V6]:PORT"; an IPv6 address may carry
+/// a zone, by number or by link name ("[fe80::1%eth0]:53").
 fn addr(key: &str, v: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
     let v = v.trim();
     if let Ok(sa) = v.parse::<SocketAddr>() {
         return Ok(sa);
+    }
+    if let Some((ip, rest)) = v.strip_prefix('[').and_then(|r| r.split_once('%')) {
+        if let Some((zone, port)) = rest.split_once(']') {
+            let port = match port.strip_prefix(':') {
+                Some(p) => p.parse::<u16>().ok(),
+                None if port.is_empty() => Some(default_port),
+                None => None,
+            };
+            if let (Ok(ip), Some(port)) = (ip.parse::<std::net::Ipv6Addr>(), port) {
+                let scope = if_index(zone).ok_or_else(|| {
+                    invalid(key, format!("{v:?}: no link named {zone:?} on this host"))
+                })?;
+                return Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    ip, port, 0, scope,
+                )));
+            }
+        }
     }
     if let Ok(ip) = v.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, default_port));

@@ -180,6 +180,32 @@ fn resolv_conf_keeps_ipv6_nameservers_and_their_zone() {
 }
 
 #[test]
+fn ipv6_upstreams_take_a_zone_by_name_or_number() {
+    let (_d, e) = env("nameserver 127.0.0.53\n");
+    let c: FileConfig = toml::from_str(
+        "upstreams = [\"[fe80::1%lo]:5353\", \"[fe80::2%1]:53\", \"[fe80::3%lo]\", \"[fd00::53]\"]",
+    )
+    .unwrap();
+    let s = c.validate(&e).unwrap();
+    let root = s.zones.iter().find(|z| z.wire == [0]).unwrap();
+    let want: Vec<std::net::SocketAddr> = [
+        "[fe80::1%1]:5353",
+        "[fe80::2%1]:53",
+        "[fe80::3%1]:53",
+        "[fd00::53]:53",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    assert_eq!(root.upstreams, want);
+    let e = err("upstreams = [\"[fe80::1%no-such-link0]:53\"]");
+    assert!(
+        e.starts_with("upstreams:") && e.contains("no link named"),
+        "{e}"
+    );
+}
+
+#[test]
 fn stub_zone_longest_suffix_wins() {
     let (_d, e) = env("nameserver 127.0.0.53\n");
     let c: FileConfig = toml::from_str(
