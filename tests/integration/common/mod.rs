@@ -52,6 +52,7 @@ macro_rules! cluster_dual {
     };
 }
 
+pub mod cluster;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};
