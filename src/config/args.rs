@@ -75,9 +75,10 @@ pub struct Args {
     /// [default: 60s].
     #[arg(long, value_name = "DURATION")]
     pub snapshot_interval: Option<String>,
-    /// kube-dns Service IP that queries to the link-local address go to while no nodedns
-    /// listens, or "off" [default: the cluster DNS IP when listening on a link-local address].
-    #[arg(long, value_name = "IP|off")]
+    /// kube-dns Service IPs, at most one per family (comma-separated), that queries to the
+    /// node-local address of that family go to while no nodedns listens, or "off" [default: per
+    /// family with a node-local listen address, the first cluster DNS IP of that family].
+    #[arg(long, value_name = "IP[,IP]|off")]
     pub fail_open_to: Option<String>,
     /// A CoreDNS Corefile (node-local-dns's) to read instead of a TOML file; its
     /// `__PILLAR__` placeholders are filled as node-cache fills them.

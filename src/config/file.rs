@@ -192,7 +192,7 @@ pub struct NodeSection {
     #[serde(with = "humantime_serde")]
     pub sync_interval: Duration,
     pub skip_teardown: bool,
-    /// "" (the default), "off" or an IP; see `Args::fail_open_to`.
+    /// "" (the default), "off" or one IP per family, comma-separated; see `Args::fail_open_to`.
     pub fail_open_to: String,
 }
 

@@ -170,7 +170,10 @@ fn the_manifest_with_a_kube_dns_configmap_gives_the_expected_settings() {
     );
     assert_eq!(s.zones.len(), 5);
     // Transparent mode: while nodedns is down the node's queries go to the upstream Service.
-    assert_eq!(s.node.fail_open_to, Some("10.96.0.11".parse().unwrap()));
+    assert_eq!(
+        s.node.fail_open_to,
+        vec!["10.96.0.11".parse::<std::net::IpAddr>().unwrap()]
+    );
 
     // --check-config prints it as the TOML file, which reads back to the same settings.
     let printed = toml::to_string(&cfg.resolved(&s)).unwrap();

@@ -333,11 +333,29 @@ fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     })
 }
 
-/// Parses "ADDR:PORT", "ADDR" (port `default_port`) or "[V6]:PORT".
+/// Parses "ADDR:PORT", "ADDR" (port `default_port`) or "[V6]:PORT"; an IPv6 address may carry
+/// a zone, by number or by link name ("[fe80::1%eth0]:53").
 fn addr(key: &str, v: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
     let v = v.trim();
     if let Ok(sa) = v.parse::<SocketAddr>() {
         return Ok(sa);
+    }
+    if let Some((ip, rest)) = v.strip_prefix('[').and_then(|r| r.split_once('%')) {
+        if let Some((zone, port)) = rest.split_once(']') {
+            let port = match port.strip_prefix(':') {
+                Some(p) => p.parse::<u16>().ok(),
+                None if port.is_empty() => Some(default_port),
+                None => None,
+            };
+            if let (Ok(ip), Some(port)) = (ip.parse::<std::net::Ipv6Addr>(), port) {
+                let scope = if_index(zone).ok_or_else(|| {
+                    invalid(key, format!("{v:?}: no link named {zone:?} on this host"))
+                })?;
+                return Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    ip, port, 0, scope,
+                )));
+            }
+        }
     }
     if let Ok(ip) = v.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, default_port));
@@ -352,7 +370,9 @@ fn addrs(key: &str, vs: &[String], default_port: u16) -> Result<Vec<SocketAddr>,
     vs.iter().map(|v| addr(key, v, default_port)).collect()
 }
 
-/// Nameservers listed in a resolv.conf, port 53.
+/// Nameservers listed in a resolv.conf, port 53. An IPv6 nameserver may carry a zone
+/// (`fe80::1%eth0` or `%2`, as glibc reads it): it becomes the address's scope id, without which
+/// a link-local upstream cannot be reached. One naming a link that does not exist is left out.
 pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
     text.lines()
         .filter_map(|l| {
@@ -361,9 +381,27 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
                 .then(|| it.next())
                 .flatten()
         })
-        .filter_map(|ns| ns.split('%').next()?.parse::<IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, 53))
+        .filter_map(|ns| {
+            let (ip, zone) = ns.split_once('%').unwrap_or((ns, ""));
+            match ip.parse::<IpAddr>().ok()? {
+                IpAddr::V6(v6) if !zone.is_empty() => {
+                    let scope = zone.parse::<u32>().ok().or_else(|| if_index(zone))?;
+                    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                        v6, 53, 0, scope,
+                    )))
+                }
+                ip => Some(SocketAddr::new(ip, 53)),
+            }
+        })
         .collect()
+}
+
+/// The index of the link named `name` in this network namespace.
+fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
 }
 
 fn zone_name(key: &str, name: &str) -> Result<(String, Vec<u8>), ConfigError> {

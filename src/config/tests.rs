@@ -82,17 +82,17 @@ fn fail_open_defaults_to_the_cluster_dns_on_the_link_local_address() {
     let (_d, mut e) = env("nameserver 127.0.0.53\n");
     e.kube_dns_upstream = Some(("10.96.0.11".into(), None));
     let s = FileConfig::default().validate(&e).unwrap();
-    assert_eq!(s.node.fail_open_to, Some("10.96.0.11".parse().unwrap()));
+    assert_eq!(s.node.fail_open_to, vec![ip("10.96.0.11")]);
     // Not on a link-local address (e.g. only the kube-dns IP): kube-proxy is the fallback.
     let c: FileConfig = toml::from_str("listen = [\"10.96.0.10:53\"]").unwrap();
-    assert_eq!(c.validate(&e).unwrap().node.fail_open_to, None);
+    assert!(c.validate(&e).unwrap().node.fail_open_to.is_empty());
     // No cluster DNS: nothing to default to.
     e.kube_dns_upstream = None;
     let s = FileConfig::default().validate(&e).unwrap();
-    assert_eq!(s.node.fail_open_to, None);
+    assert!(s.node.fail_open_to.is_empty());
     let c: FileConfig = toml::from_str("[node]\nfail_open_to = \"10.96.0.10\"").unwrap();
     let s = c.validate(&e).unwrap();
-    assert_eq!(s.node.fail_open_to, Some("10.96.0.10".parse().unwrap()));
+    assert_eq!(s.node.fail_open_to, vec![ip("10.96.0.10")]);
     let mut c = FileConfig::default();
     apply_flags(
         &mut c,
@@ -100,9 +100,109 @@ fn fail_open_defaults_to_the_cluster_dns_on_the_link_local_address() {
     )
     .unwrap();
     e.kube_dns_upstream = Some(("10.96.0.11".into(), None));
-    assert_eq!(c.validate(&e).unwrap().node.fail_open_to, None);
+    assert!(c.validate(&e).unwrap().node.fail_open_to.is_empty());
     assert!(err("[node]\nfail_open_to = \"kube-dns\"").starts_with("node.fail_open_to:"));
     assert!(err("[node]\nfail_open_to = \"0.0.0.0\"").starts_with("node.fail_open_to:"));
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn fail_open_has_one_target_per_family() {
+    let (_d, mut e) = env("nameserver 127.0.0.53\n");
+    e.kube_dns_upstream = None;
+    let dual = "listen = [\"169.254.20.10:53\", \"[fd00::a]:53\"]\n\
+                cluster_dns = [\"10.96.0.11:53\", \"[fd00:10:96::b]:53\"]\n";
+    // Unset: each family with a node-local listen address gets its family's cluster DNS IP.
+    let c: FileConfig = toml::from_str(dual).unwrap();
+    let s = c.validate(&e).unwrap();
+    assert_eq!(
+        s.node.fail_open_to,
+        vec![ip("10.96.0.11"), ip("fd00:10:96::b")]
+    );
+    assert_eq!(c.resolved(&s).node.fail_open_to, "10.96.0.11,fd00:10:96::b");
+    // Only an IPv4 cluster DNS: no IPv6 target to default to.
+    let c: FileConfig = toml::from_str(
+        "listen = [\"169.254.20.10:53\", \"[fd00::a]:53\"]\ncluster_dns = [\"10.96.0.11:53\"]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.validate(&e).unwrap().node.fail_open_to,
+        vec![ip("10.96.0.11")]
+    );
+    // An IPv6 address outside fe80::/10 and fd00::/8 is not node-local: no default for it.
+    let c: FileConfig = toml::from_str(
+        "listen = [\"[2001:db8::53]:53\"]\ncluster_dns = [\"[fd00:10:96::b]:53\"]\n",
+    )
+    .unwrap();
+    assert!(c.validate(&e).unwrap().node.fail_open_to.is_empty());
+    // Given: a comma list, one per family, in any order.
+    let c: FileConfig = toml::from_str(&format!(
+        "{dual}[node]\nfail_open_to = \" fd00:10:96::a , 10.96.0.10\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.validate(&e).unwrap().node.fail_open_to,
+        vec![ip("fd00:10:96::a"), ip("10.96.0.10")]
+    );
+    let mut c = FileConfig::default();
+    apply_flags(
+        &mut c,
+        &Args::parse_from(["nodedns", "--fail-open-to", "10.96.0.10,fd00:10:96::a"]),
+    )
+    .unwrap();
+    assert_eq!(c.node.fail_open_to, "10.96.0.10,fd00:10:96::a");
+    let two_v4 = err("[node]\nfail_open_to = \"10.96.0.10,10.96.0.11\"");
+    assert!(two_v4.starts_with("node.fail_open_to:"), "{two_v4}");
+    assert!(two_v4.contains("same IP family"), "{two_v4}");
+    let two_v6 = err("[node]\nfail_open_to = \"fd00::1,fd00::2\"");
+    assert!(two_v6.contains("at most one IPv4 and one IPv6"), "{two_v6}");
+    assert!(err("[node]\nfail_open_to = \"10.96.0.10,\"").starts_with("node.fail_open_to:"));
+    assert!(err("[node]\nfail_open_to = \"10.96.0.10,::1\"").contains("::1 cannot be"));
+}
+
+#[test]
+fn resolv_conf_keeps_ipv6_nameservers_and_their_zone() {
+    let ns = resolv_conf_nameservers(
+        "nameserver 10.0.0.2\nnameserver fd00:10:96::a\nnameserver fe80::1%lo\n\
+         nameserver fe80::2%7\nnameserver fe80::3%no-such-link0\nnameserver bogus\n",
+    );
+    let want: Vec<std::net::SocketAddr> = vec![
+        "10.0.0.2:53".parse().unwrap(),
+        "[fd00:10:96::a]:53".parse().unwrap(),
+        "[fe80::1%1]:53".parse().unwrap(),
+        "[fe80::2%7]:53".parse().unwrap(),
+    ];
+    // A link-local nameserver on a link that does not exist cannot be reached: left out.
+    assert_eq!(ns, want);
+}
+
+#[test]
+fn ipv6_upstreams_take_a_zone_by_name_or_number() {
+    let (_d, e) = env("nameserver 127.0.0.53\n");
+    let c: FileConfig = toml::from_str(
+        "upstreams = [\"[fe80::1%lo]:5353\", \"[fe80::2%1]:53\", \"[fe80::3%lo]\", \"[fd00::53]\"]",
+    )
+    .unwrap();
+    let s = c.validate(&e).unwrap();
+    let root = s.zones.iter().find(|z| z.wire == [0]).unwrap();
+    let want: Vec<std::net::SocketAddr> = [
+        "[fe80::1%1]:5353",
+        "[fe80::2%1]:53",
+        "[fe80::3%1]:53",
+        "[fd00::53]:53",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    assert_eq!(root.upstreams, want);
+    let e = err("upstreams = [\"[fe80::1%no-such-link0]:53\"]");
+    assert!(
+        e.starts_with("upstreams:") && e.contains("no link named"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::local::LocalAnswers;
-use crate::node::NodeConfig;
+use crate::node::{is_node_local, NodeConfig};
 
 /// Validated [`CacheSection`]: the cache's size and answer policy.
 #[derive(Debug, Clone)]
@@ -162,45 +162,73 @@ impl ServerSection {
 }
 
 impl NodeSection {
-    /// Where the node's DNS traffic goes while no nodedns listens (None: nowhere, kube-proxy's
-    /// own rules then apply).
+    /// Where the node's DNS traffic goes while no nodedns listens, at most one IP per family
+    /// (empty: nowhere, kube-proxy's own rules then apply). Unset, each family with a node-local
+    /// listen address (169.254.0.0/16; fe80::/10 or fd00::/8) gets the first cluster DNS IP of
+    /// that family.
     fn fail_open_to(
         &self,
         listen: &[SocketAddr],
         cluster_dns: &[SocketAddr],
-    ) -> Result<Option<IpAddr>, ConfigError> {
-        Ok(match self.fail_open_to.trim() {
-            "off" => None,
-            // Pods asking a link-local address would be left with no answer while nodedns is
+    ) -> Result<Vec<IpAddr>, ConfigError> {
+        const KEY: &str = "node.fail_open_to";
+        match self.fail_open_to.trim() {
+            "off" => Ok(Vec::new()),
+            // Pods asking a node-local address would be left with no answer while nodedns is
             // down; the cluster DNS (kube-dns-upstream) Service reaches the same CoreDNS.
-            "" => listen
-                .iter()
-                .any(|sa| matches!(sa.ip(), IpAddr::V4(v4) if v4.is_link_local()))
-                .then(|| cluster_dns.first().map(|c| c.ip()))
-                .flatten(),
-            v => {
-                let ip = v.parse::<IpAddr>().map_err(|_| {
-                    invalid(
-                        "node.fail_open_to",
-                        format!("{v:?} is not an IP address or \"off\""),
-                    )
-                })?;
-                if ip.is_unspecified() || ip.is_loopback() {
-                    return Err(invalid(
-                        "node.fail_open_to",
-                        format!("{ip} cannot be the kube-dns Service IP"),
-                    ));
+            "" => Ok([true, false]
+                .into_iter()
+                .filter(|&v4| {
+                    listen
+                        .iter()
+                        .any(|sa| sa.is_ipv4() == v4 && is_node_local(&sa.ip()))
+                })
+                .filter_map(|v4| {
+                    cluster_dns
+                        .iter()
+                        .map(SocketAddr::ip)
+                        .find(|ip| ip.is_ipv4() == v4)
+                })
+                .collect()),
+            list => {
+                let mut out: Vec<IpAddr> = Vec::new();
+                for v in list.split(',').map(str::trim) {
+                    let ip = v.parse::<IpAddr>().map_err(|_| {
+                        invalid(
+                            KEY,
+                            format!(
+                                "{v:?} is not an IP address; write \"off\" or one IP per \
+                                 family, comma-separated, e.g. \"10.96.0.10,fd00:10:96::a\""
+                            ),
+                        )
+                    })?;
+                    if ip.is_unspecified() || ip.is_loopback() {
+                        return Err(invalid(
+                            KEY,
+                            format!("{ip} cannot be the kube-dns Service IP"),
+                        ));
+                    }
+                    if let Some(other) = out.iter().find(|o| o.is_ipv4() == ip.is_ipv4()) {
+                        return Err(invalid(
+                            KEY,
+                            format!(
+                                "{other} and {ip} are of the same IP family; give at most one \
+                                 IPv4 and one IPv6 address"
+                            ),
+                        ));
+                    }
+                    out.push(ip);
                 }
-                Some(ip)
+                Ok(out)
             }
-        })
+        }
     }
 
     fn validate(
         &self,
         listen: &[SocketAddr],
         health: Option<SocketAddr>,
-        fail_open_to: Option<IpAddr>,
+        fail_open_to: Vec<IpAddr>,
     ) -> Result<NodeConfig, ConfigError> {
         if self.sync_interval < Duration::from_secs(1) {
             return Err(invalid("node.sync_interval", "must be at least 1s"));
@@ -505,10 +533,12 @@ impl FileConfig {
             }
         }
         if out.node.fail_open_to.trim().is_empty() {
-            out.node.fail_open_to = s
-                .node
-                .fail_open_to
-                .map_or_else(|| "off".to_string(), |ip| ip.to_string());
+            out.node.fail_open_to = if s.node.fail_open_to.is_empty() {
+                "off".to_string()
+            } else {
+                let ips: Vec<String> = s.node.fail_open_to.iter().map(IpAddr::to_string).collect();
+                ips.join(",")
+            };
         }
         out
     }

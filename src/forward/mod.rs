@@ -388,16 +388,14 @@ impl Forwarder {
         let start = Instant::now();
         let deadline = start + r.settings.forward.query_timeout;
         let mut relay: Option<(Response, SocketAddr)> = None;
-        for upstream in self.ordered(&r, &zone.upstreams) {
+        for upstream in self.ordered(r, &zone.upstreams) {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
             let attempt = r.settings.forward.upstream_timeout.min(deadline - now);
             let t0 = Instant::now();
-            let result = self
-                .exchange(&r, upstream, zone.transport, q, attempt)
-                .await;
+            let result = self.exchange(r, upstream, zone.transport, q, attempt).await;
             let elapsed = t0.elapsed();
             match result {
                 Ok(resp) => {
@@ -407,7 +405,7 @@ impl Forwarder {
                     // SERVFAIL and REFUSED mean this upstream could not help: try the next,
                     // and relay the last such answer if none can.
                     if matches!(resp.rcode, dns::RCODE_SERVFAIL | dns::RCODE_REFUSED) {
-                        self.record(&r, upstream, false);
+                        self.record(r, upstream, false);
                         relay = Some((resp, upstream));
                         continue;
                     }
@@ -415,7 +413,7 @@ impl Forwarder {
                     return Ok((resp, upstream));
                 }
                 Err(e) => {
-                    self.record(&r, upstream, false);
+                    self.record(r, upstream, false);
                     crate::log_limited!(
                         warn,
                         upstream = %upstream,

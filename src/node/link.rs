@@ -9,13 +9,15 @@
 //! older kernels ignore it and we fall back to remembering what this process added).
 
 use std::collections::HashSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_core::{DefaultNla, Nla};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkDummy, LinkUnspec};
+use rtnetlink::packet_route::route::RouteType;
+use rtnetlink::{Handle, LinkDummy, LinkUnspec, RouteMessageBuilder};
 
 /// Alias set on a dummy link nodedns created, so a later run knows it may delete it.
 pub const LINK_ALIAS: &str = "nodedns: created by nodedns";
@@ -262,7 +264,40 @@ pub(crate) async fn ensure(name: &str, ips: &[IpAddr]) -> Result<Ensured, LinkEr
             }
         }
     }
+    for ip in report.added.iter().filter(|ip| ip.is_ipv6()) {
+        wait_local(&handle, *ip, name).await;
+    }
     Ok(report)
+}
+
+/// How long [`wait_local`] waits for the kernel to deliver a new IPv6 address locally.
+const LOCAL_ROUTE_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until packets to the new IPv6 address `ip` are delivered locally. The kernel adds an
+/// IPv6 address's `local` route from a work queue, after the address itself (even with
+/// `nodad`); a packet sent in between is lost (seen in about 4% of tries: a datagram sent right
+/// after `ip addr add ... nodad` never arrives), and a socket connected then may keep the route
+/// it got. Warns after [`LOCAL_ROUTE_WAIT`].
+async fn wait_local(handle: &Handle, ip: IpAddr, name: &str) {
+    let IpAddr::V6(v6) = ip else { return };
+    let started = tokio::time::Instant::now();
+    loop {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(v6, 128)
+            .build();
+        let mut found = handle.route().get(msg).execute();
+        if let Ok(Some(route)) = found.try_next().await {
+            if route.header.kind == RouteType::Local {
+                return;
+            }
+        }
+        if started.elapsed() >= LOCAL_ROUTE_WAIT {
+            tracing::warn!(interface = name, address = %ip, waited = ?LOCAL_ROUTE_WAIT,
+                "the kernel does not yet deliver packets to this address locally");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Removes what nodedns put there: the whole link if it is ours, else only the listen addresses

@@ -19,100 +19,27 @@ mod iptables;
 mod link;
 mod nft;
 mod rules;
+mod settings;
 
 use std::collections::HashSet;
-use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::anyhow;
-use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use self::failopen::{FailOpen, NotPlanned};
+use self::failopen::{FailOpen, Plan};
 use self::iptables::{IptError, Iptables};
 use self::link::LinkError;
 use self::nft::Nft;
 use self::rules::Rule;
 
+pub(crate) use self::failopen::is_node_local;
 pub use self::link::{ADDR_PROTO, LINK_ALIAS};
 pub use self::nft::{FAMILY as NFT_FAMILY, TABLE as NFT_TABLE};
 pub use self::rules::COMMENT_PREFIX;
-
-/// Which firewall tool installs the rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Firewall {
-    /// iptables/ip6tables, nf_tables or legacy backend detected like the Kubernetes iptables-wrapper.
-    #[default]
-    Iptables,
-    /// One nftables table of our own, `table inet nodedns`, replaced and removed atomically.
-    Nftables,
-}
-
-impl fmt::Display for Firewall {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Firewall::Iptables => "iptables",
-            Firewall::Nftables => "nftables",
-        })
-    }
-}
-
-impl FromStr for Firewall {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "iptables" => Ok(Firewall::Iptables),
-            "nftables" => Ok(Firewall::Nftables),
-            other => Err(format!(
-                "unknown firewall {other:?}: expected \"iptables\" or \"nftables\""
-            )),
-        }
-    }
-}
-
-/// What to set up on the node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeConfig {
-    /// Create/ensure the link and its addresses.
-    pub setup_interface: bool,
-    /// The link holding the listen IPs; created as a dummy link unless it already exists.
-    pub interface_name: String,
-    /// Install the conntrack-bypass firewall rules.
-    pub setup_iptables: bool,
-    pub firewall: Firewall,
-    /// How often [`NodeManager::run_sync_loop`] re-checks everything (zero disables it).
-    pub sync_interval: Duration,
-    /// Leave the rules, addresses and link in place on exit (HA pairs of DaemonSets).
-    pub skip_teardown: bool,
-    /// The DNS listen addresses; every IP goes on the link, every IP and port gets rules.
-    pub listen: Vec<SocketAddr>,
-    /// Health port (tcp) to exempt from conntrack on every listen IP, node-cache's 8080.
-    pub health_port: Option<u16>,
-    /// The kube-dns Service IP: while no nodedns socket listens on the link-local listen IP,
-    /// queries to it on port 53 are redirected there (see `failopen`). None: no redirect.
-    pub fail_open_to: Option<IpAddr>,
-}
-
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig {
-            setup_interface: false,
-            interface_name: "nodelocaldns".to_string(),
-            setup_iptables: false,
-            firewall: Firewall::Iptables,
-            sync_interval: Duration::from_secs(60),
-            skip_teardown: false,
-            listen: Vec::new(),
-            health_port: None,
-            fail_open_to: None,
-        }
-    }
-}
+pub use self::settings::{Firewall, NodeConfig};
 
 /// Rounds of rule removal at teardown while the xtables lock stays busy (each waits 5 s).
 const TEARDOWN_LOCK_ATTEMPTS: u32 = 3;
@@ -152,8 +79,8 @@ pub struct NodeManager {
     cfg: NodeConfig,
     errors: Arc<dyn SetupErrorSink>,
     rules: Vec<Rule>,
-    /// The fail-open redirect, or why there is none.
-    failopen: Result<FailOpen, NotPlanned>,
+    /// The fail-open redirects (one per family at most), and the targets without one.
+    failopen: Plan,
     /// IPs to hold on the link: listen IPs except unspecified and loopback ones.
     link_ips: Vec<IpAddr>,
     state: tokio::sync::Mutex<State>,
@@ -162,7 +89,7 @@ pub struct NodeManager {
 impl NodeManager {
     pub fn new(cfg: NodeConfig, errors: Arc<dyn SetupErrorSink>) -> Self {
         let rules = rules::build(&cfg.listen, cfg.health_port);
-        let failopen = failopen::plan(&cfg.listen, cfg.fail_open_to);
+        let failopen = failopen::plan(&cfg.listen, &cfg.fail_open_to);
         let link_ips = rules::listen_ips(&cfg.listen)
             .into_iter()
             .filter(|ip| !ip.is_loopback())
@@ -356,12 +283,12 @@ impl NodeManager {
         Nft::find().inspect_err(|_| self.errors.setup_error("iptables"))
     }
 
-    fn failopen(&self) -> Option<&FailOpen> {
-        self.failopen.as_ref().ok()
+    fn failopen(&self) -> &[FailOpen] {
+        &self.failopen.redirects
     }
 
     async fn ensure_rules(&self, st: &mut State, resync: bool) -> anyhow::Result<()> {
-        if self.rules.is_empty() && self.failopen().is_none() {
+        if self.rules.is_empty() && self.failopen().is_empty() {
             debug!("no listen address needs firewall rules");
             return Ok(());
         }
@@ -405,7 +332,7 @@ impl NodeManager {
                 if !resync {
                     info!(backend = %ipt.mode, added, total = self.rules.len(), "iptables rules in place");
                 }
-                if self.failopen().is_some() {
+                if !self.failopen().is_empty() {
                     // iptables has no stateless NAT: the redirect is an nftables table either way.
                     if let Err(e) = self.ensure_nft(st, resync, &[]).await {
                         errs.push(e.context(
@@ -429,26 +356,37 @@ impl NodeManager {
 
     /// Says what keeps pods' DNS working while no nodedns runs.
     fn log_fail_open(&self) {
-        match &self.failopen {
-            Ok(f) => info!(
+        for f in self.failopen() {
+            info!(
                 from = %f.from, to = %f.to, port = failopen::DNS_PORT,
                 table = %format!("{} {}", nft::FAMILY, nft::TABLE),
-                "fail-open in place: while no nodedns socket listens on {}:{}, pods' queries to it \
+                "fail-open in place: while no nodedns socket listens on {}, pods' queries to it \
                  go to {} through kube-proxy",
-                f.from, failopen::DNS_PORT, f.to
-            ),
-            Err(NotPlanned::Off) => {
-                let link_local: Vec<IpAddr> = rules::listen_ips(&self.cfg.listen)
-                    .into_iter()
-                    .filter(failopen::is_link_local)
-                    .collect();
-                if !link_local.is_empty() {
-                    warn!(addresses = ?link_local, "fail-open off (no fail_open_to): while nodedns \
-                          is not running, pods' queries to these addresses get no answer");
-                }
-            }
-            Err(NotPlanned::NoSource(to)) => info!(%to,
-                "fail-open not needed: no listen address on port 53 other than its target"),
+                SocketAddr::new(f.from, failopen::DNS_PORT), f.to
+            );
+        }
+        for to in &self.failopen.no_source {
+            info!(%to, "fail-open not needed: no listen address of its family on port 53 other \
+                  than its target");
+        }
+        let uncovered: Vec<IpAddr> = rules::listen_ips(&self.cfg.listen)
+            .into_iter()
+            .filter(failopen::is_node_local)
+            .filter(|ip| {
+                !self
+                    .failopen()
+                    .iter()
+                    .any(|f| f.from.is_ipv4() == ip.is_ipv4())
+                    && !self
+                        .failopen
+                        .no_source
+                        .iter()
+                        .any(|t| t.is_ipv4() == ip.is_ipv4())
+            })
+            .collect();
+        if !uncovered.is_empty() {
+            warn!(addresses = ?uncovered, "fail-open off for these addresses (no fail_open_to of \
+                  their family): while nodedns is not running, pods' queries to them get no answer");
         }
         if self.rules.iter().any(|r| r.if_listening) {
             info!(
@@ -476,7 +414,7 @@ impl NodeManager {
             nft.apply(rules, failopen).await?;
             st.nft_applied = nft.list().await?;
             if !resync {
-                let n = rules.len() + failopen.map_or(0, FailOpen::rule_count);
+                let n = rules.len() + failopen::rule_count(failopen);
                 info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
                     rules = n, "nftables rules in place");
             }
@@ -531,7 +469,7 @@ impl NodeManager {
                 }
             }
         }
-        if self.cfg.firewall == Firewall::Iptables && self.failopen().is_none() {
+        if self.cfg.firewall == Firewall::Iptables && self.failopen().is_empty() {
             if let Ok(nft) = Nft::find() {
                 match nft.delete().await {
                     Ok(true) => info!(table = %format!("{} {}", nft::FAMILY, nft::TABLE),
@@ -565,9 +503,10 @@ impl NodeManager {
                     break errs;
                 };
                 // The fail-open table, if an earlier or this run made one.
-                let nft = match self.failopen() {
-                    Some(_) => self.nft().map_err(|e| errs.push(e)).ok(),
-                    None => Nft::find().ok(),
+                let nft = if self.failopen().is_empty() {
+                    Nft::find().ok()
+                } else {
+                    self.nft().map_err(|e| errs.push(e)).ok()
                 };
                 if let Some(nft) = nft {
                     if let Err(e) = self.delete_nft(&nft, st).await {

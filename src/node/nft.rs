@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 
 use super::exec::{find_binary, output_text, run};
-use super::failopen::FailOpen;
+use super::failopen::{self, FailOpen};
 use super::rules::{Chain, Rule, Table};
 
 pub const FAMILY: &str = "inet";
@@ -61,11 +61,7 @@ impl Nft {
     }
 
     /// Atomically creates or replaces our table with exactly these rules and fail-open chains.
-    pub(crate) async fn apply(
-        &self,
-        rules: &[Rule],
-        failopen: Option<&FailOpen>,
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn apply(&self, rules: &[Rule], failopen: &[FailOpen]) -> anyhow::Result<()> {
         let script = render(rules, failopen);
         let out = run(&self.bin, &["-f".into(), "-".into()], Some(&script))
             .await
@@ -117,7 +113,7 @@ impl Nft {
 
 /// The `nft -f` script that replaces our table in one transaction. Chains without rules are
 /// left out.
-pub(crate) fn render(rules: &[Rule], failopen: Option<&FailOpen>) -> String {
+pub(crate) fn render(rules: &[Rule], failopen: &[FailOpen]) -> String {
     let mut chains: Vec<(String, String, Vec<String>)> = Vec::new();
     for (name, hook, prio, table, chain) in CHAINS {
         let body: Vec<String> = rules
@@ -131,10 +127,8 @@ pub(crate) fn render(rules: &[Rule], failopen: Option<&FailOpen>) -> String {
             body,
         ));
     }
-    if let Some(f) = failopen {
-        for (name, header, body) in f.chains() {
-            chains.push((name.to_string(), header, body));
-        }
+    for (name, header, body) in failopen::chains(failopen) {
+        chains.push((name.to_string(), header, body));
     }
     let mut s = String::new();
     s.push_str(&format!("table {FAMILY} {TABLE}\n"));
@@ -159,7 +153,7 @@ mod tests {
     #[test]
     fn script_replaces_the_table_in_one_go() {
         let listen = vec!["169.254.20.10:53".parse().unwrap()];
-        let s = render(&build(&listen, Some(8080)), None);
+        let s = render(&build(&listen, Some(8080)), &[]);
         assert!(
             s.starts_with("table inet nodedns\ndelete table inet nodedns\ntable inet nodedns {")
         );
@@ -176,14 +170,50 @@ mod tests {
             to: "10.96.0.10".parse().unwrap(),
         };
         // With firewall = iptables the table holds only the fail-open chains.
-        let alone = render(&[], Some(&f));
+        let alone = render(&[], std::slice::from_ref(&f));
         assert_eq!(alone.matches("\tchain ").count(), 3, "{alone}");
         assert_eq!(alone.matches("comment \"nodedns").count(), 5);
         assert!(alone.contains("chain failopen_prerouting {\n\t\ttype filter hook prerouting priority raw - 1; policy accept;"));
         let listen = vec!["169.254.20.10:53".parse().unwrap()];
-        let both = render(&build(&listen, Some(8080)), Some(&f));
+        let both = render(&build(&listen, Some(8080)), std::slice::from_ref(&f));
         assert_eq!(both.matches("\tchain ").count(), 7);
         assert_eq!(both.matches("comment \"nodedns").count(), 12 + 5);
-        assert!(render(&[], None).ends_with("table inet nodedns {\n}\n"));
+        assert!(render(&[], &[]).ends_with("table inet nodedns {\n}\n"));
+    }
+
+    #[test]
+    fn one_inet_table_holds_both_families() {
+        let listen = vec![
+            "169.254.20.10:53".parse().unwrap(),
+            "[fd00::a]:53".parse().unwrap(),
+        ];
+        let redirects = [
+            FailOpen {
+                from: "169.254.20.10".parse().unwrap(),
+                to: "10.96.0.10".parse().unwrap(),
+            },
+            FailOpen {
+                from: "fd00::a".parse().unwrap(),
+                to: "fd00:10:96::a".parse().unwrap(),
+            },
+        ];
+        let s = render(&build(&listen, Some(8080)), &redirects);
+        assert_eq!(s.matches("table inet nodedns {").count(), 1);
+        assert_eq!(s.matches("\tchain ").count(), 7, "{s}");
+        assert_eq!(s.matches(" notrack comment").count(), 16);
+        assert_eq!(s.matches(" accept comment").count(), 8);
+        // node-cache's twelve per address, the fail-open chains' five per family less the
+        // shared ct-mark rule.
+        assert_eq!(s.matches("comment \"nodedns").count(), 24 + 9);
+        for stmt in [
+            "ip daddr 169.254.20.10 udp dport 53 socket transparent 0 notrack",
+            "ip6 daddr fd00::a udp dport 53 socket transparent 0 notrack",
+            "ip6 saddr fd00::a tcp sport 53 accept",
+            "ip6 daddr fd00::a tcp dport 8080 notrack",
+            "ip6 daddr fd00::a meta l4proto { tcp, udp } th dport 53 meta mark set meta mark | 0x00000040 ip6 daddr set fd00:10:96::a",
+            "ip6 saddr fd00:10:96::a meta l4proto { tcp, udp } th sport 53 ip6 saddr set fd00::a",
+        ] {
+            assert!(s.contains(stmt), "{stmt} missing from\n{s}");
+        }
     }
 }

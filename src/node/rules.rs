@@ -380,6 +380,59 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_gets_the_same_rules_in_each_family() {
+        let listen: Vec<SocketAddr> = vec![
+            "169.254.20.10:53".parse().unwrap(),
+            "[fd00::a]:53".parse().unwrap(),
+        ];
+        let rules = build(&listen, Some(8080));
+        assert_eq!(rules.len(), 24);
+        let (v6, v4): (Vec<&Rule>, Vec<&Rule>) = rules.iter().partition(|r| r.is_v6());
+        assert_eq!((v4.len(), v6.len()), (12, 12));
+        // Rule for rule the same set, only the address differs.
+        for (a, b) in v4.iter().zip(&v6) {
+            assert_eq!(
+                (
+                    a.table,
+                    a.chain,
+                    a.proto,
+                    a.dir,
+                    a.port,
+                    a.verdict,
+                    a.if_listening
+                ),
+                (
+                    b.table,
+                    b.chain,
+                    b.proto,
+                    b.dir,
+                    b.port,
+                    b.verdict,
+                    b.if_listening
+                )
+            );
+            assert_eq!(a.comment, b.comment);
+        }
+        assert!(v4.iter().all(|r| r.describe().starts_with("iptables -t ")));
+        assert!(v6.iter().all(|r| r.describe().starts_with("ip6tables -t ")));
+        assert!(v6
+            .iter()
+            .all(|r| r.save_args().contains(&"fd00::a/128".to_string())));
+        assert!(v6.iter().all(|r| r.nft_statement().starts_with("ip6 ")));
+        assert!(v4.iter().all(|r| r.nft_statement().starts_with("ip ")));
+        let health = v6
+            .iter()
+            .find(|r| r.port == 8080 && r.dir == Dir::Src)
+            .unwrap();
+        assert_eq!(
+            health.describe(),
+            "ip6tables -t raw -I OUTPUT -p tcp -s fd00::a --sport 8080 -m comment --comment \
+             \"nodedns: skip conntrack for health checks\" -j NOTRACK"
+        );
+        assert_eq!(listen_ips(&listen).len(), 2);
+    }
+
+    #[test]
     fn unspecified_listen_ip_is_ignored() {
         let listen: Vec<SocketAddr> = vec!["0.0.0.0:53".parse().unwrap()];
         assert!(build(&listen, Some(8080)).is_empty());

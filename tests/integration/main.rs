@@ -16,6 +16,7 @@ mod dropin;
 mod handover_netns;
 mod lifecycle;
 mod local_answers;
+mod node_dualstack;
 mod node_failopen;
 mod node_netns;
 mod observability;

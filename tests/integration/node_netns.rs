@@ -59,7 +59,7 @@ fn lo_config(listen: &[&str]) -> NodeConfig {
         skip_teardown: false,
         listen: listen.iter().map(|s| s.parse().unwrap()).collect(),
         health_port: Some(8080),
-        fail_open_to: None,
+        fail_open_to: Vec::new(),
     }
 }
 
@@ -271,7 +271,7 @@ fn switching_the_firewall_backend_moves_the_rules() {
     let ns = netns!("switch");
     let mut cfg = lo_config(&["169.254.20.10:53"]);
     cfg.setup_interface = false;
-    cfg.fail_open_to = Some("10.96.0.10".parse().unwrap());
+    cfg.fail_open_to = vec!["10.96.0.10".parse().unwrap()];
     // A run with firewall = iptables: 12 iptables rules, the fail-open redirect alone in nft.
     let (first, _) = manager(cfg.clone());
     ns.setup_rules(&first).expect("setup_rules (iptables)");
@@ -295,7 +295,7 @@ fn switching_the_firewall_backend_moves_the_rules() {
 
     // Back to iptables without fail-open: the rules return and our nftables table goes.
     cfg.firewall = Firewall::Iptables;
-    cfg.fail_open_to = None;
+    cfg.fail_open_to = Vec::new();
     let (third, _) = manager(cfg);
     ns.setup_rules(&third)
         .expect("setup_rules (iptables, no fail-open)");

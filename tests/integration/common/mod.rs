@@ -39,6 +39,20 @@ macro_rules! cluster {
     };
 }
 
+/// A dual-stack [`Cluster`](netns::Cluster), or skip.
+macro_rules! cluster_dual {
+    ($tag:expr) => {
+        match $crate::common::netns::Cluster::create_dual($tag) {
+            Ok(c) => c,
+            Err(reason) => {
+                $crate::common::netns::skip(&reason);
+                return;
+            }
+        }
+    };
+}
+
+pub mod cluster;
 pub mod knot;
 pub mod netns;
 
