@@ -14,6 +14,7 @@ mod flights;
 mod health;
 mod tcp;
 mod udp;
+mod udp_pool;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use crate::metrics::{Metrics, Outcome, UpstreamMetrics, UpstreamTransport};
 
 pub use flights::Outcome as FlightOutcome;
 pub use tcp::TcpPool;
+pub use udp_pool::{PoolLimits as UdpPoolLimits, UNMATCHED_REPLIES as UDP_UNMATCHED_REPLIES};
 
 use self::flights::{Flights, Join};
 use crate::metrics::resilience::Counters;
@@ -334,7 +336,7 @@ impl Forwarder {
             }
             Transport::Udp | Transport::PreferUdp => {
                 m.request();
-                let r = udp::exchange(upstream, q, size, timeout).await;
+                let r = udp::exchange(upstream, q, size, timeout, &self.settings.forward.udp_pool).await;
                 m.query(UpstreamTransport::Udp, outcome(&r));
                 let resp = r?;
                 if !(resp.truncated && transport == Transport::PreferUdp) {
