@@ -336,7 +336,8 @@ impl Forwarder {
             }
             Transport::Udp | Transport::PreferUdp => {
                 m.request();
-                let r = udp::exchange(upstream, q, size, timeout, &self.settings.forward.udp_pool).await;
+                let r = udp::exchange(upstream, q, size, timeout, &self.settings.forward.udp_pool)
+                    .await;
                 m.query(UpstreamTransport::Udp, outcome(&r));
                 let resp = r?;
                 if !(resp.truncated && transport == Transport::PreferUdp) {

@@ -105,7 +105,8 @@ impl PoolSocket {
         Ok(s)
     }
 
-    /// The local port (for tests and logs).
+    /// The local port.
+    #[cfg(test)]
     pub(super) fn local_port(&self) -> u16 {
         self.sock.local_addr().map(|a| a.port()).unwrap_or(0)
     }
@@ -224,9 +225,9 @@ async fn read_loop(guard: ReaderGuard) {
             if let Ok(Some(e)) = s.sock.take_error() {
                 s.fail_all(e.kind());
             }
-            let _ = s
-                .sock
-                .try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+            let _ = s.sock.try_io(Interest::ERROR, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
         }
         loop {
             // Read into this thread's buffer, never held across an await.
@@ -263,7 +264,11 @@ impl Pool {
 
     /// A socket for one query: a random slot's socket, replaced first when it is missing, worn
     /// out or its reader is gone. Counts the query against the socket.
-    pub(super) fn pick(&mut self, limits: &PoolLimits, now: Instant) -> io::Result<Arc<PoolSocket>> {
+    pub(super) fn pick(
+        &mut self,
+        limits: &PoolLimits,
+        now: Instant,
+    ) -> io::Result<Arc<PoolSocket>> {
         let i = rand::random_range(0..self.slots.len());
         let slot = &mut self.slots[i];
         if let Some(s) = slot.as_ref().filter(|s| s.worn_out(limits, now)) {

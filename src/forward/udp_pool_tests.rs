@@ -54,7 +54,10 @@ fn socket_retires_after_its_query_bound() {
             assert!(Arc::ptr_eq(&first, &pool.pick(&lim, now).unwrap()));
         }
         let next = pool.pick(&lim, now).unwrap();
-        assert!(!Arc::ptr_eq(&first, &next), "a fourth query got the worn socket");
+        assert!(
+            !Arc::ptr_eq(&first, &next),
+            "a fourth query got the worn socket"
+        );
         assert!(first.state.lock().retired);
         // With nothing outstanding the retired socket's reader stops at once.
         tokio::task::yield_now().await;
@@ -77,7 +80,9 @@ fn socket_retires_after_its_lifetime() {
         let first = pool.pick(&lim, now).unwrap();
         let same = pool.pick(&lim, now + Duration::from_secs(4)).unwrap();
         assert!(Arc::ptr_eq(&first, &same));
-        let later = pool.pick(&lim, Instant::now() + Duration::from_secs(5)).unwrap();
+        let later = pool
+            .pick(&lim, Instant::now() + Duration::from_secs(5))
+            .unwrap();
         assert!(!Arc::ptr_eq(&first, &later));
     });
 }
@@ -106,7 +111,10 @@ fn retired_socket_closes_after_its_last_reply() {
         let (id, _rx) = s.register(b"\x01a\x00\x00\x01\x00\x01").unwrap();
         s.retire();
         tokio::task::yield_now().await;
-        assert!(s.reader_alive.load(Ordering::Relaxed), "a query is still outstanding");
+        assert!(
+            s.reader_alive.load(Ordering::Relaxed),
+            "a query is still outstanding"
+        );
         s.forget(id);
         tokio::task::yield_now().await;
         assert!(!s.reader_alive.load(Ordering::Relaxed));
@@ -186,8 +194,14 @@ fn replies_are_demultiplexed_strictly() {
         );
         script.await.unwrap();
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
-        assert_eq!(&ra.wire[12..12 + qa.question_lower().len()], qa.question_lower());
-        assert_eq!(&rb.wire[12..12 + qb.question_lower().len()], qb.question_lower());
+        assert_eq!(
+            &ra.wire[12..12 + qa.question_lower().len()],
+            qa.question_lower()
+        );
+        assert_eq!(
+            &rb.wire[12..12 + qb.question_lower().len()],
+            qb.question_lower()
+        );
         assert!(UNMATCHED_REPLIES.load(Ordering::Relaxed) - before >= 2);
     });
 }

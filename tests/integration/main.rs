@@ -21,3 +21,4 @@ mod real_servers;
 mod reply_flags;
 mod resilience;
 mod tcp_pressure;
+mod udp_pool;
