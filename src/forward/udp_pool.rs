@@ -64,9 +64,29 @@ struct Waiter {
     tx: oneshot::Sender<Answer>,
 }
 
+/// Hashes an upstream ID as itself: IDs are ours and random, so they spread over the table
+/// without SipHash's cost.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u16(&mut self, v: u16) {
+        // Spread into the top bits too (hashbrown takes its control byte from them).
+        self.0 = u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 #[derive(Default)]
 struct SockState {
-    pending: HashMap<u16, Waiter>,
+    pending: HashMap<u16, Waiter, std::hash::BuildHasherDefault<IdHasher>>,
     /// No longer handed out; the reader stops once `pending` is empty.
     retired: bool,
     reader: Option<AbortHandle>,
@@ -294,7 +314,8 @@ impl Drop for Pool {
 
 thread_local! {
     static RECV: RefCell<Box<[u8; RECV_BUF]>> = RefCell::new(Box::new([0; RECV_BUF]));
-    static POOLS: RefCell<HashMap<SocketAddr, Pool>> = RefCell::new(HashMap::new());
+    static POOLS: RefCell<HashMap<SocketAddr, Pool, ahash::RandomState>> =
+        RefCell::new(HashMap::default());
 }
 
 /// Removes a query's registration when its exchange ends, however it ends.
