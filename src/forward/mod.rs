@@ -123,6 +123,16 @@ impl Forwarder {
                 }
             }
         }
+        let pool = settings.forward.udp_pool.size as u64;
+        if pool > 0 {
+            // Worker threads and the shared runtime's threads each keep their own pools.
+            let threads = settings.workers as u64 + settings.workers.clamp(1, 4) as u64;
+            let udp = state
+                .values()
+                .filter(|s| s.transport != Transport::Tcp)
+                .count() as u64;
+            udp_pool::raise_fd_limit(threads * udp * pool + 1024);
+        }
         let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
         let counters = Counters::register(&metrics.registry);
         Forwarder {

@@ -318,6 +318,39 @@ thread_local! {
         RefCell::new(HashMap::default());
 }
 
+/// Raises the soft limit on open files to the hard limit (as Go programs such as CoreDNS do at
+/// start): every thread that forwards keeps up to `forward.udp_pool_size` sockets per UDP
+/// upstream, `need` in all, more than the usual soft limit of 1024 on a large node. Warns when
+/// even the hard limit is below `need` (queries then fail with EMFILE once it is reached).
+pub fn raise_fd_limit(need: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct passed, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    if lim.rlim_cur < need {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            need,
+            "the open-files limit is below what the UDP socket pools may use; lower \
+             forward.udp_pool_size or raise the limit"
+        );
+    }
+}
+
 /// Removes a query's registration when its exchange ends, however it ends.
 struct Registration<'a> {
     sock: &'a PoolSocket,
