@@ -9,6 +9,8 @@ OUTDIR/zones/example.com.zone    10,000 host-I.example.com A (TTL 300), *.miss.e
 OUTDIR/hit.txt                   the 20,000 names above, shuffled (all cacheable, all answered)
 OUTDIR/nxhit.txt                 20,000 ndots:5 search-path expansions (NXDOMAIN in cluster.local)
 OUTDIR/miss.txt                  MISS_NAMES unique names under the wildcard (every one forwarded)
+OUTDIR/cmiss.txt                 MISS_NAMES unique names under *.cmiss.svc.cluster.local (every one
+                                 forwarded to the cluster zone's upstream, over pooled TCP)
 """
 import os
 import random
@@ -33,6 +35,7 @@ with open(f"{out}/zones/cluster.local.zone", "w") as f:
     for n in range(NS):
         for s in range(SVC):
             f.write(f"svc-{s}.ns-{n}.svc 30 IN A 10.{100 + n}.{s >> 8}.{s & 255}\n")
+    f.write("*.cmiss.svc 30 IN A 10.99.0.7\n")
 
 with open(f"{out}/zones/example.com.zone", "w") as f:
     f.write(soa("example.com", 300))
@@ -63,3 +66,7 @@ with open(f"{out}/nxhit.txt", "w") as f:
 with open(f"{out}/miss.txt", "w") as f:
     tag = rng.getrandbits(32)
     f.writelines(f"m{i}-{tag:08x}.miss.example.com A\n" for i in range(miss_names))
+
+with open(f"{out}/cmiss.txt", "w") as f:
+    tag = rng.getrandbits(32)
+    f.writelines(f"c{i}-{tag:08x}.cmiss.svc.cluster.local A\n" for i in range(miss_names))

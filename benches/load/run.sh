@@ -4,7 +4,14 @@
 #
 #   sudo bash benches/load/run.sh                     # build, run every scenario, print the tables
 #   DURATION=5 SCENARIOS="hit-max hit-rate" PEERS="nodedns unbound" bash benches/load/run.sh
+#   SCENARIOS="miss-rate cluster-miss-rate miss-max cluster-miss-max" PEERS=nodedns bash benches/load/run.sh
+#                                                     # the miss paths: UDP (example.com) vs pooled
+#                                                     # TCP (cluster.local), CPU per query side by side
 #   bash benches/load/run.sh --stop                   # stop what an interrupted run left (PID files)
+#
+# Scenarios: hit-max hit-rate nxhit-max nxhit-rate miss-max miss-rate (default: the first five but
+# nxhit-rate) and cluster-miss-max cluster-miss-rate (unique cluster.local names, all forwarded;
+# nodedns asks the cluster zone's upstream over pooled TCP, the others as they ask any upstream).
 #
 # Layout (2-core machine): knotd pinned to CPU 0 on $BACKEND_ADDR; each server under test pinned to
 # CPU 1 with one worker thread; dnsperf pinned to CPU 0. Each (server, scenario) run starts the server
@@ -230,6 +237,9 @@ spec() {
         nxhit-rate) echo "nxhit.txt 1 -Q $RATE" ;;
         miss-max) echo "miss.txt 0 -n 1" ;;
         miss-rate) echo "miss.txt 0 -n 1 -Q $MISS_RATE" ;;
+        # cluster names, every one a miss: nodedns forwards the cluster zone over pooled TCP
+        cluster-miss-max) echo "cmiss.txt 0 -n 1" ;;
+        cluster-miss-rate) echo "cmiss.txt 0 -n 1 -Q $MISS_RATE" ;;
         *) fail "unknown scenario $1" ;;
     esac
 }

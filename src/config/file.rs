@@ -141,6 +141,13 @@ pub struct ForwardSection {
     pub max_fails: u32,
     #[serde(with = "humantime_serde")]
     pub health_check: Duration,
+    /// Connected UDP sockets per upstream per thread (0: a fresh socket for every query).
+    pub udp_pool_size: usize,
+    /// Queries a pooled UDP socket carries before it is replaced by one on a new port.
+    pub udp_socket_queries: u32,
+    /// Age at which a pooled UDP socket is replaced by one on a new port.
+    #[serde(with = "humantime_serde")]
+    pub udp_socket_lifetime: Duration,
 }
 
 impl Default for ForwardSection {
@@ -154,6 +161,9 @@ impl Default for ForwardSection {
             client_timeout: Duration::from_millis(1800),
             max_fails: 2,
             health_check: Duration::from_millis(500),
+            udp_pool_size: 64,
+            udp_socket_queries: 100,
+            udp_socket_lifetime: Duration::from_secs(5),
         }
     }
 }

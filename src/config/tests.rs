@@ -299,3 +299,12 @@ fn effective_config_round_trips() {
     let back: FileConfig = toml::from_str(&text).unwrap();
     assert_eq!(toml::to_string(&back).unwrap(), text);
 }
+
+#[test]
+fn udp_pool_keys_are_validated_under_their_names() {
+    assert!(err("[forward]\nudp_pool_size = 8").starts_with("forward.udp_pool_size:"));
+    assert!(err("[forward]\nudp_pool_size = 5000").starts_with("forward.udp_pool_size:"));
+    assert!(err("[forward]\nudp_socket_queries = 0").starts_with("forward.udp_socket_queries:"));
+    assert!(err("[forward]\nudp_socket_lifetime = \"10ms\"")
+        .starts_with("forward.udp_socket_lifetime:"));
+}

@@ -91,7 +91,13 @@ pub struct ForwardSettings {
     pub client_timeout: Duration,
     pub max_fails: u32,
     pub health_check: Duration,
+    /// The UDP socket pool (`size` 0: a fresh socket per query).
+    pub udp_pool: crate::forward::UdpPoolLimits,
 }
+
+/// Fewer pooled sockets than this would leave an attacker who learnt every pooled port less than
+/// 6 bits of port to guess per query.
+pub const MIN_UDP_POOL: usize = 64;
 
 impl ForwardSection {
     fn validate(&self) -> Result<ForwardSettings, ConfigError> {
@@ -116,6 +122,24 @@ impl ForwardSection {
         if self.health_check < Duration::from_millis(100) {
             return Err(invalid("forward.health_check", "must be at least 100ms"));
         }
+        if self.udp_pool_size != 0 && !(MIN_UDP_POOL..=4096).contains(&self.udp_pool_size) {
+            return Err(invalid(
+                "forward.udp_pool_size",
+                "must be 0 (a fresh socket per query) or between 64 and 4096 (fewer sockets leave \
+                 less than 6 bits of source port to guess)",
+            ));
+        }
+        if self.udp_socket_queries == 0 {
+            return Err(invalid("forward.udp_socket_queries", "must be at least 1"));
+        }
+        if self.udp_socket_lifetime < Duration::from_millis(100)
+            || self.udp_socket_lifetime > Duration::from_secs(3600)
+        {
+            return Err(invalid(
+                "forward.udp_socket_lifetime",
+                "must be between 100ms and 1h",
+            ));
+        }
         Ok(ForwardSettings {
             upstream_timeout: self.timeout,
             query_timeout: self.query_timeout,
@@ -125,6 +149,11 @@ impl ForwardSection {
             client_timeout: self.client_timeout,
             max_fails: self.max_fails,
             health_check: self.health_check,
+            udp_pool: crate::forward::UdpPoolLimits {
+                size: self.udp_pool_size,
+                queries: self.udp_socket_queries,
+                lifetime: self.udp_socket_lifetime,
+            },
         })
     }
 }

@@ -14,6 +14,7 @@ mod flights;
 mod health;
 mod tcp;
 mod udp;
+mod udp_pool;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use arc_swap::ArcSwap;
 
 pub use flights::Outcome as FlightOutcome;
 pub use tcp::TcpPool;
+pub use udp_pool::{PoolLimits as UdpPoolLimits, UNMATCHED_REPLIES as UDP_UNMATCHED_REPLIES};
 
 use self::flights::{Flights, Join};
 use crate::metrics::resilience::Counters;
@@ -177,6 +179,7 @@ impl Drop for InflightGuard<'_> {
 impl Forwarder {
     pub fn new(settings: Arc<Settings>, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Self {
         let routes = Routes::build(0, settings, None, &metrics);
+        raise_fd_limit_for(&routes);
         let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
         let counters = Counters::register(&metrics.registry);
         let local_metrics = LocalMetrics::register(&metrics.registry);
@@ -213,6 +216,7 @@ impl Forwarder {
             }
         }
         self.local_metrics.observe(&new.settings.local);
+        raise_fd_limit_for(&new);
         let gen = new.gen;
         self.routes.store(Arc::new(new));
         gen
@@ -473,7 +477,8 @@ impl Forwarder {
             }
             Transport::Udp | Transport::PreferUdp => {
                 m.request();
-                let r = udp::exchange(upstream, q, size, timeout).await;
+                let r =
+                    udp::exchange(upstream, q, size, timeout, &r.settings.forward.udp_pool).await;
                 m.query(UpstreamTransport::Udp, outcome(&r));
                 let resp = r?;
                 if !(resp.truncated && transport == Transport::PreferUdp) {
@@ -560,6 +565,22 @@ impl Forwarder {
             self.cache.insert(key, entry.clone());
         }
         entry
+    }
+}
+
+/// Raises the open-files limit for the UDP socket pools the routes may open: worker threads and
+/// the shared runtime's threads each keep their own pools.
+fn raise_fd_limit_for(r: &Routes) {
+    let settings = &r.settings;
+    let pool = settings.forward.udp_pool.size as u64;
+    if pool > 0 {
+        let threads = settings.workers as u64 + settings.workers.clamp(1, 4) as u64;
+        let udp = r
+            .state
+            .values()
+            .filter(|s| s.transport != Transport::Tcp)
+            .count() as u64;
+        udp_pool::raise_fd_limit(threads * udp * pool + 1024);
     }
 }
 

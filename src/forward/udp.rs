@@ -1,12 +1,15 @@
-//! UDP upstream exchange (RFC 5452): a fresh socket, so a fresh random source port, and a fresh
-//! random ID for every query. The socket is connected, so the kernel drops datagrams from any
-//! other address or port; replies with the wrong ID or question are ignored, not accepted.
+//! UDP upstream exchange (RFC 5452): a random source port and a random ID for every query. By
+//! default the socket comes from a rotating pool (`udp_pool`); with `forward.udp_pool_size = 0`
+//! every query gets a fresh socket, so a fresh random port, here. Either way the socket is
+//! connected, so the kernel drops datagrams from any other address or port; replies with the
+//! wrong ID or question are ignored, not accepted.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
 
+use super::udp_pool::{self, PoolLimits};
 use super::UpstreamError;
 use crate::dns::{self, Query, Response};
 
@@ -14,7 +17,24 @@ use crate::dns::{self, Query, Response};
 /// our advertised size anyway, and the caller then tries the next upstream).
 const RECV_BUF: usize = 4096;
 
+/// One exchange with `upstream`: over this thread's socket pool, or over a fresh socket when the
+/// pool size is 0.
 pub async fn exchange(
+    upstream: SocketAddr,
+    q: &Query,
+    udp_size: u16,
+    timeout: Duration,
+    pool: &PoolLimits,
+) -> Result<Response, UpstreamError> {
+    if pool.size == 0 {
+        exchange_fresh(upstream, q, udp_size, timeout).await
+    } else {
+        udp_pool::exchange(upstream, q, udp_size, timeout, pool).await
+    }
+}
+
+/// One exchange over a socket opened for it and closed after it.
+pub async fn exchange_fresh(
     upstream: SocketAddr,
     q: &Query,
     udp_size: u16,

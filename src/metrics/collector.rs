@@ -50,11 +50,12 @@ enum Family {
     CacheInserts,
     Panics,
     TcpPressureCloses,
+    UnmatchedReplies,
 }
 
 /// Name, help text and type of every [`Family`], in the order of its variants.
 #[rustfmt::skip]
-const FAMILIES: [(Family, &str, &str, MetricType); 15] = [
+const FAMILIES: [(Family, &str, &str, MetricType); 16] = [
     (Family::Requests, "coredns_dns_requests_total", "Counter of DNS requests made per zone, protocol and family.", MetricType::COUNTER),
     (Family::Responses, "coredns_dns_responses_total", "Counter of response status codes.", MetricType::COUNTER),
     (Family::Duration, "coredns_dns_request_duration_seconds", "Histogram of the time (in seconds) each request took per zone.", MetricType::HISTOGRAM),
@@ -70,6 +71,7 @@ const FAMILIES: [(Family, &str, &str, MetricType); 15] = [
     (Family::CacheInserts, "nodedns_cache_inserts_total", "Answers stored in the cache.", MetricType::COUNTER),
     (Family::Panics, "coredns_panics_total", "A metrics that counts the number of panics.", MetricType::COUNTER),
     (Family::TcpPressureCloses, "nodedns_tcp_pressure_closes_total", "TCP client connections closed, the longest idle first, to admit a new one at the connection cap.", MetricType::COUNTER),
+    (Family::UnmatchedReplies, "nodedns_upstream_unmatched_replies_total", "Datagrams read on pooled upstream UDP sockets that matched no outstanding query (ID or question) and were dropped.", MetricType::COUNTER),
 ];
 
 // `FAMILIES[f as usize]` describes `f`.
@@ -324,6 +326,13 @@ impl Collector for QueryCollector {
             counter(
                 &[],
                 super::resilience::TCP_PRESSURE_CLOSES.load(Ordering::Relaxed) as f64,
+            ),
+        );
+        fams.push(
+            Family::UnmatchedReplies,
+            counter(
+                &[],
+                crate::forward::UDP_UNMATCHED_REPLIES.load(Ordering::Relaxed) as f64,
             ),
         );
         fams.into_filled()

@@ -25,3 +25,4 @@ mod reload;
 mod reply_flags;
 mod resilience;
 mod tcp_pressure;
+mod udp_pool;

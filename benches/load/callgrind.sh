@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Instructions per query on the miss paths, under callgrind: repeatable on a busy machine where CPU
+# time is not. Starts knotd (the load benchmark's zones) and nodedns under valgrind, sends a warm-up
+# of misses, zeroes the counters, sends QUERIES unique misses at RATE QPS, dumps, and prints the
+# instructions (Ir) per query of the whole process (every thread).
+#
+#   bash benches/load/callgrind.sh [NODEDNS-BINARY] [SCENARIO] [-- EXTRA NODEDNS ARGS]
+#   SCENARIO: miss (example.com names, UDP upstream) or cluster-miss (cluster.local, pooled TCP)
+#   QUERIES=3000 RATE=300 bash benches/load/callgrind.sh target/release/nodedns miss -- --config f.toml
+#
+# Needs valgrind, knotd, knotc, dnsperf; only processes this script started are signalled.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+BIN=${1:-$ROOT/target/release/nodedns}
+SCENARIO=${2:-miss}
+shift $(($# >= 2 ? 2 : $#))
+[[ ${1:-} == -- ]] && shift
+: "${QUERIES:=3000}"
+: "${RATE:=300}"
+: "${WORKDIR:=/tmp/nodedns-callgrind}"
+: "${BACKEND_ADDR:=127.0.0.46}"
+: "${ADDR:=127.0.0.47}"
+
+case $SCENARIO in
+    miss) FILE=miss.txt ;;
+    cluster-miss) FILE=cmiss.txt ;;
+    *) echo "unknown scenario $SCENARIO" >&2; exit 2 ;;
+esac
+
+rm -rf "$WORKDIR" && mkdir -p "$WORKDIR/knot/db"
+python3 "$HERE/gen.py" "$WORKDIR/data" $((QUERIES * 2 + 1000)) >/dev/null
+cat >"$WORKDIR/knot/knot.conf" <<EOF
+server:
+    listen: $BACKEND_ADDR@53
+    rundir: "$WORKDIR/knot"
+    udp-workers: 1
+    tcp-workers: 1
+    background-workers: 1
+database:
+    storage: "$WORKDIR/knot/db"
+log:
+  - target: stderr
+    any: error
+template:
+  - id: default
+    storage: "$WORKDIR/data/zones"
+    file: "%s.zone"
+    zonefile-sync: -1
+    journal-content: none
+    semantic-checks: off
+zone:
+  - domain: cluster.local
+  - domain: example.com
+EOF
+KNOT=""
+NODE=""
+cleanup() {
+    [[ -n $NODE ]] && kill "$NODE" 2>/dev/null && wait "$NODE" 2>/dev/null
+    [[ -n $KNOT ]] && kill "$KNOT" 2>/dev/null && wait "$KNOT" 2>/dev/null
+    true
+}
+trap cleanup EXIT
+taskset -c 0 knotd -c "$WORKDIR/knot/knot.conf" >"$WORKDIR/knot.log" 2>&1 &
+KNOT=$!
+for _ in {1..50}; do kdig @"$BACKEND_ADDR" ns.dns.cluster.local +short +timeout=1 +retry=0 2>/dev/null | grep -q . && break; sleep 0.1; done
+
+taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$WORKDIR/cg.out" \
+    "$BIN" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
+    --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off "$@" \
+    >"$WORKDIR/nodedns.log" 2>&1 &
+NODE=$!
+for _ in {1..300}; do kdig @"$ADDR" ns.dns.cluster.local +short +timeout=1 +retry=0 2>/dev/null | grep -q . && break; sleep 0.2; done
+
+dp() { # FROM COUNT: queries FROM..FROM+COUNT of the file, at RATE
+    sed -n "$(($1 + 1)),$(($1 + $2))p" "$WORKDIR/data/$FILE" >"$WORKDIR/q.txt"
+    taskset -c 0 dnsperf -s "$ADDR" -d "$WORKDIR/q.txt" -n 1 -Q "$RATE" -c 1 -q 50 -t 5 >"$WORKDIR/dnsperf.$1" 2>&1
+}
+dp 0 500 # warm-up: pools, connections, allocator
+callgrind_control -z "$NODE" >/dev/null
+dp 1000 "$QUERIES"
+callgrind_control -d "$NODE" >/dev/null
+sleep 1
+lost=$(awk '/Queries lost:/ {print $3}' "$WORKDIR/dnsperf.1000")
+out=$(ls -t "$WORKDIR"/cg.out* | head -1)
+ir=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+echo "$SCENARIO $(basename "$BIN") $*: $QUERIES queries (lost $lost), Ir $ir, Ir/query $((ir / QUERIES))"

@@ -1,0 +1,398 @@
+//! A rotating pool of connected UDP sockets per upstream, so a miss does not pay for opening and
+//! closing a socket (socket, connect, epoll add and delete, close: about a third of a miss's CPU).
+//!
+//! RFC 5452 asks for an unpredictable source port and ID on every query, not for a new socket per
+//! query. Each thread keeps, per upstream, `forward.udp_pool_size` slots. A query takes a random
+//! slot; the slot's socket (bound by the kernel to a random ephemeral port, connected to the
+//! upstream, so the kernel drops datagrams from any other address or port) carries it under a
+//! random ID not in use on that socket. A socket is retired once it has carried
+//! `forward.udp_socket_queries` queries or lived `forward.udp_socket_lifetime`: the slot gets a
+//! new socket on a new random port, so ports an attacker may have learnt keep moving. A retired
+//! socket stays open only until its last outstanding reply arrives or times out.
+//!
+//! Replies are demultiplexed by one reader task per socket: it reads every datagram that
+//! arrives, finds the outstanding query by ID, checks the question (`dns::parse_response`) and
+//! hands the parsed answer over. A datagram matching no outstanding query (unknown ID, wrong
+//! question, too short) is dropped and counted (`nodedns_upstream_unmatched_replies_total`); the
+//! query it may have targeted keeps waiting for the real answer.
+//!
+//! Sockets are registered with the runtime of the thread that opened them, so the pools are per
+//! thread: a worker's misses use sockets driven by the worker's own runtime. A socket whose reader
+//! is gone (its runtime was shut down) is replaced at its next pick.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+
+use super::UpstreamError;
+use crate::dns::{self, Query, Response};
+
+/// Replies read on pool sockets that matched no outstanding query (wrong ID, wrong question, too
+/// short), since the process started.
+pub static UNMATCHED_REPLIES: AtomicU64 = AtomicU64::new(0);
+
+/// Largest reply read; a datagram this long or longer is malformed for the query it matches.
+const RECV_BUF: usize = 4096;
+
+/// How the pool is sized and how long its sockets live (from `forward.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Sockets per upstream per thread.
+    pub size: usize,
+    /// Queries a socket carries before it is retired.
+    pub queries: u32,
+    /// Age at which a socket is retired.
+    pub lifetime: Duration,
+}
+
+type Answer = Result<Response, UpstreamError>;
+
+/// A query waiting for its reply on a pool socket.
+struct Waiter {
+    /// The question as sent (lowercased wire form), which the reply must repeat.
+    question: Box<[u8]>,
+    tx: oneshot::Sender<Answer>,
+}
+
+/// Hashes an upstream ID as itself: IDs are ours and random, so they spread over the table
+/// without SipHash's cost.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u16(&mut self, v: u16) {
+        // Spread into the top bits too (hashbrown takes its control byte from them).
+        self.0 = u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+#[derive(Default)]
+struct SockState {
+    pending: HashMap<u16, Waiter, std::hash::BuildHasherDefault<IdHasher>>,
+    /// No longer handed out; the reader stops once `pending` is empty.
+    retired: bool,
+    reader: Option<AbortHandle>,
+}
+
+/// One connected socket of a pool.
+pub(super) struct PoolSocket {
+    sock: UdpSocket,
+    born: Instant,
+    /// Queries handed this socket so far (only the owning thread's pool counts them).
+    used: std::sync::atomic::AtomicU32,
+    /// False once the reader task has ended (aborted, or dropped with its runtime).
+    reader_alive: AtomicBool,
+    state: Mutex<SockState>,
+}
+
+impl PoolSocket {
+    /// Opens a socket connected to `upstream` (the kernel picks a random ephemeral port) and
+    /// starts its reader on the current runtime.
+    fn open(upstream: SocketAddr) -> io::Result<Arc<PoolSocket>> {
+        let raw = socket2::Socket::new(
+            socket2::Domain::for_address(upstream),
+            socket2::Type::DGRAM.nonblocking().cloexec(),
+            Some(socket2::Protocol::UDP),
+        )?;
+        raw.connect(&upstream.into())?;
+        let s = Arc::new(PoolSocket {
+            sock: UdpSocket::from_std(raw.into())?,
+            born: Instant::now(),
+            used: Default::default(),
+            reader_alive: AtomicBool::new(true),
+            state: Mutex::new(SockState::default()),
+        });
+        let reader = tokio::spawn(read_loop(ReaderGuard(s.clone())));
+        s.state.lock().reader = Some(reader.abort_handle());
+        Ok(s)
+    }
+
+    /// The local port.
+    #[cfg(test)]
+    pub(super) fn local_port(&self) -> u16 {
+        self.sock.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    fn worn_out(&self, limits: &PoolLimits, now: Instant) -> bool {
+        self.used.load(Ordering::Relaxed) >= limits.queries
+            || now.saturating_duration_since(self.born) >= limits.lifetime
+            || !self.reader_alive.load(Ordering::Relaxed)
+    }
+
+    /// Takes the socket out of service: it closes once its outstanding queries are done.
+    fn retire(&self) {
+        let mut st = self.state.lock();
+        st.retired = true;
+        if st.pending.is_empty() {
+            if let Some(r) = st.reader.take() {
+                r.abort();
+            }
+        }
+    }
+
+    /// Registers a query under a random ID unused on this socket; None when every ID is taken.
+    fn register(&self, question: &[u8]) -> Option<(u16, oneshot::Receiver<Answer>)> {
+        let mut st = self.state.lock();
+        if st.pending.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        let id = loop {
+            let id: u16 = rand::random();
+            if !st.pending.contains_key(&id) {
+                break id;
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        st.pending.insert(
+            id,
+            Waiter {
+                question: question.into(),
+                tx,
+            },
+        );
+        Some((id, rx))
+    }
+
+    /// Forgets query `id` (answered, timed out or cancelled); stops the reader of a retired
+    /// socket with nothing left outstanding.
+    fn forget(&self, id: u16) {
+        let mut st = self.state.lock();
+        st.pending.remove(&id);
+        if st.retired && st.pending.is_empty() {
+            if let Some(r) = st.reader.take() {
+                r.abort();
+            }
+        }
+    }
+
+    /// Hands datagram `pkt` to the query it answers; false when it matches none.
+    fn dispatch(&self, pkt: &[u8]) -> bool {
+        if pkt.len() < dns::HEADER_LEN {
+            return false;
+        }
+        let id = dns::u16_at(pkt, 0);
+        let mut st = self.state.lock();
+        let Some(w) = st.pending.get(&id) else {
+            return false;
+        };
+        let answer = if pkt.len() >= RECV_BUF {
+            Err(UpstreamError::Bad(dns::BadResponse::Malformed))
+        } else {
+            match dns::parse_response(pkt, &w.question) {
+                // Our ID but another question: a spoofing attempt; the query keeps waiting.
+                Err(dns::BadResponse::QuestionMismatch) => return false,
+                r => r.map_err(UpstreamError::from),
+            }
+        };
+        if let Some(w) = st.pending.remove(&id) {
+            // The waiter may have just given up; then the answer is simply dropped.
+            let _ = w.tx.send(answer);
+        }
+        true
+    }
+
+    /// Fails every outstanding query with `kind` (an ICMP error reported on the socket concerns
+    /// all of them: the upstream is unreachable).
+    fn fail_all(&self, kind: io::ErrorKind) {
+        let mut st = self.state.lock();
+        for (_, w) in st.pending.drain() {
+            let _ = w.tx.send(Err(UpstreamError::Io(kind.into())));
+        }
+    }
+}
+
+/// Marks the reader gone, whatever ends it, and releases queries still waiting on it.
+struct ReaderGuard(Arc<PoolSocket>);
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.0.reader_alive.store(false, Ordering::Relaxed);
+        // Dropping the senders wakes the waiters with an error instead of a timeout.
+        self.0.state.lock().pending.clear();
+    }
+}
+
+/// Reads every datagram arriving on the guard's socket and dispatches it; runs until aborted.
+/// (The guard is made before the task is spawned, so even a reader aborted before its first poll
+/// marks itself gone.)
+async fn read_loop(guard: ReaderGuard) {
+    let s = &guard.0;
+    loop {
+        let Ok(ready) = s.sock.ready(Interest::READABLE | Interest::ERROR).await else {
+            return;
+        };
+        if ready.is_error() {
+            // ICMP port or host unreachable from the upstream: every query out on this socket
+            // went to the same place, so they fail now rather than at their timeout.
+            if let Ok(Some(e)) = s.sock.take_error() {
+                s.fail_all(e.kind());
+            }
+            let _ = s.sock.try_io(Interest::ERROR, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
+        loop {
+            // Read into this thread's buffer, never held across an await.
+            let r = RECV.with_borrow_mut(|buf| {
+                let n = s.sock.try_recv(&mut buf[..])?;
+                if !s.dispatch(&buf[..n]) {
+                    UNMATCHED_REPLIES.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), io::Error>(())
+            });
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => s.fail_all(e.kind()),
+            }
+        }
+    }
+}
+
+/// The sockets of one upstream on one thread.
+pub(super) struct Pool {
+    upstream: SocketAddr,
+    slots: Vec<Option<Arc<PoolSocket>>>,
+}
+
+impl Pool {
+    pub(super) fn new(upstream: SocketAddr, size: usize) -> Pool {
+        Pool {
+            upstream,
+            slots: vec![None; size.max(1)],
+        }
+    }
+
+    /// A socket for one query: a random slot's socket, replaced first when it is missing, worn
+    /// out or its reader is gone. Counts the query against the socket.
+    pub(super) fn pick(
+        &mut self,
+        limits: &PoolLimits,
+        now: Instant,
+    ) -> io::Result<Arc<PoolSocket>> {
+        let i = rand::random_range(0..self.slots.len());
+        let slot = &mut self.slots[i];
+        if let Some(s) = slot.as_ref().filter(|s| s.worn_out(limits, now)) {
+            s.retire();
+            *slot = None;
+        }
+        let s = match slot {
+            Some(s) => s.clone(),
+            None => slot.insert(PoolSocket::open(self.upstream)?).clone(),
+        };
+        s.used.fetch_add(1, Ordering::Relaxed);
+        Ok(s)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for s in self.slots.iter().flatten() {
+            s.retire();
+        }
+    }
+}
+
+thread_local! {
+    static RECV: RefCell<Box<[u8; RECV_BUF]>> = RefCell::new(Box::new([0; RECV_BUF]));
+    static POOLS: RefCell<HashMap<SocketAddr, Pool, ahash::RandomState>> =
+        RefCell::new(HashMap::default());
+}
+
+/// Raises the soft limit on open files to the hard limit (as Go programs such as CoreDNS do at
+/// start): every thread that forwards keeps up to `forward.udp_pool_size` sockets per UDP
+/// upstream, `need` in all, more than the usual soft limit of 1024 on a large node. Warns when
+/// even the hard limit is below `need` (queries then fail with EMFILE once it is reached).
+pub fn raise_fd_limit(need: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct passed, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    if lim.rlim_cur < need {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            need,
+            "the open-files limit is below what the UDP socket pools may use; lower \
+             forward.udp_pool_size or raise the limit"
+        );
+    }
+}
+
+/// Removes a query's registration when its exchange ends, however it ends.
+struct Registration<'a> {
+    sock: &'a PoolSocket,
+    id: u16,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.sock.forget(self.id);
+    }
+}
+
+/// One exchange with `upstream` over a socket of this thread's pool.
+pub async fn exchange(
+    upstream: SocketAddr,
+    q: &Query,
+    udp_size: u16,
+    timeout: Duration,
+    limits: &PoolLimits,
+) -> Result<Response, UpstreamError> {
+    let now = Instant::now();
+    let sock = POOLS.with_borrow_mut(|pools| {
+        pools
+            .entry(upstream)
+            .or_insert_with(|| Pool::new(upstream, limits.size))
+            .pick(limits, now)
+    })?;
+    let (id, rx) = sock
+        .register(q.question_lower())
+        .ok_or(UpstreamError::Io(io::ErrorKind::WouldBlock.into()))?;
+    let _registration = Registration { sock: &sock, id };
+    let mut msg = Vec::with_capacity(64 + q.question_lower().len());
+    dns::write_upstream_query(q, id, udp_size, &mut msg);
+    let wait = async {
+        sock.sock.send(&msg).await?;
+        rx.await.map_err(|_| UpstreamError::Closed)?
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
+}
+
+#[cfg(test)]
+#[path = "udp_pool_tests.rs"]
+mod tests;

@@ -1,0 +1,239 @@
+//! The pool's bookkeeping (retirement, IDs, reader lifetime) and its demultiplexing of replies,
+//! against a scripted upstream on loopback.
+
+use super::*;
+
+fn limits(size: usize, queries: u32) -> PoolLimits {
+    PoolLimits {
+        size,
+        queries,
+        lifetime: Duration::from_secs(3600),
+    }
+}
+
+/// A query packet for `name` (type A, RD).
+fn query_packet(name: &str) -> Vec<u8> {
+    let mut p = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        p.push(label.len() as u8);
+        p.extend_from_slice(label.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    p
+}
+
+/// The reply an upstream gives to `query`: the query itself with QR set (no records: NODATA).
+fn reply_to(query: &[u8]) -> Vec<u8> {
+    let mut r = query.to_vec();
+    r[2] |= 0x80;
+    r
+}
+
+async fn upstream() -> (tokio::net::UdpSocket, SocketAddr) {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let a = s.local_addr().unwrap();
+    (s, a)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn socket_retires_after_its_query_bound() {
+    rt().block_on(async {
+        let (_up, addr) = upstream().await;
+        let lim = limits(1, 3);
+        let mut pool = Pool::new(addr, 1);
+        let now = Instant::now();
+        let first = pool.pick(&lim, now).unwrap();
+        for _ in 0..2 {
+            assert!(Arc::ptr_eq(&first, &pool.pick(&lim, now).unwrap()));
+        }
+        let next = pool.pick(&lim, now).unwrap();
+        assert!(
+            !Arc::ptr_eq(&first, &next),
+            "a fourth query got the worn socket"
+        );
+        assert!(first.state.lock().retired);
+        // With nothing outstanding the retired socket's reader stops at once.
+        tokio::task::yield_now().await;
+        assert!(!first.reader_alive.load(Ordering::Relaxed));
+        assert!(next.reader_alive.load(Ordering::Relaxed));
+    });
+}
+
+#[test]
+fn socket_retires_after_its_lifetime() {
+    rt().block_on(async {
+        let (_up, addr) = upstream().await;
+        let lim = PoolLimits {
+            size: 1,
+            queries: 1000,
+            lifetime: Duration::from_secs(5),
+        };
+        let mut pool = Pool::new(addr, 1);
+        let now = Instant::now();
+        let first = pool.pick(&lim, now).unwrap();
+        let same = pool.pick(&lim, now + Duration::from_secs(4)).unwrap();
+        assert!(Arc::ptr_eq(&first, &same));
+        let later = pool
+            .pick(&lim, Instant::now() + Duration::from_secs(5))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&first, &later));
+    });
+}
+
+#[test]
+fn picks_spread_over_the_slots() {
+    rt().block_on(async {
+        let (_up, addr) = upstream().await;
+        let lim = limits(64, 1000);
+        let mut pool = Pool::new(addr, 64);
+        let now = Instant::now();
+        let ports: std::collections::HashSet<u16> = (0..2000)
+            .map(|_| pool.pick(&lim, now).unwrap().local_port())
+            .collect();
+        // 2000 uniform picks leave a given slot unused with probability (63/64)^2000 ~ 2e-14.
+        assert_eq!(ports.len(), 64, "every slot gets its own port");
+    });
+}
+
+#[test]
+fn retired_socket_closes_after_its_last_reply() {
+    rt().block_on(async {
+        let (_up, addr) = upstream().await;
+        let mut pool = Pool::new(addr, 1);
+        let s = pool.pick(&limits(1, 1000), Instant::now()).unwrap();
+        let (id, _rx) = s.register(b"\x01a\x00\x00\x01\x00\x01").unwrap();
+        s.retire();
+        tokio::task::yield_now().await;
+        assert!(
+            s.reader_alive.load(Ordering::Relaxed),
+            "a query is still outstanding"
+        );
+        s.forget(id);
+        tokio::task::yield_now().await;
+        assert!(!s.reader_alive.load(Ordering::Relaxed));
+    });
+}
+
+#[test]
+fn socket_whose_reader_died_is_replaced() {
+    rt().block_on(async {
+        let (_up, addr) = upstream().await;
+        let lim = limits(1, 1000);
+        let mut pool = Pool::new(addr, 1);
+        let first = pool.pick(&lim, Instant::now()).unwrap();
+        first.state.lock().reader.take().unwrap().abort();
+        tokio::task::yield_now().await;
+        let next = pool.pick(&lim, Instant::now()).unwrap();
+        assert!(!Arc::ptr_eq(&first, &next));
+    });
+}
+
+#[test]
+fn outstanding_ids_on_a_socket_are_distinct() {
+    rt().block_on(async {
+        let (_up, addr) = upstream().await;
+        let mut pool = Pool::new(addr, 1);
+        let s = pool.pick(&limits(1, 1000), Instant::now()).unwrap();
+        let mut rxs = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..5000 {
+            let (id, rx) = s.register(b"\x00\x00\x01\x00\x01").unwrap();
+            assert!(ids.insert(id), "ID {id} handed out twice");
+            rxs.push(rx);
+        }
+        assert_eq!(s.state.lock().pending.len(), 5000);
+    });
+}
+
+/// Two queries share one socket; the upstream first sends a reply with an unknown ID, then one
+/// with the second query's ID but the first query's question, then the real replies in reverse
+/// order. Both queries get their own answer; the two forgeries are counted and dropped.
+#[test]
+fn replies_are_demultiplexed_strictly() {
+    rt().block_on(async {
+        let (up, addr) = upstream().await;
+        let lim = limits(1, 1000);
+        let script = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while got.len() < 2 {
+                let (n, from) = up.recv_from(&mut buf).await.unwrap();
+                got.push((buf[..n].to_vec(), from));
+            }
+            assert_eq!(got[0].1, got[1].1, "a pool of one uses one port");
+            let from = got[0].1;
+            let (a, b) = (&got[0].0, &got[1].0);
+            let mut unknown = reply_to(a);
+            let unused = (0..=u16::MAX)
+                .find(|&i| i != dns::u16_at(a, 0) && i != dns::u16_at(b, 0))
+                .unwrap();
+            unknown[..2].copy_from_slice(&unused.to_be_bytes());
+            up.send_to(&unknown, from).await.unwrap();
+            let mut crossed = reply_to(a);
+            crossed[..2].copy_from_slice(&b[..2]);
+            up.send_to(&crossed, from).await.unwrap();
+            up.send_to(&reply_to(b), from).await.unwrap();
+            up.send_to(&reply_to(a), from).await.unwrap();
+        });
+        let before = UNMATCHED_REPLIES.load(Ordering::Relaxed);
+        let pa = query_packet("first.example");
+        let pb = query_packet("second.example");
+        let qa = dns::parse_query(&pa).unwrap();
+        let qb = dns::parse_query(&pb).unwrap();
+        let t = Duration::from_secs(5);
+        let (ra, rb) = tokio::join!(
+            exchange(addr, &qa, 1232, t, &lim),
+            exchange(addr, &qb, 1232, t, &lim)
+        );
+        script.await.unwrap();
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(
+            &ra.wire[12..12 + qa.question_lower().len()],
+            qa.question_lower()
+        );
+        assert_eq!(
+            &rb.wire[12..12 + qb.question_lower().len()],
+            qb.question_lower()
+        );
+        assert!(UNMATCHED_REPLIES.load(Ordering::Relaxed) - before >= 2);
+    });
+}
+
+#[test]
+fn unanswered_query_times_out_and_is_forgotten() {
+    rt().block_on(async {
+        let (_up, addr) = upstream().await;
+        let lim = limits(1, 1000);
+        let p = query_packet("silent.example");
+        let q = dns::parse_query(&p).unwrap();
+        let r = exchange(addr, &q, 1232, Duration::from_millis(20), &lim).await;
+        assert!(matches!(r, Err(UpstreamError::Timeout)), "{r:?}");
+        POOLS.with_borrow(|pools| {
+            let s = pools[&addr].slots[0].as_ref().unwrap();
+            assert!(s.state.lock().pending.is_empty());
+        });
+    });
+}
+
+#[test]
+fn refused_port_fails_the_query_at_once() {
+    rt().block_on(async {
+        // A port nobody listens on: the kernel answers ICMP port unreachable, reported on the
+        // connected socket as ECONNREFUSED.
+        let addr = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let p = query_packet("nobody.example");
+        let q = dns::parse_query(&p).unwrap();
+        let r = exchange(addr, &q, 1232, Duration::from_secs(5), &limits(1, 1000)).await;
+        assert!(matches!(r, Err(UpstreamError::Io(_))), "{r:?}");
+    });
+}
