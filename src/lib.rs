@@ -29,6 +29,7 @@ pub mod cache;
 pub mod config;
 pub mod dns;
 pub mod forward;
+pub mod inject;
 pub mod lifecycle;
 pub mod local;
 pub mod logging;

@@ -13,6 +13,7 @@ mod common;
 
 mod core;
 mod handover_netns;
+mod inject;
 mod lifecycle;
 mod node_failopen;
 mod node_netns;
