@@ -299,6 +299,7 @@ def test_image_tree_serves_as_non_root(inject_bin, certs, tmp_path):
     the users, nothing else, and nodedns-inject serves from it chrooted as 65532."""
     if os.geteuid() != 0:
         pytest.skip("chroot needs root")
+    chroot = tool("chroot")
     root = tmp_path / "rootfs"
     res = run(["sh", DEPLOY / "image/stage-rootfs.sh", "--no-firewall", inject_bin, root], timeout=120)
     assert res.returncode == 0, res.stderr
@@ -312,7 +313,7 @@ def test_image_tree_serves_as_non_root(inject_bin, certs, tmp_path):
         shutil.copy(certs / f, tls / f)
         os.chown(tls / f, 0, 65532)
         os.chmod(tls / f, 0o440)
-    w = Webhook(["chroot", "--userspec=65532:65532", root, "/usr/bin/nodedns-inject",
+    w = Webhook([chroot, "--userspec=65532:65532", root, "/usr/bin/nodedns-inject",
                  "--listen=127.0.0.1:0", "--metrics=127.0.0.1:0", "--shutdown-delay=0s"], certs)
     try:
         pod = _pod("team-a")
