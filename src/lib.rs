@@ -22,6 +22,8 @@
 //! - [`lifecycle`]: the node-wide state directory: instance lease, handover of sockets, cache and
 //!   TCP connections to a new instance, warm start from the cache snapshot.
 //! - [`logging`]: tracing setup, rate-limited logging and the sampled query log.
+//! - [`inject`]: the pod DNS config admission webhook of the `nodedns-inject` binary (not on the
+//!   DNS path).
 //!
 //! See docs/ARCHITECTURE.md for the path of a query.
 
@@ -31,6 +33,7 @@ pub mod cache;
 pub mod config;
 pub mod dns;
 pub mod forward;
+pub mod inject;
 pub mod lifecycle;
 pub mod local;
 pub mod logging;

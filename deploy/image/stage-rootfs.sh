@@ -10,8 +10,16 @@
 # the image's content is proven without a container engine.
 #
 # Usage: stage-rootfs.sh NODEDNS_BINARY ROOTDIR
+#        stage-rootfs.sh --no-firewall BINARY ROOTDIR
+# The second form stages the admission webhook's image (nodedns-inject): the
+# binary under its own name, its libraries and the users; no firewall tools.
 set -eu
 
+firewall=true
+if [ "$1" = --no-firewall ]; then
+    firewall=false
+    shift
+fi
 bin=$1
 root=$2
 
@@ -47,30 +55,36 @@ copy_libs() {
     done
 }
 
-install -m 0755 "$bin" "$root/usr/bin/nodedns"
+if [ "$firewall" = false ]; then
+    name=$(basename "$bin")
+    install -m 0755 "$bin" "$root/usr/bin/$name"
+    copy_libs "$root/usr/bin/$name"
+else
+    install -m 0755 "$bin" "$root/usr/bin/nodedns"
 
-# Firewall tools. The "iptables" name points to the nft backend, as on Debian
-# 12 and most current distributions; the -legacy names stay available.
-cp "$(readlink -f /usr/sbin/xtables-nft-multi)" "$root/usr/sbin/xtables-nft-multi"
-cp "$(readlink -f /usr/sbin/xtables-legacy-multi)" "$root/usr/sbin/xtables-legacy-multi"
-cp "$(readlink -f /usr/sbin/nft)" "$root/usr/sbin/nft"
-for fam in iptables ip6tables; do
-    for suffix in "" -save -restore; do
-        ln -sf xtables-nft-multi "$root/usr/sbin/$fam$suffix"
-        ln -sf xtables-nft-multi "$root/usr/sbin/$fam-nft$suffix"
-        ln -sf xtables-legacy-multi "$root/usr/sbin/$fam-legacy$suffix"
+    # Firewall tools. The "iptables" name points to the nft backend, as on Debian
+    # 12 and most current distributions; the -legacy names stay available.
+    cp "$(readlink -f /usr/sbin/xtables-nft-multi)" "$root/usr/sbin/xtables-nft-multi"
+    cp "$(readlink -f /usr/sbin/xtables-legacy-multi)" "$root/usr/sbin/xtables-legacy-multi"
+    cp "$(readlink -f /usr/sbin/nft)" "$root/usr/sbin/nft"
+    for fam in iptables ip6tables; do
+        for suffix in "" -save -restore; do
+            ln -sf xtables-nft-multi "$root/usr/sbin/$fam$suffix"
+            ln -sf xtables-nft-multi "$root/usr/sbin/$fam-nft$suffix"
+            ln -sf xtables-legacy-multi "$root/usr/sbin/$fam-legacy$suffix"
+        done
     done
-done
 
-# xtables match/target modules (comment, udp, tcp, NOTRACK, CT, ...) are
-# dlopen()ed by iptables, so ldd on the binaries does not list them.
-xtdir=$(ls -d /usr/lib/*-linux-gnu/xtables | head -n 1)
-mkdir -p "$root$xtdir"
-cp "$xtdir"/*.so "$root$xtdir/"
+    # xtables match/target modules (comment, udp, tcp, NOTRACK, CT, ...) are
+    # dlopen()ed by iptables, so ldd on the binaries does not list them.
+    xtdir=$(ls -d /usr/lib/*-linux-gnu/xtables | head -n 1)
+    mkdir -p "$root$xtdir"
+    cp "$xtdir"/*.so "$root$xtdir/"
 
-copy_libs "$root/usr/bin/nodedns" \
-    "$root/usr/sbin/xtables-nft-multi" "$root/usr/sbin/xtables-legacy-multi" \
-    "$root/usr/sbin/nft" "$root$xtdir"/*.so
+    copy_libs "$root/usr/bin/nodedns" \
+        "$root/usr/sbin/xtables-nft-multi" "$root/usr/sbin/xtables-legacy-multi" \
+        "$root/usr/sbin/nft" "$root$xtdir"/*.so
+fi
 
 # Name databases iptables and nft consult (protocol and service names), and the
 # users: root for the DaemonSet (see deploy/base/daemonset.yaml), 65532 as the

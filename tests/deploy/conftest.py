@@ -24,6 +24,9 @@ OVERLAYS = ("link-local", "transparent")
 # must render and validate on its own too.
 TARGETS = {"base": DEPLOY / "base", **{o: DEPLOY / "overlays" / o for o in OVERLAYS}}
 REQUIRE_ALL = os.environ.get("NODEDNS_REQUIRE_ALL") == "1"
+# The admission webhook (deploy/webhook): applied on its own, beside an overlay.
+WEBHOOK = DEPLOY / "webhook"
+WEBHOOK_TARGETS = {"webhook": WEBHOOK / "base", "webhook-cert-manager": WEBHOOK / "cert-manager"}
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -82,6 +85,19 @@ def rendered(tmp_path_factory) -> dict[str, dict]:
     out = {}
     d = tmp_path_factory.mktemp("rendered")
     for name, path in TARGETS.items():
+        text = kustomize_build(path)
+        f = d / f"{name}.yaml"
+        f.write_text(text)
+        out[name] = {"path": f, "docs": [x for x in yaml.safe_load_all(text) if x]}
+    return out
+
+
+@pytest.fixture(scope="session")
+def rendered_webhook(tmp_path_factory) -> dict[str, dict]:
+    """Like `rendered`, for the webhook's kustomizations."""
+    out = {}
+    d = tmp_path_factory.mktemp("rendered-webhook")
+    for name, path in WEBHOOK_TARGETS.items():
         text = kustomize_build(path)
         f = d / f"{name}.yaml"
         f.write_text(text)
@@ -158,6 +174,14 @@ def nodedns_bin() -> Path:
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
     path = target / "release" / "nodedns"
     assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def inject_bin(nodedns_bin) -> Path:
+    """The admission webhook's release binary, built by the same Dockerfile command."""
+    path = nodedns_bin.parent / "nodedns-inject"
+    assert path.is_file(), f"{path}: the Dockerfile's cargo build must build nodedns-inject too"
     return path
 
 

@@ -14,6 +14,7 @@ mod common;
 mod core;
 mod dropin;
 mod handover_netns;
+mod inject;
 mod lifecycle;
 mod local_answers;
 mod node_dualstack;
