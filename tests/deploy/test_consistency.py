@@ -52,6 +52,8 @@ METRICS = {
     "nodedns_cache_warm_loads_total", "nodedns_cache_warm_entries",
     "nodedns_cache_snapshot_writes_total", "nodedns_handovers_total",
     "nodedns_tcp_pressure_closes_total",
+    # live reload
+    "coredns_reload_failed_total", "nodedns_config_generation",
 }
 HISTOGRAMS = {
     "coredns_dns_request_duration_seconds", "coredns_dns_request_size_bytes",
@@ -247,7 +249,7 @@ def test_alerts_cover_the_failure_modes(rendered):
     for needed in ("NodeDNSServfailRatioHigh", "NodeDNSLatencyP99High", "NodeDNSUpstreamTimeouts",
                    "NodeDNSUpstreamUnhealthy", "NodeDNSSetupErrors", "NodeDNSPanics", "NodeDNSDown",
                    "NodeDNSAllUpstreamsDown", "NodeDNSServingStale", "NodeDNSSnapshotRefused",
-                   "NodeDNSSnapshotWriteErrors"):
+                   "NodeDNSSnapshotWriteErrors", "NodeDNSReloadRefused"):
         assert needed in alerts
     for r in alerts.values():
         assert r["labels"]["severity"] in ("warning", "critical")
