@@ -17,6 +17,7 @@ mod lifecycle;
 mod node_failopen;
 mod node_netns;
 mod observability;
+mod panic_contained;
 mod real_servers;
 mod reply_flags;
 mod resilience;
