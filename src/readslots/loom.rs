@@ -19,7 +19,7 @@ use super::SlotTable;
 
 /// The default preemption bound: every interleaving with at most this many preemptions (a
 /// thread switched out while it could go on) is explored.
-const PREEMPTIONS: usize = 3;
+const PREEMPTIONS: usize = 2;
 
 /// Runs `model` in every interleaving loom explores and prints how many there were.
 fn check(name: &str, model: impl Fn() + Sync + Send + 'static) {

@@ -108,7 +108,8 @@ fn panic_message(f: impl FnOnce() + Send) -> String {
 #[test]
 fn a_nested_access_to_one_table_panics() {
     let table = SlotTable::new([10u32, 20]);
-    let cases: [(&str, fn(&SlotTable<u32>)); 6] = [
+    type Case = fn(&SlotTable<u32>);
+    let cases: [(&str, Case); 6] = [
         ("a read of lock 0", |t| t.read(0, |_| t.read(1, |_| ()))),
         ("a read of lock 1", |t| t.read(1, |_| t.write(0, |_| ()))),
         ("read_any", |t| {
