@@ -26,7 +26,8 @@
 # loader); the rootfs carries them. A static musl build would differ from the
 # build the benchmarks measure.
 
-ARG RUST_VERSION=1.95
+# The release rust-toolchain.toml pins.
+ARG RUST_VERSION=1.95.0
 ARG DEBIAN_RELEASE=bookworm
 
 FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build

@@ -19,6 +19,30 @@ cargo test --locked --all-targets 2>&1 | tee "$log"
 passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s+=$2} END {print s+0}')
 
+echo "== loom model check of readslots (every interleaving up to LOOM_MAX_PREEMPTIONS preemptions)"
+# Two preemptions: about 40,000 interleavings, under a minute; three take over ten minutes here.
+LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}" \
+  cargo test --locked --features loom --lib readslots::loom -- --nocapture --test-threads 1 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+passed=$((passed + $(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')))
+failed=$((failed + $(grep -Eo '; [0-9]+ failed' "$log" | awk '{s+=$2} END {print s+0}')))
+
+echo "== cargo deny (licenses, bans, sources; advisories cannot be fetched here, see deny.toml)"
+if cargo deny --version >/dev/null 2>&1; then
+  if cargo deny --locked check licenses bans sources; then
+    passed=$((passed + 1))
+  else
+    failed=$((failed + 1))
+    status=1
+  fi
+elif [ "${NODEDNS_REQUIRE_ALL:-0}" = 1 ]; then
+  echo "FAIL: cargo-deny is not installed (.ci/run installs it)"
+  failed=$((failed + 1))
+  status=1
+else
+  echo "SKIP: needs cargo-deny (cargo install --locked cargo-deny)"
+fi
+
 if [ -f tests/deploy/run.sh ]; then
   echo "== deploy checks"
   bash tests/deploy/run.sh 2>&1 | tee "$log"

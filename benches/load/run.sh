@@ -297,8 +297,8 @@ main() {
     trap 'say interrupted; exit 130' INT TERM
     install
     if [[ $BUILD == 1 ]]; then
-        say "cargo build --release"
-        (cd "$ROOT" && cargo build --release -q) || fail "build failed"
+        say "cargo build --release --locked"
+        (cd "$ROOT" && cargo build --release --locked -q) || fail "build failed"
     fi
     [[ -x $NODEDNS ]] || fail "$NODEDNS not found"
     gen_data

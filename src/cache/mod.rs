@@ -1,5 +1,5 @@
-//! The answer cache: a fixed set of shards, each a [`SlotLock`] (see `readslots`: a reader writes
-//! only to its own thread's slot) over a hash table of handles into an append-only arena of
+//! The answer cache: a fixed set of shards, the locks of one [`SlotTable`] (see `readslots`: a
+//! reader writes only to its own thread's slot) over a hash table of handles into an append-only arena of
 //! answers, bounded in entries and bytes.
 //!
 //! - `mod.rs` (here): the sharded table, insert, lookup, eviction and purge.
@@ -47,7 +47,7 @@ pub use snapshot::{
 };
 
 use crate::dns::{AnswerKind, Query, HEADER_LEN};
-use crate::readslots::{ReaderSlots, SlotLock};
+use crate::readslots::SlotTable;
 
 /// Cache limits.
 #[derive(Debug, Clone)]
@@ -77,10 +77,6 @@ fn backdated(now: Instant) -> Instant {
     .unwrap_or(now)
 }
 
-/// Padded to a cache line pair so neighbouring shards' locks never share a line.
-#[repr(align(128))]
-struct PaddedShard(SlotLock<Shard>);
-
 /// Counters the cache keeps about itself (shared; only touched on inserts and evictions).
 #[derive(Default, Debug)]
 pub struct CacheCounters {
@@ -91,10 +87,10 @@ pub struct CacheCounters {
 
 /// The sharded answer cache.
 pub struct Cache {
-    shards: Box<[PaddedShard]>,
-    /// Where reading threads announce which shard they read (see `readslots`): a hit writes
-    /// only to its own thread's line.
-    readers: ReaderSlots,
+    /// The shards, each behind a lock of its own (on cache lines of its own) whose readers
+    /// announce themselves in the table's per-thread slots (see `readslots`): a hit writes only
+    /// to its own thread's line.
+    shards: SlotTable<Shard>,
     shard_bits: u32,
     max_entries_per_shard: usize,
     max_bytes_per_shard: usize,
@@ -111,23 +107,15 @@ impl Cache {
         let shards = cfg.shards.clamp(1, 1 << 20).next_power_of_two();
         let max_bytes_per_shard = cfg.max_bytes.div_ceil(shards).max(1);
         Cache {
-            shards: (0..shards)
-                .map(|i| {
-                    PaddedShard(SlotLock::new(
-                        i,
-                        Shard {
-                            table: HashTable::new(),
-                            blocks: VecDeque::new(),
-                            first_seq: 0,
-                            head: 0,
-                            bytes: 0,
-                            spare: None,
-                            resets: 0,
-                        },
-                    ))
-                })
-                .collect(),
-            readers: ReaderSlots::default(),
+            shards: SlotTable::new((0..shards).map(|_| Shard {
+                table: HashTable::new(),
+                blocks: VecDeque::new(),
+                first_seq: 0,
+                head: 0,
+                bytes: 0,
+                spare: None,
+                resets: 0,
+            })),
             shard_bits: shards.trailing_zeros(),
             max_entries_per_shard: cfg.max_entries.div_ceil(shards).max(1),
             max_bytes_per_shard,
@@ -154,19 +142,24 @@ impl Cache {
     /// with the same bucket bits or the same tag (each false tag match costs a read of the entry
     /// in the arena: measured, 3.4% of the miss path's CPU).
     #[inline]
-    fn shard(&self, key: u64) -> &SlotLock<Shard> {
-        let idx = ((key >> 32) as usize) & ((1usize << self.shard_bits) - 1);
-        &self.shards[idx].0
+    fn shard(&self, key: u64) -> usize {
+        ((key >> 32) as usize) & ((1usize << self.shard_bits) - 1)
     }
 
     /// The index of `key`'s shard (as [`Cache::shard`] picks it), for batching by shard.
     fn shard_index(&self, key: u64) -> usize {
-        ((key >> 32) as usize) & ((1usize << self.shard_bits) - 1)
+        self.shard(key)
     }
 
+    /// Runs `f` on shard `s` read-locked.
     #[inline]
-    fn read<R>(&self, s: &SlotLock<Shard>, f: impl FnOnce(&Shard) -> R) -> R {
-        s.read(&self.readers, f)
+    fn read<R>(&self, s: usize, f: impl FnOnce(&Shard) -> R) -> R {
+        self.shards.read(s, f)
+    }
+
+    /// Runs `f` on shard `s` write-locked.
+    fn write<R>(&self, s: usize, f: impl FnOnce(&mut Shard) -> R) -> R {
+        self.shards.write(s, f)
     }
 
     #[inline]
@@ -242,28 +235,27 @@ impl Cache {
     /// Starts loading into the CPU cache the entries `keys` most likely point at, without
     /// waiting for any: a UDP worker calls this with the keys of a whole `recvmmsg` batch before
     /// looking any of them up, so the lookups find their entries in cache instead of each stalling
-    /// on memory in turn. One slot store covers the batch (`ReaderSlots::read_any`): with no fence
+    /// on memory in turn. One slot store covers the batch (`SlotTable::read_any`): with no fence
     /// per key the CPU overlaps the table loads of consecutive keys. Takes the first candidate
     /// whose 7-bit table tag matches, reading no entry; a wrong guess, or a shard being written
     /// (skipped), costs only a useless or missing hint, since the lookup compares the full key.
     #[inline]
     pub fn prefetch(&self, keys: &[u64]) {
-        self.readers.read_any(|guard| {
+        self.shards.read_any(|reader| {
             for &key in keys {
-                let Some(shard) = self.shard(key).try_read(guard) else {
-                    continue;
-                };
-                let Some(&h) = shard.table.find(key, |_| true) else {
-                    continue;
-                };
-                let idx = ((h >> 32) as u32).wrapping_sub(shard.first_seq) as usize;
-                if let Some(b) = shard.blocks.get(idx) {
-                    let p = b.as_ptr().wrapping_add(h as u32 as usize);
-                    // Header, question and (most of) a typical answer: three cache lines.
-                    for line in 0..3 {
-                        prefetch_read(p.wrapping_add(line * 64));
+                reader.try_read(self.shard(key), |shard| {
+                    let Some(&h) = shard.table.find(key, |_| true) else {
+                        return;
+                    };
+                    let idx = ((h >> 32) as u32).wrapping_sub(shard.first_seq) as usize;
+                    if let Some(b) = shard.blocks.get(idx) {
+                        let p = b.as_ptr().wrapping_add(h as u32 as usize);
+                        // Header, question and (most of) a typical answer: three cache lines.
+                        for line in 0..3 {
+                            prefetch_read(p.wrapping_add(line * 64));
+                        }
                     }
-                }
+                });
             }
         });
     }
@@ -286,7 +278,7 @@ impl Cache {
         if parts.charge() > self.max_bytes_per_shard {
             return false;
         }
-        self.shard(key).write(&self.readers, |shard| {
+        self.write(self.shard(key), |shard| {
             self.append(shard, key, parts, stored)
         });
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
@@ -382,8 +374,8 @@ impl Cache {
     pub fn purge_expired(&self, now: Instant) -> usize {
         let now_ms = self.ms(now);
         let mut removed = 0;
-        for s in self.shards.iter() {
-            removed += s.0.write(&self.readers, |shard| {
+        for s in 0..self.shards.len() {
+            removed += self.write(s, |shard| {
                 let mut removed = 0;
                 let before = shard.table.len();
                 let (blocks, first_seq) = (&shard.blocks, shard.first_seq);
@@ -428,8 +420,8 @@ impl Cache {
     pub fn entry_counts(&self) -> (usize, usize) {
         let mut pos = 0;
         let mut neg = 0;
-        for s in self.shards.iter() {
-            self.read(&s.0, |shard| {
+        for s in 0..self.shards.len() {
+            self.read(s, |shard| {
                 for &h in shard.table.iter() {
                     if shard.entry(h)[H_KIND] == kind_to_u8(AnswerKind::Positive) {
                         pos += 1;
@@ -443,9 +435,8 @@ impl Cache {
     }
 
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| self.read(&s.0, |sh| sh.table.len()))
+        (0..self.shards.len())
+            .map(|s| self.read(s, |sh| sh.table.len()))
             .sum()
     }
 
@@ -455,9 +446,8 @@ impl Cache {
 
     /// Bytes of arena blocks held (entries, reclaimable space and the spare blocks' share).
     pub fn bytes(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| self.read(&s.0, |sh| sh.bytes))
+        (0..self.shards.len())
+            .map(|s| self.read(s, |sh| sh.bytes))
             .sum()
     }
 }

@@ -500,11 +500,11 @@ impl Cache {
         let mut chunk = Vec::with_capacity(CHUNK_TARGET + (64 << 10));
         let mut in_chunk = 0u32;
         let mut entries = 0u64;
-        for s in self.shards.iter() {
-            let mut walk = self.read(&s.0, ShardWalk::new);
+        for s in 0..self.shards.len() {
+            let mut walk = self.read(s, ShardWalk::new);
             loop {
                 // Entries are encoded under the lock (a copy each), written out without it.
-                let more = self.read(&s.0, |shard| {
+                let more = self.read(s, |shard| {
                     walk.step(shard, WALK_STEP, |e| {
                         let stored = rd_u64(e, H_STORED);
                         if stored + rd_u32(e, H_STALE) as u64 * 1000 <= now_ms {
@@ -624,7 +624,7 @@ impl Cache {
         for group in keep.chunk_by(|a, b| a.shard == b.shard) {
             let shard = self.shard(group[0].key);
             for (i, batch) in group.chunks(LOAD_BATCH).enumerate() {
-                shard.write(&self.readers, |shard| {
+                self.write(shard, |shard| {
                     if i == 0 {
                         // Grow the table once rather than rehashing as it fills.
                         let room = self.max_entries_per_shard.saturating_sub(shard.table.len());
@@ -1245,7 +1245,7 @@ mod tests {
                 max_bytes: 4000,
                 shards: 1,
             });
-            let lock = &c.shards[0].0;
+            let lock = 0;
             let mut t = Instant::now();
             let put_name = |c: &Cache, i: u32, t: Instant, ttl: u32| {
                 let name = format!("n{i}.example");
@@ -1301,7 +1301,7 @@ mod tests {
         );
         // Emptied in place mid-walk: the walk ends, nothing of the new arena is taken.
         let c = cache(1 << 20, 1);
-        let lock = &c.shards[0].0;
+        let lock = 0;
         let t = Instant::now();
         put(&c, entry("a.example", 0, Some([1, 1, 1, 1]), 5, 0, 0, t));
         put(&c, entry("b.example", 0, Some([1, 1, 1, 2]), 5, 0, 0, t));

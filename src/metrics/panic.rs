@@ -8,9 +8,9 @@ use std::sync::Once;
 static PANICS: AtomicU64 = AtomicU64::new(0);
 
 /// Counts every panic in `coredns_panics_total`, then runs the hook that was installed before
-/// (by default, printing the message). Idempotent. With `panic = "abort"` (the release profile)
-/// the process dies right after, so the count matters for panics caught by tokio tasks in other
-/// builds, and for the restart it explains.
+/// (by default, printing the message). Idempotent. The hook runs before the unwinding, so a panic
+/// contained at the packet boundary (`server::contain`: the query gets SERVFAIL, the server goes
+/// on) or by tokio (a task ends alone) is counted while the process keeps serving.
 pub fn install_panic_hook() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {

@@ -4,6 +4,7 @@
 //! it. Only a miss leaves that path: it is handed to the tokio runtime, where the forwarder
 //! resolves it and the answer is sent from there.
 
+pub mod contain;
 pub mod socket;
 pub mod tcp;
 pub mod tcp_table;
@@ -182,6 +183,7 @@ impl Context {
         out: &mut Vec<u8>,
         start: Instant,
     ) -> Handled {
+        contain::test_trigger(q, contain::Trigger::Hit);
         let max_len = self.max_len(q, proto);
         let hit = self.cache.lookup(key, q, start, |e, age| {
             e.render(
@@ -347,6 +349,7 @@ impl Context {
         start: Instant,
     ) -> Vec<u8> {
         let (q, key, zone) = (&m.q, m.key, m.zone);
+        contain::test_trigger(q, contain::Trigger::Miss);
         let routes = self.forwarder.routes();
         let zone_idx = routes.zone_index(zone, q);
         let mut out = Vec::with_capacity(512);

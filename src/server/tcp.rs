@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::tcp_table::{Entry, Table};
-use super::{Context, Handled};
+use super::{contain, Context, Handled};
 use crate::lifecycle::handover::Peers;
 use crate::metrics::{Proto, WorkerStats};
 
@@ -159,7 +159,16 @@ async fn connection(
             let pkt = buf[2..2 + len].to_vec();
             buf.drain(..2 + len);
             let start = Instant::now();
-            let handled = ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, start);
+            // A panic answers this message SERVFAIL and the connection goes on (see `contain`).
+            let handled =
+                contain::packet(|| ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, start))
+                    .unwrap_or_else(|| {
+                        if contain::servfail(&pkt, &mut out) {
+                            Handled::Reply
+                        } else {
+                            Handled::Drop
+                        }
+                    });
             // Before the reply is queued, so the writer never counts it first.
             if !matches!(handled, Handled::Drop) {
                 queries += 1;
@@ -187,9 +196,15 @@ async fn connection(
                     let stats = stats.clone();
                     let start = Instant::now();
                     tracker.spawn(async move {
-                        let reply = ctx
-                            .resolve(&miss, &pkt, peer, Proto::Tcp, &stats, start)
-                            .await;
+                        let resolve = ctx.resolve(&miss, &pkt, peer, Proto::Tcp, &stats, start);
+                        let reply = match contain::task(resolve).await {
+                            Some(reply) => reply,
+                            None => {
+                                let mut out = Vec::new();
+                                contain::servfail(&pkt, &mut out);
+                                out
+                            }
+                        };
                         permit.send(reply);
                     });
                 }

@@ -25,7 +25,7 @@ use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 
 use super::socket::UDP_POLL;
-use super::{Context, Handled, Rejected};
+use super::{contain, Context, Handled, Rejected};
 use crate::dns;
 use crate::metrics::{HitTiming, Proto, WorkerStats};
 
@@ -70,7 +70,12 @@ pub fn spawn_worker(
             stats,
             batch: Batch::new(batch.clamp(1, 256)),
         };
-        local.block_on(w.run(&stop));
+        // A panic outside any one datagram (receiving, sending) restarts the loop: a dead worker
+        // would leave its share of SO_REUSEPORT traffic unanswered. `run` returns only once
+        // `stop` is set.
+        while contain::packet(|| local.block_on(w.run(&stop))).is_none() {
+            tracing::error!("a UDP worker's loop panicked; it goes on serving");
+        }
     })
 }
 
@@ -115,9 +120,13 @@ enum Slot {
     },
 }
 
-fn zeroed<T>() -> T {
-    // SAFETY: only used for libc C structs (iovec, mmsghdr, sockaddr_storage), for which all-zero
-    // bytes are a valid value.
+/// A `T` whose bytes are all zero.
+///
+/// # Safety
+/// All-zero bytes must be a valid `T` (true of C structs made of integers and raw pointers; false
+/// of references, `NonNull`, enums without a zero variant, and most Rust types).
+unsafe fn zeroed<T>() -> T {
+    // SAFETY: the caller promises that all-zero bytes are a valid T.
     unsafe { std::mem::zeroed() }
 }
 
@@ -125,12 +134,17 @@ impl Batch {
     fn new(n: usize) -> Self {
         Batch {
             bufs: vec![[0u8; SLOT_LEN]; n],
-            peers: vec![zeroed(); n],
-            iov: vec![zeroed(); n],
-            hdrs: vec![zeroed(); n],
+            // SAFETY: sockaddr_storage is a C struct of integers (family, padding).
+            peers: vec![unsafe { zeroed::<libc::sockaddr_storage>() }; n],
+            // SAFETY: iovec is a C struct of a raw pointer and a length; null and 0 are valid.
+            iov: vec![unsafe { zeroed::<libc::iovec>() }; n],
+            // SAFETY: mmsghdr is a C struct of integers and raw pointers (msghdr, msg_len).
+            hdrs: vec![unsafe { zeroed::<libc::mmsghdr>() }; n],
             out: (0..n).map(|_| Vec::with_capacity(1232)).collect(),
-            out_iov: vec![zeroed(); n],
-            out_hdrs: vec![zeroed(); n],
+            // SAFETY: as `iov` above.
+            out_iov: vec![unsafe { zeroed::<libc::iovec>() }; n],
+            // SAFETY: as `hdrs` above.
+            out_hdrs: vec![unsafe { zeroed::<libc::mmsghdr>() }; n],
             slots: (0..n).map(|_| Slot::Done { reply: false }).collect(),
         }
     }
@@ -340,16 +354,27 @@ impl Worker {
             let now = Instant::now();
             // Parse every query of the batch, prefetch all their cache entries, then look them
             // up: the memory loads overlap instead of stalling one query after another.
+            // Each datagram's handling is contained (see `contain`): a panic answers that one
+            // SERVFAIL and the batch goes on.
             keys.clear();
             for i in 0..n {
-                if let Some(key) = self.prepare_slot(i) {
-                    keys.push(key);
+                match contain::packet(|| self.prepare_slot(i)) {
+                    Some(Some(key)) => keys.push(key),
+                    Some(None) => {}
+                    None => self.contained(i),
                 }
             }
-            self.ctx.cache.prefetch(&keys);
+            let _ = contain::packet(|| self.ctx.cache.prefetch(&keys));
             for i in 0..n {
-                if self.handle_slot(i, now, &mut hits) {
-                    replies.push(i);
+                match contain::packet(|| self.handle_slot(i, now, &mut hits)) {
+                    Some(true) => replies.push(i),
+                    Some(false) => {}
+                    None => {
+                        self.contained(i);
+                        if matches!(self.batch.slots[i], Slot::Done { reply: true }) {
+                            replies.push(i);
+                        }
+                    }
                 }
             }
             if !replies.is_empty() {
@@ -372,6 +397,17 @@ impl Worker {
         {
             crate::log_limited!(warn, ?grace, "grace period over with UDP queries in flight");
         }
+    }
+
+    /// After a panic while datagram `i` was handled: `slots[i]` becomes done, with a SERVFAIL in
+    /// `out[i]` when the datagram has a header.
+    #[cold]
+    #[inline(never)]
+    fn contained(&mut self, i: usize) {
+        let b = &mut self.batch;
+        let len = (b.hdrs[i].msg_len as usize).min(SLOT_LEN);
+        let reply = contain::servfail(&b.bufs[i][..len], &mut b.out[i]);
+        b.slots[i] = Slot::Done { reply };
     }
 
     /// Parses datagram `i` of the batch into `slots[i]`; returns its cache key if it is a query.
@@ -436,9 +472,15 @@ impl Worker {
                 let stats = self.stats.clone();
                 let tcp_zone = self.ctx.forwarder.is_tcp(miss.zone, &miss.q);
                 let task = async move {
-                    let reply = ctx
-                        .resolve(&miss, &pkt, src, Proto::Udp, &stats, start)
-                        .await;
+                    let resolve = ctx.resolve(&miss, &pkt, src, Proto::Udp, &stats, start);
+                    let reply = match contain::task(resolve).await {
+                        Some(reply) => reply,
+                        None => {
+                            let mut out = Vec::new();
+                            contain::servfail(&pkt, &mut out);
+                            out
+                        }
+                    };
                     send_reply(&sock, reply, src);
                 };
                 if tcp_zone {

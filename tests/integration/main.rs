@@ -21,6 +21,7 @@ mod node_dualstack;
 mod node_failopen;
 mod node_netns;
 mod observability;
+mod panic_contained;
 mod real_servers;
 mod reload;
 mod reply_flags;
