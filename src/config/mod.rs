@@ -32,6 +32,7 @@ mod corefile_map;
 mod corefile_plugin;
 #[cfg(test)]
 mod corefile_tests;
+pub mod error;
 mod file;
 pub mod kubedns;
 #[cfg(test)]
@@ -42,6 +43,8 @@ mod tests;
 mod validate;
 
 pub use args::{apply_flags, Args};
+pub(crate) use error::invalid;
+pub use error::ConfigError;
 pub use file::*;
 pub use validate::*;
 
@@ -71,27 +74,6 @@ pub struct Settings {
     pub local: std::sync::Arc<crate::local::LocalAnswers>,
     /// Warnings to log once logging is up (e.g. no cluster DNS configured).
     pub warnings: Vec<String>,
-}
-
-/// A configuration error: the key and the reason.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{key}: {reason}")]
-    Invalid { key: String, reason: String },
-    #[error("config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-}
-
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        reason: reason.into(),
-    }
 }
 
 /// Where the defaults that depend on the machine come from; tests substitute their own.

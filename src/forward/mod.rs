@@ -36,7 +36,7 @@ use arc_swap::ArcSwap;
 
 pub use flights::Outcome as FlightOutcome;
 pub use tcp::TcpPool;
-pub use udp_pool::{PoolLimits as UdpPoolLimits, UNMATCHED_REPLIES as UDP_UNMATCHED_REPLIES};
+pub use udp_pool::PoolLimits as UdpPoolLimits;
 
 use self::flights::{Flights, Join};
 use crate::metrics::resilience::Counters;

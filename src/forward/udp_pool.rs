@@ -24,7 +24,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,10 +36,6 @@ use tokio::task::AbortHandle;
 
 use super::UpstreamError;
 use crate::dns::{self, Query, Response};
-
-/// Replies read on pool sockets that matched no outstanding query (wrong ID, wrong question, too
-/// short), since the process started.
-pub static UNMATCHED_REPLIES: AtomicU64 = AtomicU64::new(0);
 
 /// Largest reply read; a datagram this long or longer is malformed for the query it matches.
 const RECV_BUF: usize = 4096;
@@ -254,7 +250,8 @@ async fn read_loop(guard: ReaderGuard) {
             let r = RECV.with_borrow_mut(|buf| {
                 let n = s.sock.try_recv(&mut buf[..])?;
                 if !s.dispatch(&buf[..n]) {
-                    UNMATCHED_REPLIES.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::resilience::UDP_UNMATCHED_REPLIES
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 Ok::<(), io::Error>(())
             });

@@ -182,7 +182,7 @@ fn replies_are_demultiplexed_strictly() {
             up.send_to(&reply_to(b), from).await.unwrap();
             up.send_to(&reply_to(a), from).await.unwrap();
         });
-        let before = UNMATCHED_REPLIES.load(Ordering::Relaxed);
+        let before = crate::metrics::resilience::UDP_UNMATCHED_REPLIES.load(Ordering::Relaxed);
         let pa = query_packet("first.example");
         let pb = query_packet("second.example");
         let qa = dns::parse_query(&pa).unwrap();
@@ -202,7 +202,9 @@ fn replies_are_demultiplexed_strictly() {
             &rb.wire[12..12 + qb.question_lower().len()],
             qb.question_lower()
         );
-        assert!(UNMATCHED_REPLIES.load(Ordering::Relaxed) - before >= 2);
+        assert!(
+            crate::metrics::resilience::UDP_UNMATCHED_REPLIES.load(Ordering::Relaxed) - before >= 2
+        );
     });
 }
 

@@ -13,7 +13,7 @@ use hickory_proto::rr::{Name, RData, Record};
 
 use super::config::HostsSection;
 use super::{invalid, zone_list, Fallthrough, Made};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::dns::{self, Query};
 
 const TYPE_A: u16 = 1;

@@ -26,7 +26,7 @@ use std::time::SystemTime;
 use hickory_proto::rr::Record;
 
 use self::config::{HostsSection, RewriteSection, TemplateSection};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::dns::{self, Query, Response};
 
 pub use self::metrics::LocalMetrics;

@@ -15,7 +15,7 @@ use regex::Regex;
 
 use super::config::{RewriteMatch, RewriteSection};
 use super::{invalid, wire};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::dns::{self, Query};
 
 /// Longest regular expression accepted, as CoreDNS bounds it.

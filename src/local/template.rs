@@ -18,7 +18,7 @@ use regex::Regex;
 
 use super::config::TemplateSection;
 use super::{invalid, wire, zone_list, Fallthrough, Made};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::dns::{self, Query};
 
 /// Longest regular expression accepted, as CoreDNS bounds it.

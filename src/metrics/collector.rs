@@ -332,7 +332,7 @@ impl Collector for QueryCollector {
             Family::UnmatchedReplies,
             counter(
                 &[],
-                crate::forward::UDP_UNMATCHED_REPLIES.load(Ordering::Relaxed) as f64,
+                super::resilience::UDP_UNMATCHED_REPLIES.load(Ordering::Relaxed) as f64,
             ),
         );
         fams.into_filled()

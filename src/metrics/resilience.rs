@@ -10,6 +10,11 @@ use prometheus::{IntCounter, Opts, Registry};
 /// (`nodedns_tcp_pressure_closes_total`); the TCP server's connection table counts them.
 pub static TCP_PRESSURE_CLOSES: AtomicU64 = AtomicU64::new(0);
 
+/// Replies on pooled upstream UDP sockets that matched no outstanding query (wrong ID or
+/// question, or late) and were dropped (`nodedns_upstream_unmatched_replies_total`); the UDP
+/// socket pools count them.
+pub static UDP_UNMATCHED_REPLIES: AtomicU64 = AtomicU64::new(0);
+
 pub struct Counters {
     /// `coredns_cache_served_stale_total`: answers served past their TTL (RFC 8767).
     pub served_stale: IntCounter,

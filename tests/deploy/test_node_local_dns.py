@@ -132,7 +132,7 @@ def test_patched_manifest_passes_the_kubernetes_schemas(tmp_path):
 
 def test_nodedns_accepts_the_daemonsets_args(tmp_path, nodedns_bin):
     """The binary with the DaemonSet's exact args, the ConfigMaps where the pod mounts them
-    (moved under tmp_path by native flags that follow node-cache's) and the Service environment
+    (moved under tmp_path by node-cache's own -basecorefile and -kubednscm) and the Service environment
     kubelet gives the pod: the configuration node-local-dns would run."""
     docs = render(tmp_path)
     c = daemonset(docs)["spec"]["template"]["spec"]["containers"][0]
@@ -144,8 +144,8 @@ def test_nodedns_accepts_the_daemonsets_args(tmp_path, nodedns_bin):
     (etc / "kube-dns" / "stubDomains").write_text(json.dumps({"corp.example": ["10.0.0.53"]}))
     (etc / "kube-dns" / "upstreamNameservers").write_text(json.dumps(["10.0.0.2"]))
     res = run([nodedns_bin, *c["args"],
-               "--base-corefile", etc / "coredns" / "Corefile.base",
-               "--kube-dns-config", etc / "kube-dns", "--check-config"],
+               "-basecorefile", etc / "coredns" / "Corefile.base",
+               "-kubednscm", etc / "kube-dns", "--check-config"],
               env={"KUBE_DNS_UPSTREAM_SERVICE_HOST": "10.96.0.11",
                    "KUBE_DNS_UPSTREAM_SERVICE_PORT": "53", "PATH": "/usr/bin:/bin"},
               timeout=60)
@@ -155,7 +155,7 @@ def test_nodedns_accepts_the_daemonsets_args(tmp_path, nodedns_bin):
     assert sorted(cfg["listen"]) == sorted([f"{LOCAL_DNS}:53", f"{DNS_SERVER}:53"])
     assert cfg["upstreams"] == ["10.0.0.2:53"]
     zones = {z["name"]: z for z in cfg["zone"]}
-    assert zones["cluster.local."]["upstreams"] == ["10.96.0.11:53"]
-    assert zones["cluster.local."]["transport"] == "tcp"
-    assert zones["corp.example."]["upstreams"] == ["10.0.0.53:53"]
+    assert zones["cluster.local"]["upstreams"] == ["10.96.0.11:53"]
+    assert zones["cluster.local"]["transport"] == "tcp"
+    assert zones["corp.example"]["upstreams"] == ["10.0.0.53:53"]
     assert cfg["node"]["setup_interface"] and cfg["node"]["setup_iptables"]
