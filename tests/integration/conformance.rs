@@ -139,26 +139,87 @@ fn big_txt() -> String {
         .collect()
 }
 
-/// knotd serving the zones on a loopback port; the signed zone is signed by knotd itself.
-struct Knot {
+/// A server process of the test's own (knotd or unbound) on a loopback port, stopped on drop.
+struct Server {
     child: Child,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
-impl Knot {
-    fn start() -> Knot {
+/// A loopback port free for UDP and TCP at once (both are released before the server binds).
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Starts the server `command(dir, port)` runs (its log in `dir/log`) and waits until its answer
+/// for `probe` satisfies `ok`. A port can be taken between our check and the server's bind (by
+/// an ephemeral port of another test's connection): a server that exits at once is started again
+/// on another port, up to five times.
+fn start_server(
+    command: impl Fn(&std::path::Path, u16) -> Command,
+    probe: &str,
+    ok: impl Fn(&Message) -> bool,
+) -> Server {
+    for _ in 0..5 {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
         let port = free_port();
+        let log = dir.path().join("log");
+        let child = command(dir.path(), port)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the server");
+        let mut server = Server {
+            child,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut q = query_msg(probe, RecordType::A, rand_id(), Some(1232));
+            q.edns.as_mut().unwrap().set_dnssec_ok(true);
+            let r = udp_raw(
+                server.addr,
+                &q.to_vec().unwrap(),
+                Duration::from_millis(500),
+            );
+            if r.and_then(|r| Message::from_vec(&r).ok())
+                .is_some_and(|m| ok(&m))
+            {
+                return server;
+            }
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            if server.child.try_wait().unwrap().is_some() {
+                assert!(log.contains("in use"), "the server exited:\n{log}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not come up:\n{log}",
+                server.addr
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    panic!("no free port for the server in five tries");
+}
+
+/// knotd serving the zones; the signed zone is signed by knotd itself.
+fn knot() -> Server {
+    let conf = |p: &std::path::Path, port: u16| {
         let d = p.display();
         let cluster = format!(
             "{CLUSTER_ZONE}{}big.default.svc TXT{}\n{} A 10.96.0.99\n",
@@ -183,48 +244,22 @@ impl Knot {
              dnssec-signing: on\n    dnssec-policy: fast\n"
         );
         std::fs::write(p.join("knot.conf"), conf).unwrap();
-        let child = Command::new("knotd")
-            .arg("-c")
-            .arg(p.join("knot.conf"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(p.join("knotd.log")).unwrap())
-            .spawn()
-            .expect("start knotd");
-        let k = Knot {
-            child,
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            _dir: dir,
-        };
-        // Up, and the signed zone signed (its answers carry RRSIGs).
-        let log = k._dir.path().join("knotd.log");
-        wait_for(k.addr, &log, "www.secure.example.", |m| {
-            m.answers
-                .iter()
-                .any(|r| r.record_type() == RecordType::RRSIG)
-        });
-        k
-    }
-}
-
-impl Drop for Knot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        let mut c = Command::new("knotd");
+        c.arg("-c").arg(p.join("knot.conf"));
+        c
+    };
+    // Up, and the signed zone signed (its answers carry RRSIGs).
+    start_server(conf, "www.secure.example.", |m| {
+        m.answers
+            .iter()
+            .any(|r| r.record_type() == RecordType::RRSIG)
+    })
 }
 
 /// unbound as a forwarding cache in front of `knot`, without validation (no trust anchor).
-struct Unbound {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Unbound {
-    fn start(knot: &Knot) -> Unbound {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        let port = free_port();
+fn unbound(knot: &Server) -> Server {
+    let kp = knot.addr.port();
+    let conf = move |p: &std::path::Path, port: u16| {
         let conf = format!(
             "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-ip6: no\n  \
              do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  \
@@ -236,59 +271,13 @@ impl Unbound {
              local-zone: \"local.\" nodefault\n\
              forward-zone:\n  name: \".\"\n  forward-addr: 127.0.0.1@{kp}\n",
             d = p.display(),
-            kp = knot.addr.port(),
         );
         std::fs::write(p.join("unbound.conf"), conf).unwrap();
-        let child = Command::new("unbound")
-            .arg("-d")
-            .arg("-c")
-            .arg(p.join("unbound.conf"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(p.join("unbound.log")).unwrap())
-            .spawn()
-            .expect("start unbound");
-        let u = Unbound {
-            child,
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            _dir: dir,
-        };
-        wait_for(
-            u.addr,
-            &u._dir.path().join("unbound.log"),
-            "ns.example.com.",
-            |m| !m.answers.is_empty(),
-        );
-        u
-    }
-}
-
-impl Drop for Unbound {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Asks `server` for `name` (A, DO=1) until `ok` holds for the reply; at most 20 s, then fails
-/// with the server's `log`.
-fn wait_for(server: SocketAddr, log: &std::path::Path, name: &str, ok: impl Fn(&Message) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut q = query_msg(name, RecordType::A, rand_id(), Some(1232));
-        q.edns.as_mut().unwrap().set_dnssec_ok(true);
-        let r = udp_raw(server, &q.to_vec().unwrap(), Duration::from_millis(500));
-        if r.and_then(|r| Message::from_vec(&r).ok())
-            .is_some_and(|m| ok(&m))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{server} did not come up:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let mut c = Command::new("unbound");
+        c.arg("-d").arg("-c").arg(p.join("unbound.conf"));
+        c
+    };
+    start_server(conf, "ns.example.com.", |m| !m.answers.is_empty())
 }
 
 /// One way of asking: the variations a client's query comes in.
@@ -662,7 +651,7 @@ fn diff_unbound(ub: &Message, ours: &Message, tcp: bool) -> Vec<String> {
     d
 }
 
-fn nodedns_for(knot: &Knot) -> Nodedns {
+fn nodedns_for(knot: &Server) -> Nodedns {
     let k = knot.addr.to_string();
     Nodedns::start(&[
         "--listen",
@@ -683,8 +672,8 @@ fn nodedns_answers_as_the_authority_and_unbound_do() {
     if !require(&["knotd", "unbound"], false) {
         return;
     }
-    let knot = Knot::start();
-    let unbound = Unbound::start(&knot);
+    let knot = knot();
+    let unbound = unbound(&knot);
     let mut report = String::new();
     let mut queries = 0usize;
     let mut differences = 0usize;
