@@ -10,7 +10,7 @@
 #   fuzz/run.sh ci [SECONDS]               build, then fuzz every target SECONDS (default 20)
 #                                          from its committed corpus; fails on any crash
 #   fuzz/run.sh merge TARGET               fold fuzz/work/TARGET into the committed corpus
-#                                          (only inputs that add coverage, kept small)
+#                                          (only inputs that add edges, kept small)
 #   fuzz/run.sh repro TARGET FILE          run one input (e.g. a crash artifact)
 #
 # No nightly toolchain is needed: the instrumentation is the stable `-C passes=sancov-module`
@@ -67,7 +67,8 @@ case "${1:-}" in
   merge)
     t=$2
     mkdir -p "corpus/$t"
-    "$bin_dir/$t" -merge=1 "corpus/$t" "work/$t"
+    # Set cover on edges alone: hit-count features would keep thousands of near-copies.
+    "$bin_dir/$t" -set_cover_merge=1 -use_counters=0 -use_cmp=0 -max_len=4096 "corpus/$t" "work/$t"
     ;;
   repro) "$bin_dir/$2" "$3" ;;
   *) sed -n '2,18p' "$0"; exit 2 ;;
