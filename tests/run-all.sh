@@ -54,6 +54,14 @@ if [ -f tests/deploy/run.sh ]; then
   fi
 fi
 
+# Coverage-guided fuzzing of every parser of network and disk input, each target for a bounded
+# time from its committed corpus (NODEDNS_FUZZ_SECONDS, default 20); a crash fails the run.
+echo "== fuzz"
+bash fuzz/run.sh ci "${NODEDNS_FUZZ_SECONDS:-20}" 2>&1 | tee "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+passed=$((passed + $(grep -c '^fuzz .*: ok$' "$log")))
+failed=$((failed + $(grep -c '^fuzz .*: CRASH' "$log")))
+
 [ "$status" -eq 0 ] || [ "$failed" -gt 0 ] || failed=1
 echo "$passed passed, $failed failed"
 exit "$status"

@@ -103,9 +103,18 @@ pub fn adopt(stream: std::net::TcpStream, read: Vec<u8>, cc: ConnCtx, rt: &tokio
 }
 
 /// The length of the first complete message in `buf`, if there is one.
-fn frame(buf: &[u8]) -> Option<usize> {
+pub fn frame(buf: &[u8]) -> Option<usize> {
     let len = u16::from_be_bytes([*buf.first()?, *buf.get(1)?]) as usize;
     (buf.len() >= 2 + len).then_some(len)
+}
+
+/// Takes the first complete length-prefixed message off the front of `buf` (the bytes read from
+/// a connection so far), if there is one; a partial message stays in `buf` for the next read.
+pub fn next_message(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let len = frame(buf)?;
+    let pkt = buf[2..2 + len].to_vec();
+    buf.drain(..2 + len);
+    Some(pkt)
 }
 
 async fn connection(
@@ -155,9 +164,7 @@ async fn connection(
     let mut queries = 0u64;
     'conn: loop {
         // Every complete message already read is served before reading more (or stopping).
-        while let Some(len) = frame(&buf) {
-            let pkt = buf[2..2 + len].to_vec();
-            buf.drain(..2 + len);
+        while let Some(pkt) = next_message(&mut buf) {
             let start = Instant::now();
             // A panic answers this message SERVFAIL and the connection goes on (see `contain`).
             let handled =
@@ -260,4 +267,25 @@ async fn connection(
 async fn close(mut wr: OwnedWriteHalf) -> std::io::Result<()> {
     let _ = wr.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_come_off_the_stream_whole_and_in_order() {
+        let mut buf = vec![0, 3, b'a', b'b', b'c', 0, 0, 0, 2, b'x'];
+        assert_eq!(next_message(&mut buf).as_deref(), Some(&b"abc"[..]));
+        // An empty message is a message.
+        assert_eq!(next_message(&mut buf).as_deref(), Some(&b""[..]));
+        // Half a message waits for the rest; so does half a length prefix.
+        assert_eq!(next_message(&mut buf), None);
+        assert_eq!(buf, [0, 2, b'x']);
+        buf.push(b'y');
+        assert_eq!(next_message(&mut buf).as_deref(), Some(&b"xy"[..]));
+        buf.push(1);
+        assert_eq!(next_message(&mut buf), None);
+        assert_eq!(buf, [1]);
+    }
 }

@@ -11,6 +11,7 @@
 #[macro_use]
 mod common;
 
+mod conformance;
 mod core;
 mod dropin;
 mod handover_netns;
