@@ -189,15 +189,7 @@ pub fn load_with(
                 .clone()
                 .unwrap_or_else(|| ":9253".into()),
         };
-        let rendered = corefile::render(path, &text, &pillars)?;
-        let blocks = corefile::parse(path, &rendered.text)?;
-        corefile_map::map(
-            path,
-            &blocks,
-            &rendered.custom_upstream_lines,
-            dns_port,
-            resolv_conf,
-        )?
+        corefile::read(path, &text, &pillars, dns_port, resolv_conf)?
     } else {
         let mut cfg = FileConfig::default();
         kube_dns.apply_upstreams(&mut cfg);
