@@ -34,27 +34,6 @@ pub struct Rendered {
     pub custom_upstream_lines: Vec<usize>,
 }
 
-/// The Corefile's text (a template: `pillars` fill its placeholders) as `FileConfig`:
-/// `render`, `parse`, then the blocks mapped onto the keys. `dns_port`: the port of a block
-/// that names none; `resolv_conf`: the file `forward . /etc/resolv.conf` means.
-pub fn read(
-    path: &Path,
-    text: &str,
-    pillars: &Pillars,
-    dns_port: u16,
-    resolv_conf: &Path,
-) -> Result<super::FileConfig, ConfigError> {
-    let rendered = render(path, text, pillars)?;
-    let blocks = parse(path, &rendered.text)?;
-    super::corefile_map::map(
-        path,
-        &blocks,
-        &rendered.custom_upstream_lines,
-        dns_port,
-        resolv_conf,
-    )
-}
-
 /// Fills the placeholders line by line, as node-cache's `updateCorefile` does for the whole
 /// text; `__PILLAR__DNS__SERVER__` left over (IPVS mode) becomes empty. A placeholder that
 /// cannot be filled, or one node-cache does not know, is an error naming its line.

@@ -189,7 +189,7 @@ pub fn load_with(
                 .clone()
                 .unwrap_or_else(|| ":9253".into()),
         };
-        corefile::read(path, &text, &pillars, dns_port, resolv_conf)?
+        read_corefile(path, &text, &pillars, dns_port, resolv_conf)?
     } else {
         let mut cfg = FileConfig::default();
         kube_dns.apply_upstreams(&mut cfg);
@@ -230,6 +230,27 @@ pub fn load_with(
     }
     apply_flags(&mut cfg, args)?;
     Ok(cfg)
+}
+
+/// The Corefile's text (a template: `pillars` fill its placeholders) as `FileConfig`:
+/// `corefile::render`, `corefile::parse`, then the blocks mapped onto the keys. `dns_port`: the port of a block
+/// that names none; `resolv_conf`: the file `forward . /etc/resolv.conf` means.
+pub fn read_corefile(
+    path: &Path,
+    text: &str,
+    pillars: &corefile::Pillars,
+    dns_port: u16,
+    resolv_conf: &Path,
+) -> Result<FileConfig, ConfigError> {
+    let rendered = corefile::render(path, text, pillars)?;
+    let blocks = corefile::parse(path, &rendered.text)?;
+    corefile_map::map(
+        path,
+        &blocks,
+        &rendered.custom_upstream_lines,
+        dns_port,
+        resolv_conf,
+    )
 }
 
 /// The files the configuration is read from (the TOML file or the Corefile, and the kube-dns

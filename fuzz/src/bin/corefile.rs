@@ -1,4 +1,4 @@
-//! The Corefile reader: `config::corefile::read` (placeholders, tokens, blocks, the plugins'
+//! The Corefile reader: `config::read_corefile` (placeholders, tokens, blocks, the plugins'
 //! mapping), then `validate`; a Corefile that validates is written back as the TOML
 //! `--check-config` prints and must read and validate again.
 #![no_main]
@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         prometheus: ":9253".into(),
     };
     let path = Path::new("Corefile");
-    let Ok(file) = corefile::read(path, text, &pillars, 53, &env().resolv_conf) else {
+    let Ok(file) = config::read_corefile(path, text, &pillars, 53, &env().resolv_conf) else {
         return;
     };
     let Ok(settings) = file.validate(env()) else {
