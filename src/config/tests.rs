@@ -308,3 +308,42 @@ fn udp_pool_keys_are_validated_under_their_names() {
     assert!(err("[forward]\nudp_socket_lifetime = \"10ms\"")
         .starts_with("forward.udp_socket_lifetime:"));
 }
+
+#[test]
+fn a_zone_forwarded_to_our_own_listener_is_refused() {
+    let e = err(
+        "listen = [\"169.254.20.10:53\", \"10.96.0.10:53\"]\n[[zone]]\nname = \"corp.example\"\n\
+         upstreams = [\"10.0.0.2\", \"10.96.0.10\"]\n",
+    );
+    assert!(
+        e.starts_with("zone[0].upstreams: 10.96.0.10:53 is one of our listen addresses"),
+        "{e}"
+    );
+}
+
+/// Found by the `corefile` fuzz target: a Corefile whose cluster block forwards to one of the
+/// listen addresses validated (its zone was not checked for loops) while the same
+/// configuration written as TOML (`--check-config`) did not. Both are refused now.
+#[test]
+fn fuzz_regression_corefile_cluster_block_forwarding_to_ourselves() {
+    let text = "clu\n338.254.20.10 1d 169.0.1010 10.96.0.10\n    fo6l:53 {\n    errors\n   \n      \
+                bind 169.254.20.10 10.96.0.10\n    forward . __PILLAR__UPSTREAM__SERVERS__\n\n  }\n\
+                er.loc,cluster.local:53 { cache {\n            success 9  }   loop\n    \
+                bind 169.254.20.10 10.96.0.10\n    forward . 169.254.20.11 10.96.0.10 {\n            \
+                force_tcp\n    }\n    prometheus :9253\n  }\n";
+    let (_d, e) = env("nameserver 127.0.0.53\n");
+    let pillars = corefile::Pillars {
+        local_ips: vec!["169.254.20.10".into(), "10.96.0.10".into()],
+        cluster_dns: Some("10.96.0.11".into()),
+        cluster_dns_var: "KUBE_DNS_UPSTREAM_SERVICE_HOST".into(),
+        upstream_servers: vec![],
+        prometheus: ":9253".into(),
+    };
+    let file = read_corefile(Path::new("Corefile"), text, &pillars, 53, &e.resolv_conf)
+        .expect("the Corefile reads");
+    let refused = file.validate(&e).unwrap_err().to_string();
+    assert!(
+        refused.contains("10.96.0.10:53 is one of our listen addresses"),
+        "{refused}"
+    );
+}

@@ -361,7 +361,13 @@ impl FileConfig {
         let upstreams = self.upstreams(env, &listen)?;
         let cluster_dns = self.cluster_dns(env, &listen)?;
         let fail_open_to = self.node.fail_open_to(&listen, &cluster_dns)?;
-        let zones = self.zones(&zone_defaults, upstreams, cluster_dns, &mut warnings)?;
+        let zones = self.zones(
+            &zone_defaults,
+            upstreams,
+            cluster_dns,
+            &listen,
+            &mut warnings,
+        )?;
         let node = self.node.validate(&listen, health, fail_open_to)?;
         let state = self.state.validate(&node)?;
         let local = LocalAnswers::build(&self.hosts, &self.rewrite, &self.template)?;
@@ -464,6 +470,7 @@ impl FileConfig {
         defaults: &ZoneDefaults,
         upstreams: Vec<SocketAddr>,
         cluster_dns: Vec<SocketAddr>,
+        listen: &[SocketAddr],
         warnings: &mut Vec<String>,
     ) -> Result<ZoneTable, ConfigError> {
         let (cluster_name, cluster_wire) = zone_name("cluster_domain", &self.cluster_domain)?;
@@ -511,6 +518,13 @@ impl FileConfig {
         });
         for (i, z) in self.zones.iter().enumerate() {
             let zone = z.validate(i, defaults)?;
+            // A zone forwarded to our own listener would loop, as `cluster_dns` would.
+            if let Some(own) = zone.upstreams.iter().find(|u| is_own(listen, u)) {
+                return Err(invalid(
+                    format!("zone[{i}].upstreams"),
+                    format!("{own} is one of our listen addresses; nodedns would query itself"),
+                ));
+            }
             if let Some(existing) = zones.iter_mut().find(|zn| zn.wire == zone.wire) {
                 // A [[zone]] naming a built-in zone (the cluster zones, ".") overrides its
                 // upstreams and transport, and the TTL caps and window it gives.
