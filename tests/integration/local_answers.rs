@@ -9,8 +9,9 @@ use std::process::Command;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
+use crate::common::knot::Knot;
 use crate::common::*;
-use crate::real_servers::{kdig, Knot};
+use crate::real_servers::{kdig, knot};
 
 const CONFIG: &str = r#"
 [[hosts]]
@@ -115,7 +116,7 @@ fn hosts_answer_by_name_and_address_with_nxdomain_nodata_and_fallthrough() {
     if !require(&["knotd", "kdig", "dig"], false) {
         return;
     }
-    let (knot, up, dir) = (Knot::start(), upstream(), tempfile::tempdir().unwrap());
+    let (knot, up, dir) = (knot(), upstream(), tempfile::tempdir().unwrap());
     let nd = start(&knot, &up, &dir);
     let s = nd.dns;
     // A and AAAA by name, with the section's TTL. (AA is cleared: the reply comes from the
@@ -166,7 +167,7 @@ fn templates_answer_from_the_name_and_are_cached_like_upstream_answers() {
     if !require(&["knotd", "kdig"], false) {
         return;
     }
-    let (knot, up, dir) = (Knot::start(), upstream(), tempfile::tempdir().unwrap());
+    let (knot, up, dir) = (knot(), upstream(), tempfile::tempdir().unwrap());
     let nd = start(&knot, &up, &dir);
     let s = nd.dns;
     let matches = |zone: &str| {
@@ -209,7 +210,7 @@ fn rewritten_names_are_routed_and_forwarded_and_the_client_sees_its_own() {
     if !require(&["knotd", "kdig", "dig"], false) {
         return;
     }
-    let (knot, up, dir) = (Knot::start(), upstream(), tempfile::tempdir().unwrap());
+    let (knot, up, dir) = (knot(), upstream(), tempfile::tempdir().unwrap());
     let nd = start(&knot, &up, &dir);
     let s = nd.dns;
     // Exact rule to a cluster name: routed to the cluster DNS (knotd) by the new name, the

@@ -1,87 +1,25 @@
 //! nodedns between real DNS software: knot (Debian's knotd) as both the CoreDNS and the VPC
 //! resolver stand-in, queried by real clients (kdig, dig).
 
-use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::process::Command;
 
+use crate::common::knot::Knot;
 use crate::common::*;
 
-/// knotd serving two zones on a loopback port, stopped on drop.
-pub(crate) struct Knot {
-    child: Child,
-    pub(crate) addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Knot {
-    pub(crate) fn start() -> Knot {
-        let dir = tempfile::tempdir().unwrap();
-        let port = {
-            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap().port()
-        };
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let d = dir.path().display();
-        std::fs::write(
-            dir.path().join("cluster.local.zone"),
-            "$TTL 30\n@ SOA ns.cluster.local. host.cluster.local. 1 3600 600 86400 30\n@ NS ns\n\
-             ns A 127.0.0.1\nkubernetes.default.svc A 10.96.0.1\n",
-        )
-        .unwrap();
-        let big: String = (0..8)
-            .map(|i| format!(" \"{}\"", "x".repeat(190 + i)))
-            .collect();
-        std::fs::write(
-            dir.path().join("example.com.zone"),
-            format!(
-                "$TTL 300\n@ SOA ns.example.com. host.example.com. 1 3600 600 86400 60\n@ NS ns\n\
-                 ns A 127.0.0.1\nwww A 93.184.216.34\nwww AAAA 2001:db8::1\nbig TXT{big}\n"
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("knot.conf"),
-            format!(
-                "server:\n    listen: 127.0.0.1@{port}\n    rundir: {d}\n    udp-workers: 1\n    tcp-workers: 1\n\
-                 database:\n    storage: {d}\n\
-                 zone:\n  - domain: cluster.local\n    file: {d}/cluster.local.zone\n\
-                 \x20 - domain: example.com\n    file: {d}/example.com.zone\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new("knotd")
-            .arg("-c")
-            .arg(dir.path().join("knot.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start knotd");
-        let k = Knot {
-            child,
-            addr,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while kdig(
-            k.addr,
-            &["www.example.com", "+short", "+timeout=1", "+retry=0"],
-        )
-        .trim()
-        .is_empty()
-        {
-            assert!(Instant::now() < deadline, "knotd did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        k
-    }
-}
-
-impl Drop for Knot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// knotd serving a cluster zone and `example.com` (with a TXT too large for 512 and 1232 bytes)
+/// on a loopback port, stopped on drop.
+pub(crate) fn knot() -> Knot {
+    let big: String = (0..8)
+        .map(|i| format!(" \"{}\"", "x".repeat(190 + i)))
+        .collect();
+    Knot::start(&[
+        ("cluster.local", "kubernetes.default.svc 30 A 10.96.0.1\n"),
+        (
+            "example.com",
+            &format!("www A 93.184.216.34\nwww AAAA 2001:db8::1\nbig TXT{big}\n"),
+        ),
+    ])
 }
 
 pub(crate) fn kdig(server: SocketAddr, args: &[&str]) -> String {
@@ -116,7 +54,7 @@ fn kdig_through_nodedns_to_knot() {
     if !require(&["knotd", "kdig"], false) {
         return;
     }
-    let knot = Knot::start();
+    let knot = knot();
     let nd = nodedns_in_front_of(&knot);
     assert_eq!(
         kdig(nd.dns, &["kubernetes.default.svc.cluster.local", "+short"]).trim(),
@@ -149,7 +87,7 @@ fn dig_with_dnssec_ok_and_0x20_case() {
     if !require(&["knotd", "dig"], false) {
         return;
     }
-    let knot = Knot::start();
+    let knot = knot();
     let nd = nodedns_in_front_of(&knot);
     let out = Command::new("dig")
         .args([

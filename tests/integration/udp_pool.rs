@@ -5,11 +5,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::common::knot::Knot;
 use crate::common::*;
 use hickory_proto::op::Message;
 use hickory_proto::rr::{RData, RecordType};
@@ -238,67 +239,14 @@ fn a_pool_smaller_than_64_is_refused_naming_the_key() {
 }
 
 /// knotd answering `nI.pool.test A` with an address that encodes I, on a loopback port.
-struct Knot {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Knot {
-    fn start(names: usize) -> Knot {
-        let dir = tempfile::tempdir().unwrap();
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let d = dir.path().display();
-        let mut zone = String::from(
-            "$TTL 300\n@ SOA ns.pool.test. host.pool.test. 1 3600 600 86400 60\n@ NS ns\nns A 127.0.0.1\n",
-        );
-        for i in 0..names {
+fn pool_knot(names: usize) -> Knot {
+    let records: String = (0..names)
+        .map(|i| {
             let [a, b, c, e] = expected(i);
-            zone.push_str(&format!("n{i} A {a}.{b}.{c}.{e}\n"));
-        }
-        std::fs::write(dir.path().join("pool.test.zone"), zone).unwrap();
-        std::fs::write(
-            dir.path().join("knot.conf"),
-            format!(
-                "server:\n    listen: 127.0.0.1@{port}\n    rundir: {d}\n    udp-workers: 1\n    tcp-workers: 1\n\
-                 database:\n    storage: {d}\n\
-                 zone:\n  - domain: pool.test\n    file: {d}/pool.test.zone\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new("knotd")
-            .arg("-c")
-            .arg(dir.path().join("knot.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start knotd");
-        let k = Knot {
-            child,
-            addr,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let probe = query_msg("ns.pool.test.", RecordType::A, 7, None)
-            .to_vec()
-            .unwrap();
-        while udp_raw(k.addr, &probe, Duration::from_millis(200)).is_none() {
-            assert!(Instant::now() < deadline, "knotd did not come up");
-        }
-        k
-    }
-}
-
-impl Drop for Knot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            format!("n{i} A {a}.{b}.{c}.{e}\n")
+        })
+        .collect();
+    Knot::start(&[("pool.test", &records)])
 }
 
 fn expected(i: usize) -> [u8; 4] {
@@ -310,13 +258,13 @@ fn expected(i: usize) -> [u8; 4] {
 /// one for its own name.
 #[test]
 fn concurrent_misses_are_demultiplexed_against_knotd() {
-    if !require(&["knotd"], false) {
+    if !require(&["knotd", "dig"], false) {
         return;
     }
     const CLIENTS: usize = 16;
     const PER_CLIENT: usize = 128;
     const WINDOW: usize = 8;
-    let knot = Knot::start(CLIENTS * PER_CLIENT);
+    let knot = pool_knot(CLIENTS * PER_CLIENT);
     let (n, _dir) = nodedns(knot.addr, "");
     let server = n.dns;
     let threads: Vec<_> = (0..CLIENTS)
