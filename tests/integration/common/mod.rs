@@ -166,22 +166,12 @@ impl Nodedns {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's PID.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+        crate::common::signal_child(&self.child, sig);
     }
 
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        crate::common::wait_child(&mut self.child, timeout)
     }
 }
 
@@ -521,4 +511,24 @@ pub fn dig_short(server: SocketAddr, name: &str, qtype: &str) -> String {
         .output()
         .expect("run dig");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Sends `sig` to a child process this test started.
+pub fn signal_child(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// Waits up to `timeout` for a child process to exit.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }

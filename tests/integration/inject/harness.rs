@@ -192,21 +192,11 @@ impl Webhook {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's PID.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+        crate::common::signal_child(&self.child, sig);
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        crate::common::wait_child(&mut self.child, timeout)
     }
 
     pub fn alive(&mut self) -> bool {
