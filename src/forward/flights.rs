@@ -1,13 +1,17 @@
 //! Coalescing: identical misses in flight (same cache key and question) share one upstream
 //! exchange. The first one leads and resolves; the others wait for its result, whichever worker
-//! thread or runtime they run on (a `watch` channel wakes them through their wakers).
+//! thread or runtime they run on (each waiter holds a oneshot channel the leader answers).
+//!
+//! A flight nobody joins, the common case, costs one map entry and its question: no channel is
+//! made until a second caller asks for the same name.
 
+use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use super::AllFailed;
 use crate::cache::Entry;
@@ -16,9 +20,34 @@ use crate::cache::Entry;
 /// the failure.
 pub type Outcome = Result<(Entry, Option<SocketAddr>), Arc<AllFailed>>;
 
-type Slot = watch::Receiver<Option<Outcome>>;
-/// One shard: per key, the question it was asked for and the flight's channel.
-type Shard = Mutex<HashMap<u64, (Box<[u8]>, Slot)>>;
+/// A flight in the air: the question it was asked for (lowercased question and key flags,
+/// compared so that a hash collision never shares an answer) and the callers waiting for it.
+struct Flight {
+    question: Box<[u8]>,
+    flags: u8,
+    waiters: Vec<oneshot::Sender<Outcome>>,
+}
+
+/// Hashes a cache key as itself: keys are already well-mixed 64-bit hashes.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// One shard: the flights whose keys fall into it.
+type Shard = Mutex<HashMap<u64, Flight, BuildHasherDefault<KeyHasher>>>;
 
 /// Flights in progress, in shards so misses of different names rarely share a lock.
 pub struct Flights {
@@ -30,13 +59,14 @@ pub struct Flights {
 pub struct Leader<'a> {
     flights: &'a Flights,
     key: u64,
-    tx: Option<watch::Sender<Option<Outcome>>>,
+    /// False for a leader of an uncoalesced flight (another question under the same key).
+    owns: bool,
 }
 
 /// Either lead the flight for a key, or wait for the one already in the air.
 pub enum Join<'a> {
     Lead(Leader<'a>),
-    Wait(Slot),
+    Wait(oneshot::Receiver<Outcome>),
 }
 
 const SHARDS: usize = 64;
@@ -44,7 +74,7 @@ const SHARDS: usize = 64;
 impl Default for Flights {
     fn default() -> Self {
         Flights {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
         }
     }
 }
@@ -54,27 +84,35 @@ impl Flights {
         &self.shards[(key >> 40) as usize % SHARDS]
     }
 
-    /// Joins the flight for `key` (`question`: the lowercased question and key flags, compared so
-    /// that a hash collision never shares an answer). With a flight for `key` but another
-    /// question in the air, this caller leads its own, uncoalesced.
-    pub fn join(&self, key: u64, question: &[u8]) -> Join<'_> {
+    /// Joins the flight for `key` asked as `question` (lowercased) with key flags `flags`. With
+    /// a flight for `key` but another question in the air, this caller leads its own,
+    /// uncoalesced.
+    pub fn join(&self, key: u64, question: &[u8], flags: u8) -> Join<'_> {
         let mut map = self.shard(key).lock();
-        if let Some((q, rx)) = map.get(&key) {
-            if **q == *question {
-                return Join::Wait(rx.clone());
+        if let Some(f) = map.get_mut(&key) {
+            if *f.question == *question && f.flags == flags {
+                let (tx, rx) = oneshot::channel();
+                f.waiters.push(tx);
+                return Join::Wait(rx);
             }
             return Join::Lead(Leader {
                 flights: self,
                 key,
-                tx: None,
+                owns: false,
             });
         }
-        let (tx, rx) = watch::channel(None);
-        map.insert(key, (question.into(), rx));
+        map.insert(
+            key,
+            Flight {
+                question: question.into(),
+                flags,
+                waiters: Vec::new(),
+            },
+        );
         Join::Lead(Leader {
             flights: self,
             key,
-            tx: Some(tx),
+            owns: true,
         })
     }
 
@@ -98,36 +136,36 @@ impl Flights {
 impl Leader<'_> {
     /// Ends the flight: every waiter gets `outcome`.
     pub fn land(mut self, outcome: &Outcome) {
-        self.remove();
-        if let Some(tx) = self.tx.take() {
-            // No receiver left is fine: nobody waited.
-            let _ = tx.send(Some(outcome.clone()));
+        for tx in self.take_waiters() {
+            // A waiter that gave up is fine.
+            let _ = tx.send(outcome.clone());
         }
     }
 
-    fn remove(&self) {
-        if self.tx.is_some() {
-            self.flights.shard(self.key).lock().remove(&self.key);
+    /// Takes the flight out of the map; its waiters, to be answered or (dropped) let go.
+    fn take_waiters(&mut self) -> Vec<oneshot::Sender<Outcome>> {
+        if !std::mem::take(&mut self.owns) {
+            return Vec::new();
         }
+        self.flights
+            .shard(self.key)
+            .lock()
+            .remove(&self.key)
+            .map(|f| f.waiters)
+            .unwrap_or_default()
     }
 }
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        self.remove();
+        // Dropping the senders (outside the lock) wakes the waiters without an outcome.
+        drop(self.take_waiters());
     }
 }
 
 /// Waits for the leader's outcome; None when the leader went away without one.
-pub async fn wait(mut rx: Slot) -> Option<Outcome> {
-    loop {
-        if let Some(o) = rx.borrow_and_update().as_ref() {
-            return Some(o.clone());
-        }
-        if rx.changed().await.is_err() {
-            return rx.borrow().clone();
-        }
-    }
+pub async fn wait(rx: oneshot::Receiver<Outcome>) -> Option<Outcome> {
+    rx.await.ok()
 }
 
 #[cfg(test)]
@@ -151,11 +189,11 @@ mod tests {
     #[tokio::test]
     async fn waiters_get_the_leaders_outcome() {
         let f = Flights::default();
-        let Join::Lead(leader) = f.join(7, b"q") else {
+        let Join::Lead(leader) = f.join(7, b"q", 0) else {
             panic!("first caller leads");
         };
         let waiters: Vec<_> = (0..3)
-            .map(|_| match f.join(7, b"q") {
+            .map(|_| match f.join(7, b"q", 0) {
                 Join::Wait(rx) => tokio::spawn(wait(rx)),
                 Join::Lead(_) => panic!("the flight is in the air"),
             })
@@ -173,10 +211,10 @@ mod tests {
     #[tokio::test]
     async fn another_question_under_the_same_key_is_not_coalesced() {
         let f = Flights::default();
-        let Join::Lead(_leader) = f.join(7, b"q") else {
+        let Join::Lead(_leader) = f.join(7, b"q", 0) else {
             panic!("first caller leads");
         };
-        assert!(matches!(f.join(7, b"other"), Join::Lead(_)));
+        assert!(matches!(f.join(7, b"other", 0), Join::Lead(_)));
         // That second leader does not own the flight: dropping it leaves the first in the air.
         assert!(f.in_air(7));
     }
@@ -184,10 +222,10 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_leader_releases_its_waiters() {
         let f = Flights::default();
-        let Join::Lead(leader) = f.join(9, b"q") else {
+        let Join::Lead(leader) = f.join(9, b"q", 0) else {
             panic!("first caller leads");
         };
-        let Join::Wait(rx) = f.join(9, b"q") else {
+        let Join::Wait(rx) = f.join(9, b"q", 0) else {
             panic!("waits");
         };
         drop(leader);

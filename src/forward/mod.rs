@@ -288,9 +288,7 @@ impl Forwarder {
         key: u64,
         zone: Route,
     ) -> (FlightOutcome, bool) {
-        let mut question = q.question_lower().to_vec();
-        question.push(q.key_flags());
-        match self.flights.join(key, &question) {
+        match self.flights.join(key, q.question_lower(), q.key_flags()) {
             Join::Wait(rx) => {
                 if let Some(outcome) = flights::wait(rx).await {
                     self.counters.coalesced.inc();
@@ -351,12 +349,23 @@ impl Forwarder {
     ) -> Result<(Entry, Option<SocketAddr>), AllFailed> {
         let r = self.routes.load_full();
         let zone_idx = r.zone_index(route, q);
-        let local = &r.settings.local;
-        if local.is_empty() {
+        if r.settings.local.is_empty() {
             let (resp, upstream) = self.exchange_zone(&r, q, zone_idx).await?;
             return Ok((self.store(&r, q, zone_idx, resp), Some(upstream)));
         }
-        let mut plan = local.plan(q, &self.local_metrics);
+        // Boxed: the plan and the rewritten query would otherwise enlarge every miss's task,
+        // with or without local answers configured.
+        Box::pin(self.resolve_local(&r, q, zone_idx)).await
+    }
+
+    /// [`resolve_via`](Self::resolve_via) with local answers configured.
+    async fn resolve_local(
+        &self,
+        r: &Routes,
+        q: &Query,
+        zone_idx: usize,
+    ) -> Result<(Entry, Option<SocketAddr>), AllFailed> {
+        let mut plan = r.settings.local.plan(q, &self.local_metrics);
         let asked = *plan.asked(q);
         // CoreDNS routes after the rewrite: the new name picks the zone.
         let zone_idx = match plan.rewritten {
@@ -372,12 +381,12 @@ impl Forwarder {
                 None,
             ),
             None => {
-                let (resp, upstream) = self.exchange_zone(&r, &asked, zone_idx).await?;
+                let (resp, upstream) = self.exchange_zone(r, &asked, zone_idx).await?;
                 (resp, Some(upstream))
             }
         };
         let resp = plan.finish(resp, q).ok_or_else(failed)?;
-        Ok((self.store(&r, q, zone_idx, resp), upstream))
+        Ok((self.store(r, q, zone_idx, resp), upstream))
     }
 
     /// Exchanges `q` with the upstreams of zone `zone_idx` in turn: the first answer that is
@@ -486,7 +495,8 @@ impl Forwarder {
                 }
                 debug!(upstream = %upstream, "truncated over UDP, retrying over TCP");
                 let left = deadline.saturating_duration_since(Instant::now());
-                let r = tcp::exchange_once(upstream, q, size, left).await;
+                // Boxed: rare, and its state would otherwise enlarge every miss's task.
+                let r = Box::pin(tcp::exchange_once(upstream, q, size, left)).await;
                 m.query(UpstreamTransport::TcpFallback, outcome(&r));
                 r
             }

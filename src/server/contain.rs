@@ -35,8 +35,12 @@ pub fn packet<R>(f: impl FnOnce() -> R) -> Option<R> {
 }
 
 /// Awaits `f`, or returns None if it panicked.
-pub async fn task<F: Future>(f: F) -> Option<F::Output> {
-    AssertUnwindSafe(f).catch_unwind().await.ok()
+///
+/// A plain function returning the combinator, not an `async fn`: an async fn would hold `f` twice
+/// in its state (as the argument and as the awaited local), doubling the size of every miss task
+/// that is moved into the runtime.
+pub fn task<F: Future>(f: F) -> impl Future<Output = Option<F::Output>> {
+    AssertUnwindSafe(f).catch_unwind().map(Result::ok)
 }
 
 /// Writes into `out` the SERVFAIL reply to `pkt` after a panic: its ID, flags and question when

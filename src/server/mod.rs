@@ -393,7 +393,9 @@ impl Context {
                 // The slot is held until the upstream answers (or the client's wait ends).
                 Some(_slot) => {
                     let outcome = if has_stale {
-                        self.resolve_behind_stale(m).await
+                        // Boxed: only names with a stale answer take this path; inline, its
+                        // state would enlarge every miss's task.
+                        Box::pin(self.resolve_behind_stale(m)).await
                     } else {
                         Some(self.forwarder.resolve_shared(q, key, zone).await.0)
                     };
