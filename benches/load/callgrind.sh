@@ -66,7 +66,7 @@ taskset -c 0 knotd -c "$WORKDIR/knot/knot.conf" >"$WORKDIR/knot.log" 2>&1 &
 KNOT=$!
 for _ in {1..50}; do kdig @"$BACKEND_ADDR" ns.dns.cluster.local +short +timeout=1 +retry=0 2>/dev/null | grep -q . && break; sleep 0.1; done
 
-taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$WORKDIR/cg.out" \
+taskset -c 1 valgrind --tool=callgrind --compress-strings=no --callgrind-out-file="$WORKDIR/cg.out" \
     "$BIN" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
     --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off "$@" \
     >"$WORKDIR/nodedns.log" 2>&1 &

@@ -472,7 +472,10 @@ impl Worker {
                 let stats = self.stats.clone();
                 let tcp_zone = self.ctx.forwarder.is_tcp(miss.zone, &miss.q);
                 let task = async move {
-                    let resolve = ctx.resolve(&miss, &pkt, src, Proto::Udp, &stats, start);
+                    // Boxed: the task then stays small, and the runtime moves and rewrites the
+                    // whole task as it is spawned, polled and completed.
+                    let resolve =
+                        Box::pin(ctx.resolve(&miss, &pkt, src, Proto::Udp, &stats, start));
                     let reply = match contain::task(resolve).await {
                         Some(reply) => reply,
                         None => {
