@@ -220,6 +220,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn other_key_flags_under_the_same_key_are_not_coalesced() {
+        let f = Flights::default();
+        let Join::Lead(_leader) = f.join(7, b"q", 0) else {
+            panic!("first caller leads");
+        };
+        // Same question, DO set: another answer, never the first flight's.
+        assert!(matches!(f.join(7, b"q", 1), Join::Lead(_)));
+        assert!(matches!(f.join(7, b"q", 0), Join::Wait(_)));
+    }
+
+    #[tokio::test]
     async fn a_dropped_leader_releases_its_waiters() {
         let f = Flights::default();
         let Join::Lead(leader) = f.join(9, b"q", 0) else {

@@ -26,7 +26,7 @@ impl Forwarder {
             return false;
         };
         let timeout = r.settings.forward.upstream_timeout;
-        self.exchange(&r, upstream, st.transport, &q, timeout)
+        self.exchange(&r, upstream, st.transport, &q, std::time::Instant::now(), timeout)
             .await
             .is_ok()
     }

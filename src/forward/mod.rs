@@ -79,8 +79,9 @@ pub struct Routes {
     /// Configuration generation: 0 at start, one more at each reload.
     pub gen: u64,
     pub settings: Arc<Settings>,
-    pools: HashMap<SocketAddr, Arc<TcpPool>>,
-    state: HashMap<SocketAddr, Arc<UpstreamState>>,
+    pools: HashMap<SocketAddr, Arc<TcpPool>, ahash::RandomState>,
+    /// Looked up several times per miss: hashed with ahash, not SipHash.
+    state: HashMap<SocketAddr, Arc<UpstreamState>, ahash::RandomState>,
 }
 
 impl Routes {
@@ -90,8 +91,8 @@ impl Routes {
         prev: Option<&Routes>,
         metrics: &Arc<Metrics>,
     ) -> Routes {
-        let mut pools = HashMap::new();
-        let mut state = HashMap::new();
+        let mut pools = HashMap::default();
+        let mut state = HashMap::default();
         for z in settings.zones.iter() {
             for &u in &z.upstreams {
                 let st = state
@@ -320,7 +321,9 @@ impl Forwarder {
         }
         let mut m = self.stale_failures.lock();
         if ok {
-            m.remove(&key);
+            if !m.is_empty() {
+                m.remove(&key);
+            }
         } else {
             let now = Instant::now();
             if m.len() > 4096 {
@@ -398,18 +401,21 @@ impl Forwarder {
         zone_idx: usize,
     ) -> Result<(Response, SocketAddr), AllFailed> {
         let zone = &r.settings.zones[zone_idx];
-        let start = Instant::now();
-        let deadline = start + r.settings.forward.query_timeout;
+        // One clock read per attempt: each attempt starts when the previous one ended.
+        let mut now = Instant::now();
+        let deadline = now + r.settings.forward.query_timeout;
         let mut relay: Option<(Response, SocketAddr)> = None;
         for upstream in self.ordered(r, &zone.upstreams) {
-            let now = Instant::now();
             if now >= deadline {
                 break;
             }
             let attempt = r.settings.forward.upstream_timeout.min(deadline - now);
-            let t0 = Instant::now();
-            let result = self.exchange(r, upstream, zone.transport, q, attempt).await;
-            let elapsed = t0.elapsed();
+            let result = self
+                .exchange(r, upstream, zone.transport, q, now, attempt)
+                .await;
+            let done = Instant::now();
+            let elapsed = done.saturating_duration_since(now);
+            now = done;
             match result {
                 Ok(resp) => {
                     r.state[&upstream]
@@ -457,7 +463,12 @@ impl Forwarder {
         let mut seen = std::collections::HashSet::new();
         for z in r.settings.zones.iter() {
             for &u in &z.upstreams {
-                if seen.insert(u) && self.exchange(&r, u, z.transport, &q, timeout).await.is_ok() {
+                if seen.insert(u)
+                    && self
+                        .exchange(&r, u, z.transport, &q, Instant::now(), timeout)
+                        .await
+                        .is_ok()
+                {
                     return true;
                 }
             }
@@ -465,17 +476,17 @@ impl Forwarder {
         false
     }
 
-    /// One exchange with one upstream over the zone's transport.
+    /// One exchange with one upstream over the zone's transport, started at `now`.
     async fn exchange(
         &self,
         r: &Routes,
         upstream: SocketAddr,
         transport: Transport,
         q: &Query,
+        now: Instant,
         timeout: Duration,
     ) -> Result<Response, UpstreamError> {
         let size = r.settings.server.edns_udp_size;
-        let deadline = Instant::now() + timeout;
         let m = &r.state[&upstream].metrics;
         match transport {
             Transport::Tcp => {
@@ -486,15 +497,15 @@ impl Forwarder {
             }
             Transport::Udp | Transport::PreferUdp => {
                 m.request();
-                let r =
-                    udp::exchange(upstream, q, size, timeout, &r.settings.forward.udp_pool).await;
+                let r = udp::exchange(upstream, q, size, now, timeout, &r.settings.forward.udp_pool)
+                    .await;
                 m.query(UpstreamTransport::Udp, outcome(&r));
                 let resp = r?;
                 if !(resp.truncated && transport == Transport::PreferUdp) {
                     return Ok(resp);
                 }
                 debug!(upstream = %upstream, "truncated over UDP, retrying over TCP");
-                let left = deadline.saturating_duration_since(Instant::now());
+                let left = (now + timeout).saturating_duration_since(Instant::now());
                 // Boxed: rare, and its state would otherwise enlarge every miss's task.
                 let r = Box::pin(tcp::exchange_once(upstream, q, size, left)).await;
                 m.query(UpstreamTransport::TcpFallback, outcome(&r));

@@ -311,6 +311,7 @@ impl Drop for Pool {
 
 thread_local! {
     static RECV: RefCell<Box<[u8; RECV_BUF]>> = RefCell::new(Box::new([0; RECV_BUF]));
+    static SEND: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static POOLS: RefCell<HashMap<SocketAddr, Pool, ahash::RandomState>> =
         RefCell::new(HashMap::default());
 }
@@ -360,15 +361,15 @@ impl Drop for Registration<'_> {
     }
 }
 
-/// One exchange with `upstream` over a socket of this thread's pool.
+/// One exchange with `upstream` over a socket of this thread's pool, started at `now`.
 pub async fn exchange(
     upstream: SocketAddr,
     q: &Query,
     udp_size: u16,
+    now: Instant,
     timeout: Duration,
     limits: &PoolLimits,
 ) -> Result<Response, UpstreamError> {
-    let now = Instant::now();
     let sock = POOLS.with_borrow_mut(|pools| {
         pools
             .entry(upstream)
@@ -379,10 +380,20 @@ pub async fn exchange(
         .register(q.question_lower())
         .ok_or(UpstreamError::Io(io::ErrorKind::WouldBlock.into()))?;
     let _registration = Registration { sock: &sock, id };
-    let mut msg = Vec::with_capacity(64 + q.question_lower().len());
-    dns::write_upstream_query(q, id, udp_size, &mut msg);
+    // Written in this thread's buffer and sent at once: a UDP socket's send buffer is seldom
+    // full, and then the query is sent from a buffer of its own once the socket is writable.
+    let sent = SEND.with_borrow_mut(|msg| {
+        msg.clear();
+        dns::write_upstream_query(q, id, udp_size, msg);
+        match sock.sock.try_send(msg) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(msg.clone())),
+            r => r.map(|_| None),
+        }
+    });
     let wait = async {
-        sock.sock.send(&msg).await?;
+        if let Some(msg) = sent? {
+            Box::pin(sock.sock.send(&msg)).await?;
+        }
         rx.await.map_err(|_| UpstreamError::Closed)?
     };
     tokio::time::timeout(timeout, wait)

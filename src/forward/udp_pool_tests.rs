@@ -189,8 +189,8 @@ fn replies_are_demultiplexed_strictly() {
         let qb = dns::parse_query(&pb).unwrap();
         let t = Duration::from_secs(5);
         let (ra, rb) = tokio::join!(
-            exchange(addr, &qa, 1232, t, &lim),
-            exchange(addr, &qb, 1232, t, &lim)
+            exchange(addr, &qa, 1232, Instant::now(), t, &lim),
+            exchange(addr, &qb, 1232, Instant::now(), t, &lim)
         );
         script.await.unwrap();
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
@@ -215,7 +215,7 @@ fn unanswered_query_times_out_and_is_forgotten() {
         let lim = limits(1, 1000);
         let p = query_packet("silent.example");
         let q = dns::parse_query(&p).unwrap();
-        let r = exchange(addr, &q, 1232, Duration::from_millis(20), &lim).await;
+        let r = exchange(addr, &q, 1232, Instant::now(), Duration::from_millis(20), &lim).await;
         assert!(matches!(r, Err(UpstreamError::Timeout)), "{r:?}");
         POOLS.with_borrow(|pools| {
             let s = pools[&addr].slots[0].as_ref().unwrap();
@@ -235,7 +235,7 @@ fn refused_port_fails_the_query_at_once() {
         };
         let p = query_packet("nobody.example");
         let q = dns::parse_query(&p).unwrap();
-        let r = exchange(addr, &q, 1232, Duration::from_secs(5), &limits(1, 1000)).await;
+        let r = exchange(addr, &q, 1232, Instant::now(), Duration::from_secs(5), &limits(1, 1000)).await;
         assert!(matches!(r, Err(UpstreamError::Io(_))), "{r:?}");
     });
 }
