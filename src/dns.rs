@@ -395,6 +395,13 @@ pub fn name_in_zone(name: &[u8], zone: &[u8]) -> bool {
     name.len() - pos == zone.len() && &name[pos..] == zone
 }
 
+/// The length of the first message of a DNS-over-TCP stream (RFC 1035 §4.2.2: a two-byte length,
+/// then the message) when `buf` holds all of it; None while it is incomplete.
+pub fn tcp_frame_len(buf: &[u8]) -> Option<usize> {
+    let len = u16::from_be_bytes([*buf.first()?, *buf.get(1)?]) as usize;
+    (buf.len() >= 2 + len).then_some(len)
+}
+
 /// Writes an upstream query for `q`: our own ID, RD and CD as the client set them, the lowercased
 /// question and an OPT record advertising `udp_size` with the client's DO bit.
 pub fn write_upstream_query(q: &Query, id: u16, udp_size: u16, out: &mut Vec<u8>) {

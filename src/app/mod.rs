@@ -217,8 +217,6 @@ pub async fn run(
                     sock,
                     settings.server.udp_batch,
                     ctx.clone(),
-                    rt.clone(),
-                    tracker.clone(),
                     stop.clone(),
                     stats,
                 )

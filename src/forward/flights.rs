@@ -74,7 +74,9 @@ const SHARDS: usize = 64;
 impl Default for Flights {
     fn default() -> Self {
         Flights {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
         }
     }
 }

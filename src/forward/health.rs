@@ -26,9 +26,16 @@ impl Forwarder {
             return false;
         };
         let timeout = r.settings.forward.upstream_timeout;
-        self.exchange(&r, upstream, st.transport, &q, std::time::Instant::now(), timeout)
-            .await
-            .is_ok()
+        self.exchange(
+            &r,
+            upstream,
+            st.transport,
+            &q,
+            std::time::Instant::now(),
+            timeout,
+        )
+        .await
+        .is_ok()
     }
 
     /// Probes every upstream marked down until it answers, for as long as the future runs (the

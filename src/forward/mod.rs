@@ -232,12 +232,6 @@ impl Forwarder {
         }
     }
 
-    /// True when `route`'s zone is reached over pooled TCP.
-    pub fn is_tcp(&self, route: Route, q: &Query) -> bool {
-        let r = self.routes.load();
-        r.settings.zones[r.zone_index(route, q)].transport == Transport::Tcp
-    }
-
     /// Takes an in-flight slot, or None when `forward.max_inflight` queries are already out.
     pub fn try_acquire(&self) -> Option<InflightGuard<'_>> {
         let prev = self.inflight.fetch_add(1, Ordering::Relaxed);
@@ -497,8 +491,15 @@ impl Forwarder {
             }
             Transport::Udp | Transport::PreferUdp => {
                 m.request();
-                let r = udp::exchange(upstream, q, size, now, timeout, &r.settings.forward.udp_pool)
-                    .await;
+                let r = udp::exchange(
+                    upstream,
+                    q,
+                    size,
+                    now,
+                    timeout,
+                    &r.settings.forward.udp_pool,
+                )
+                .await;
                 m.query(UpstreamTransport::Udp, outcome(&r));
                 let resp = r?;
                 if !(resp.truncated && transport == Transport::PreferUdp) {

@@ -6,10 +6,19 @@
 //! connection after `forward.tcp_idle_timeout` without queries, before CoreDNS's own 10 s idle
 //! close; if the server closes first, a query that was sent on the dying connection is retried
 //! once on a new one.
+//!
+//! Connections are per thread, like the UDP socket pools: each thread that forwards (a UDP worker,
+//! a thread of the shared runtime) keeps up to `forward.tcp_pool_size` connections per upstream,
+//! registered with its own runtime. A UDP worker's cluster-zone misses are then written, read and
+//! answered on the worker's own thread, with no wake-up of another thread per query. A worker
+//! that waits in `recvmmsg` does not drive its runtime, so its idle connections are read (and
+//! closed when idle) the next time it forwards; a connection the server closed meanwhile fails
+//! the query sent on it, which is retried once on a new connection.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,11 +34,9 @@ use crate::metrics::{Metrics, UpstreamMetrics};
 
 /// Writes a length-prefixed query for `q` with `id` into `out`.
 fn framed_query(q: &Query, id: u16, udp_size: u16, out: &mut Vec<u8>) {
-    let mut msg = Vec::with_capacity(64 + q.question_lower().len());
-    dns::write_upstream_query(q, id, udp_size, &mut msg);
-    out.clear();
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    out.extend_from_slice(&msg);
+    dns::write_upstream_query(q, id, udp_size, out);
+    let len = (out.len() as u16).to_be_bytes();
+    out.splice(0..0, len);
 }
 
 async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Vec<u8>> {
@@ -65,21 +72,39 @@ pub async fn exchange_once(
         .map_err(|_| UpstreamError::Timeout)?
 }
 
-/// A pool of persistent connections to one upstream.
+/// A pool of persistent connections to one upstream: its settings; the connections themselves
+/// are per thread (`THREAD_CONNS`).
 pub struct TcpPool {
+    /// Identifies the pool's connections in every thread's table.
+    id: u64,
     addr: SocketAddr,
-    /// One connection per slot. The async lock is held while a slot's connection is opened, so
-    /// concurrent queries wait for it instead of each opening their own.
-    slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
-    next: AtomicUsize,
+    size: usize,
     idle: Duration,
     metrics: Arc<Metrics>,
     upstream_metrics: Arc<UpstreamMetrics>,
-    /// The runtime the pool was made on (the shared one): connections are opened and read there
-    /// whichever runtime asks, since a UDP worker's own runtime is not driven while the worker
-    /// waits in `recvmmsg` (a miss rewritten into a TCP zone runs on it). None: the caller's.
-    rt: Option<tokio::runtime::Handle>,
+    /// Cleared when the pool is dropped (a reload replaced it): threads then close their
+    /// connections of it the next time they look one up.
+    alive: Arc<AtomicBool>,
 }
+
+/// One slot: a connection, or none yet. The async lock is held while the slot's connection is
+/// opened, so concurrent queries wait for it instead of each opening their own.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
+
+/// A thread's connections of one pool.
+struct ThreadConns {
+    alive: Arc<AtomicBool>,
+    slots: Vec<Slot>,
+    next: usize,
+}
+
+thread_local! {
+    /// This thread's pooled connections, by pool.
+    static THREAD_CONNS: RefCell<HashMap<u64, ThreadConns, ahash::RandomState>> =
+        RefCell::new(HashMap::default());
+}
+
+static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
 
 struct Conn {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
@@ -106,10 +131,16 @@ impl Conn {
     }
 }
 
+impl Drop for TcpPool {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Relaxed);
+    }
+}
+
 impl TcpPool {
-    /// Connections the pool keeps (its configured size).
+    /// Connections the pool keeps per thread (its configured size).
     pub fn size(&self) -> usize {
-        self.slots.len()
+        self.size
     }
 
     /// How long a connection may stay idle before the pool closes it.
@@ -125,15 +156,13 @@ impl TcpPool {
         upstream_metrics: Arc<UpstreamMetrics>,
     ) -> Self {
         TcpPool {
+            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             addr,
-            slots: (0..size.max(1))
-                .map(|_| tokio::sync::Mutex::new(None))
-                .collect(),
-            next: AtomicUsize::new(0),
+            size: size.max(1),
             idle,
             metrics,
             upstream_metrics,
-            rt: tokio::runtime::Handle::try_current().ok(),
+            alive: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -164,21 +193,29 @@ impl TcpPool {
             .map_err(|_| UpstreamError::Timeout)?
     }
 
+    /// The next slot of this thread's connections to the pool's upstream.
+    fn slot(&self) -> Slot {
+        THREAD_CONNS.with_borrow_mut(|pools| {
+            let t = pools.entry(self.id).or_insert_with(|| ThreadConns {
+                alive: self.alive.clone(),
+                slots: (0..self.size).map(|_| Slot::default()).collect(),
+                next: 0,
+            });
+            t.next = (t.next + 1) % t.slots.len();
+            t.slots[t.next].clone()
+        })
+    }
+
     async fn conn(&self) -> Result<(Arc<Conn>, bool), UpstreamError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut slot = self.slots[i].lock().await;
+        let slot = self.slot();
+        let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref() {
             if !c.is_closed() {
                 return Ok((c.clone(), false));
             }
         }
-        let stream = match &self.rt {
-            Some(rt) => rt
-                .spawn(TcpStream::connect(self.addr))
-                .await
-                .map_err(|_| UpstreamError::Closed)??,
-            None => TcpStream::connect(self.addr).await?,
-        };
+        close_dropped_pools();
+        let stream = TcpStream::connect(self.addr).await?;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
         let conn = Arc::new(Conn {
@@ -189,11 +226,14 @@ impl TcpPool {
             }),
         });
         self.metrics.upstream_tcp_open(self.addr, 1);
-        let reader = read_loop(rd, conn.clone(), self.idle, self.metrics.clone(), self.addr);
-        match &self.rt {
-            Some(rt) => rt.spawn(reader),
-            None => tokio::spawn(reader),
-        };
+        // On this thread's runtime, with the connection.
+        tokio::spawn(read_loop(
+            rd,
+            conn.clone(),
+            self.idle,
+            self.metrics.clone(),
+            self.addr,
+        ));
         *slot = Some(conn.clone());
         Ok((conn, true))
     }
@@ -239,6 +279,32 @@ impl TcpPool {
     }
 }
 
+/// Closes this thread's connections of pools a reload dropped (their readers then end).
+fn close_dropped_pools() {
+    let dropped: Vec<ThreadConns> = THREAD_CONNS.with_borrow_mut(|pools| {
+        let gone: Vec<u64> = pools
+            .iter()
+            .filter(|(_, t)| !t.alive.load(Ordering::Relaxed))
+            .map(|(&id, _)| id)
+            .collect();
+        gone.iter().filter_map(|id| pools.remove(id)).collect()
+    });
+    for t in dropped {
+        for slot in t.slots {
+            if let Ok(Some(c)) = slot.try_lock().as_deref() {
+                c.close();
+            }
+        }
+    }
+}
+
+/// Free space kept in a connection's read buffer before each read: room for many pipelined
+/// answers, so one read takes every answer that has arrived.
+const READ_ROOM: usize = 16 * 1024;
+
+/// Reads answers off a pooled connection and hands each to the query waiting for its ID. One read
+/// takes whatever has arrived, so pipelined answers cost one system call between them, not two
+/// each (length, then message).
 async fn read_loop(
     mut rd: OwnedReadHalf,
     conn: Arc<Conn>,
@@ -246,21 +312,33 @@ async fn read_loop(
     metrics: Arc<Metrics>,
     addr: SocketAddr,
 ) {
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_ROOM);
     loop {
-        match tokio::time::timeout(idle, read_frame(&mut rd)).await {
-            Ok(Ok(frame)) => {
-                if frame.len() < dns::HEADER_LEN {
-                    continue;
-                }
-                let id = dns::u16_at(&frame, 0);
-                if let Some(tx) = conn.pending.lock().waiting.remove(&id) {
-                    let _ = tx.send(frame);
-                }
+        let mut start = 0;
+        while let Some(len) = dns::tcp_frame_len(&buf[start..]) {
+            let frame = &buf[start + 2..start + 2 + len];
+            start += 2 + len;
+            if frame.len() < dns::HEADER_LEN {
+                continue;
             }
-            Ok(Err(_)) => break,
+            let id = dns::u16_at(frame, 0);
+            let waiting = conn.pending.lock().waiting.remove(&id);
+            if let Some(tx) = waiting {
+                let _ = tx.send(frame.to_vec());
+            }
+        }
+        // Keep only a partial answer, at the front.
+        buf.drain(..start);
+        if buf.capacity() - buf.len() < READ_ROOM {
+            buf.reserve(READ_ROOM);
+        }
+        match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed by the server, or failed.
+            Ok(_) => break,
             // Nothing read for `idle`: close. Any query still waiting has outlived its own
             // timeout or was just sent (it fails with Closed and is retried on a fresh
-            // connection); and a read cut by the timeout may have left the stream mid-frame.
+            // connection).
             Err(_) => break,
         }
     }

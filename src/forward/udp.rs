@@ -33,7 +33,9 @@ pub fn exchange<'a>(
     if pool.size == 0 {
         Either::Left(exchange_fresh(upstream, q, udp_size, timeout))
     } else {
-        Either::Right(udp_pool::exchange(upstream, q, udp_size, now, timeout, pool))
+        Either::Right(udp_pool::exchange(
+            upstream, q, udp_size, now, timeout, pool,
+        ))
     }
 }
 

@@ -215,7 +215,15 @@ fn unanswered_query_times_out_and_is_forgotten() {
         let lim = limits(1, 1000);
         let p = query_packet("silent.example");
         let q = dns::parse_query(&p).unwrap();
-        let r = exchange(addr, &q, 1232, Instant::now(), Duration::from_millis(20), &lim).await;
+        let r = exchange(
+            addr,
+            &q,
+            1232,
+            Instant::now(),
+            Duration::from_millis(20),
+            &lim,
+        )
+        .await;
         assert!(matches!(r, Err(UpstreamError::Timeout)), "{r:?}");
         POOLS.with_borrow(|pools| {
             let s = pools[&addr].slots[0].as_ref().unwrap();
@@ -235,7 +243,15 @@ fn refused_port_fails_the_query_at_once() {
         };
         let p = query_packet("nobody.example");
         let q = dns::parse_query(&p).unwrap();
-        let r = exchange(addr, &q, 1232, Instant::now(), Duration::from_secs(5), &limits(1, 1000)).await;
+        let r = exchange(
+            addr,
+            &q,
+            1232,
+            Instant::now(),
+            Duration::from_secs(5),
+            &limits(1, 1000),
+        )
+        .await;
         assert!(matches!(r, Err(UpstreamError::Io(_))), "{r:?}");
     });
 }

@@ -3,13 +3,13 @@
 //! adds no latency), answers the cache hits among them on this thread with no allocation, spawn or
 //! channel hop, and sends every reply of the batch with one `sendmmsg`.
 //!
-//! A miss for a UDP zone stays on the thread too: every worker drives its own current-thread tokio
-//! runtime, and the miss becomes a task there, so the upstream exchange and the reply cost no
-//! thread hop (no futex wake of another thread, no cross-core cache traffic). The worker blocks in
-//! `recvmmsg` while none of its misses is in flight, the cheapest wait for a pure cache workload;
-//! with misses in flight it waits on epoll through the runtime, so replies from upstreams, timers
-//! and new queries are served in one loop. A miss for a TCP zone goes to the shared runtime,
-//! which owns the pooled connections.
+//! A miss stays on the thread too: every worker drives its own current-thread tokio runtime, and
+//! the miss becomes a task there, so the upstream exchange and the reply cost no thread hop (no
+//! futex wake of another thread, no context switch, no cross-core cache traffic). Its upstream
+//! sockets and pooled TCP connections are the worker's own (see `forward::udp_pool` and
+//! `forward::tcp`). The worker blocks in `recvmmsg` while none of its misses is in flight, the
+//! cheapest wait for a pure cache workload; with misses in flight it waits on epoll through the
+//! runtime, so replies from upstreams, timers and new queries are served in one loop.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 
 use super::socket::UDP_POLL;
@@ -39,14 +38,11 @@ const SLOT_LEN: usize = 4096;
 
 /// Starts a worker thread serving `sock` until `stop` is set, reading up to `batch` datagrams
 /// per system call.
-#[allow(clippy::too_many_arguments)]
 pub fn spawn_worker(
     name: String,
     sock: UdpSocket,
     batch: usize,
     ctx: Arc<Context>,
-    rt: Handle,
-    tracker: TaskTracker,
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
 ) -> io::Result<JoinHandle<()>> {
@@ -64,8 +60,6 @@ pub fn spawn_worker(
         let mut w = Worker {
             sock: Arc::new(sock),
             ctx,
-            rt,
-            tracker,
             local_tasks: TaskTracker::new(),
             stats,
             batch: Batch::new(batch.clamp(1, 256)),
@@ -82,9 +76,6 @@ pub fn spawn_worker(
 struct Worker {
     sock: Arc<UdpSocket>,
     ctx: Arc<Context>,
-    /// The shared runtime (TCP zones, whose pooled connections live there).
-    rt: Handle,
-    tracker: TaskTracker,
     /// Misses resolved on this thread's own runtime.
     local_tasks: TaskTracker,
     stats: Arc<WorkerStats>,
@@ -470,7 +461,6 @@ impl Worker {
                 let ctx = self.ctx.clone();
                 let sock = self.sock.clone();
                 let stats = self.stats.clone();
-                let tcp_zone = self.ctx.forwarder.is_tcp(miss.zone, &miss.q);
                 let task = async move {
                     // Boxed: the task then stays small, and the runtime moves and rewrites the
                     // whole task as it is spawned, polled and completed.
@@ -486,12 +476,9 @@ impl Worker {
                     };
                     send_reply(&sock, reply, src);
                 };
-                if tcp_zone {
-                    self.tracker.spawn_on(task, &self.rt);
-                } else {
-                    // This thread's runtime (we are inside its block_on).
-                    self.local_tasks.spawn(task);
-                }
+                // This thread's runtime (we are inside its block_on), for UDP and TCP zones
+                // alike: the upstream sockets and connections it uses are this thread's.
+                self.local_tasks.spawn(task);
                 false
             }
         }
