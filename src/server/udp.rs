@@ -351,7 +351,10 @@ impl Worker {
             };
             replies.clear();
             hits.clear();
-            let now = Instant::now();
+            // One read of the real clock per batch: the hits' durations count from it, and the
+            // cache's clock (the same instant, unless a test set it) ages their entries.
+            let arrived = Instant::now();
+            let now = self.ctx.clock.at(arrived);
             // Parse every query of the batch, prefetch all their cache entries, then look them
             // up: the memory loads overlap instead of stalling one query after another.
             // Each datagram's handling is contained (see `contain`): a panic answers that one
@@ -385,7 +388,7 @@ impl Worker {
             // A hit's duration runs from the batch's arrival to its reply leaving: one clock
             // read for the batch.
             if !hits.is_empty() {
-                self.stats.hit_durations(&hits, now.elapsed());
+                self.stats.hit_durations(&hits, arrived.elapsed());
             }
         }
         // Stopped listening: answer the misses already taken, within the grace period.
