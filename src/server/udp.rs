@@ -283,6 +283,8 @@ impl Worker {
         let mut replies: Vec<usize> = Vec::with_capacity(self.batch.bufs.len());
         let mut hits: Vec<HitTiming> = Vec::with_capacity(self.batch.bufs.len());
         let mut keys: Vec<u64> = Vec::with_capacity(self.batch.bufs.len());
+        // Held here so a batch's clock read tests a local, not a field behind the context.
+        let clock = self.ctx.clock.clone();
         while !stop.load(Ordering::Relaxed) {
             let r = if self.local_tasks.is_empty() {
                 if afd.is_some() {
@@ -354,7 +356,7 @@ impl Worker {
             // One read of the real clock per batch: the hits' durations count from it, and the
             // cache's clock (the same instant, unless a test set it) ages their entries.
             let arrived = Instant::now();
-            let now = self.ctx.clock.at(arrived);
+            let now = clock.at(arrived);
             // Parse every query of the batch, prefetch all their cache entries, then look them
             // up: the memory loads overlap instead of stalling one query after another.
             // Each datagram's handling is contained (see `contain`): a panic answers that one
