@@ -416,6 +416,22 @@ fn servfail_tries_the_next_upstream_and_is_cached_briefly() {
     );
 }
 
+/// The library's entry point stops when its token is cancelled: `Inproc::shutdown` returns only
+/// once the workers and the TCP server are gone, so the ports are free (nothing else may bind a
+/// port our SO_REUSEPORT sockets still hold without the option).
+#[test]
+fn the_in_process_server_stops_and_releases_its_ports() {
+    let vpc = answering(30);
+    let nd = start_inproc(&vpc, &[]);
+    let dns = nd.dns;
+    assert_eq!(udp_query(dns, "x.example.", RecordType::A).answers.len(), 1);
+    let r = tcp_pipeline(dns, &[query_msg("x.example.", RecordType::A, 3, None)]);
+    assert_eq!(r[0].answers.len(), 1);
+    nd.shutdown();
+    UdpSocket::bind(dns).expect("UDP port released");
+    std::net::TcpListener::bind(dns).expect("TCP port released");
+}
+
 #[test]
 fn sigterm_exits_zero_after_in_flight_queries() {
     let vpc = answering(30);
