@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use nodedns::cache::Entry;
+use nodedns::clock::Clock;
 use nodedns::config::{self, Args, Environment};
 use nodedns::dns::{self, AnswerKind};
 use nodedns::metrics::{Answered, Metrics, Proto};
@@ -62,7 +63,7 @@ fn context() -> Arc<Context> {
         .and_then(|f| f.validate(&env))
         .expect("valid settings");
     let zones = settings.zones.iter().map(|z| z.name.clone()).collect();
-    let ctx = Context::new(Arc::new(settings), Metrics::new(zones));
+    let ctx = Context::new(Arc::new(settings), Metrics::new(zones), Clock::real());
     let pkt = query_packet();
     let q = dns::parse_query(&pkt).expect("valid query");
     let question = &pkt[dns::HEADER_LEN..q.question_end];

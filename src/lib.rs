@@ -4,7 +4,11 @@
 //! - [`config`]: flags and the TOML file, validated into [`config::Settings`].
 //! - [`app`]: startup and shutdown order: node setup, bind, serve, rules, drain, teardown.
 //! - [`server`]: the UDP workers (hot path, and UDP-zone misses on each worker's own runtime) and
-//!   the TCP server; [`server::Context`] answers.
+//!   the TCP server; [`server::Context`] answers; [`server::run`] serves sockets the caller bound
+//!   until a token is cancelled ([`server::Server`]: the same, started and stopped in steps, as
+//!   [`app`] does).
+//! - [`clock`]: the time the cache and its policies see: the real monotonic clock, or a manual
+//!   one a test advances.
 //! - [`dns`]: allocation-free query parsing and response walking on the wire.
 //! - [`cache`]: the sharded answer cache (arena blocks, FIFO eviction): `cache/mod.rs` the
 //!   sharded table, `cache/arena.rs` a shard's arena and handle table, `cache/entry.rs` the entries and the reply renderer, `cache/snapshot.rs` the
@@ -30,6 +34,7 @@
 pub mod admin;
 pub mod app;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod dns;
 pub mod forward;

@@ -1,7 +1,8 @@
 //! Startup and shutdown, in the order that keeps a node's DNS working:
 //!
 //! 1. interface and addresses (when asked), so the listen IPs exist;
-//! 2. bind every listener (UDP per worker, TCP), start the workers and the admin endpoints;
+//! 2. bind every listener (UDP per worker, TCP), start serving them (`server::Server`, the
+//!    entry point the in-process tests use too, on the real clock here) and the admin endpoints;
 //! 3. check that each listener answers, then install the firewall rules: a broken start never
 //!    blackholes the node's DNS;
 //! 4. on SIGTERM: /ready turns 503, DNS keeps answering for the lameduck period, the cache
@@ -14,26 +15,25 @@
 //! the old one exits; its TCP connections follow at its shutdown.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::Readiness;
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::lifecycle::handover::{self, Kind, Offer, Offered, Peers};
 use crate::lifecycle::{warm, StateDir};
 use crate::metrics::Metrics;
 use crate::node::{NodeManager, SetupErrorSink};
-use crate::server::tcp::ConnCtx;
 
 mod admins;
 pub mod reload;
-use crate::server::{self, socket, Context};
+use crate::server::{socket, Context, Server};
 use admins::{Admins, Taker};
 pub use reload::ConfigSource;
 
@@ -42,9 +42,6 @@ impl SetupErrorSink for Metrics {
         self.setup_errors.with_label_values(&[errortype]).inc();
     }
 }
-
-/// How often expired cache entries are swept out.
-const PURGE_EVERY: Duration = Duration::from_secs(10);
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT.
 ///
@@ -171,7 +168,7 @@ pub async fn run(
         .context("interface setup failed")?;
 
     let bound = socket::bind_all(&settings.listen, settings.workers, handed.as_mut())?;
-    let ctx = Context::new(settings.clone(), metrics.clone());
+    let ctx = Context::new(settings.clone(), metrics.clone(), Clock::real());
     // A handed cache is loaded before the first query is read (the old instance serves
     // meanwhile); the snapshot file loads beside the running workers, so it never delays them.
     let mut load_snapshot = None;
@@ -186,18 +183,13 @@ pub async fn run(
             load_snapshot = Some(move || warm::load_file(&cache, zones, &path, &metrics));
         }
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let peers = Arc::new(Peers::default());
     let rt = tokio::runtime::Handle::current();
     let admins = Arc::new(Admins::new(metrics.clone(), ready.clone(), rt.clone()));
-    let mut threads = Vec::new();
-    let mut served = Vec::new();
+    // What a successor may take over: every DNS socket, offered before the server owns them.
     let mut offered = Vec::new();
-    let mut tcp_conns = Vec::new();
-    for b in bound {
-        let label = format!("dns://{}", b.addr);
+    let served: Vec<SocketAddr> = bound.iter().map(|b| b.addr).collect();
+    for b in &bound {
         offered.push(Offered {
             kind: Kind::Udp,
             addr: b.addr,
@@ -208,45 +200,15 @@ pub async fn run(
                 .collect::<std::io::Result<_>>()?,
             on_taken: None,
         });
-        let workers = b.udp.len();
-        for (i, sock) in b.udp.into_iter().enumerate() {
-            let stats = metrics.new_udp_worker_for(label.clone());
-            threads.push(
-                server::udp::spawn_worker(
-                    format!("nodedns-udp-{i}"),
-                    sock,
-                    settings.server.udp_batch,
-                    ctx.clone(),
-                    stop.clone(),
-                    stats,
-                )
-                .context("cannot start UDP worker")?,
-            );
-        }
-        info!(addr = %b.addr, workers, "listening for UDP on {}", b.addr);
         offered.push(Offered {
             kind: Kind::Tcp,
             addr: b.addr,
             fds: vec![b.tcp.try_clone()?.into()],
             on_taken: None,
         });
-        let listener = tokio::net::TcpListener::from_std(b.tcp)?;
-        let cc = ConnCtx {
-            ctx: ctx.clone(),
-            stats: metrics.new_worker_for(label),
-            tracker: tracker.clone(),
-            shutdown: cancel.clone(),
-            peers: peers.clone(),
-            table: server::tcp_table::Table::new(
-                settings.server.tcp_max_connections,
-                settings.server.tcp_idle_timeout,
-            ),
-        };
-        tokio::spawn(server::tcp::serve(listener, cc.clone()));
-        tcp_conns.push((b.addr, cc));
-        info!(addr = %b.addr, "listening for TCP on {}", b.addr);
-        served.push(b.addr);
     }
+    // The same entry point the in-process tests use (`server::run`), in steps.
+    let server = Server::start(ctx.clone(), bound, peers.clone())?;
     if let Some(load) = load_snapshot {
         tokio::task::spawn_blocking(load);
     }
@@ -346,21 +308,14 @@ pub async fn run(
         } else if let Err(t) = node.teardown().await {
             warn!(error = %format!("{t:#}"), "teardown incomplete");
         }
-        stop_all(
-            &stop,
-            &cancel,
-            threads,
-            &tracker,
-            settings.server.grace_period,
-        )
-        .await;
+        server.stop().await;
         return Err(e);
     }
     drop(node_lock);
     ready.node_setup_done.store(true, Ordering::Relaxed);
     let taker: Arc<dyn handover::Adopter> = Arc::new(Taker {
         admins: admins.clone(),
-        conns: tcp_conns,
+        conns: server.tcp_listeners(),
     });
     if let Some(h) = handed {
         h.confirm(&peers, taker.clone())
@@ -370,7 +325,7 @@ pub async fn run(
     let handover_stop = CancellationToken::new();
     let handover_thread = match &state {
         Some(s) => {
-            let cache = ctx.cache.clone();
+            let (cache, clock) = (ctx.cache.clone(), ctx.clock.clone());
             let offer = Arc::new(Offer {
                 listeners: offered,
                 cache: settings.state.warm_restart.then(|| {
@@ -378,7 +333,7 @@ pub async fn run(
                         cache
                             .write_snapshot(
                                 &mut std::io::BufWriter::new(w),
-                                Instant::now(),
+                                clock.now(),
                                 SystemTime::now(),
                             )
                             .map(drop)
@@ -395,10 +350,6 @@ pub async fn run(
         None => None,
     };
     let probe = tokio::spawn(probe_upstreams(ctx.clone(), ready.clone()));
-    let health = {
-        let ctx = ctx.clone();
-        tokio::spawn(async move { ctx.forwarder.run_health_checks().await })
-    };
     let reload_cancel = CancellationToken::new();
     if let (Some(source), Some(signals)) = (source, signals) {
         tokio::spawn(reload::run(
@@ -415,17 +366,6 @@ pub async fn run(
         let node = node.clone();
         let c = sync_cancel.clone();
         tokio::spawn(async move { node.run_sync_loop(async move { c.cancelled().await }).await })
-    };
-    // Expired answers leave memory within PURGE_EVERY even when nothing new pushes them out.
-    let purge = {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(PURGE_EVERY);
-            loop {
-                tick.tick().await;
-                ctx.cache.purge_expired(std::time::Instant::now());
-            }
-        })
     };
     let snapshots = match (&state, settings.state.snapshot_interval) {
         (Some(s), every) if !every.is_zero() && settings.state.warm_restart => {
@@ -448,8 +388,6 @@ pub async fn run(
     shutdown.await;
     ready.shutting_down.store(true, Ordering::Relaxed);
     probe.abort();
-    health.abort();
-    purge.abort();
     if let Some(t) = snapshots {
         t.abort();
     }
@@ -502,14 +440,7 @@ pub async fn run(
     if let Some(t) = handover_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
-    stop_all(
-        &stop,
-        &cancel,
-        threads,
-        &tracker,
-        settings.server.grace_period,
-    )
-    .await;
+    server.stop().await;
     if peers.has_successor() {
         metrics.handovers.with_label_values(&["gave"]).inc();
     }
@@ -518,29 +449,6 @@ pub async fn run(
     admins.stop();
     info!("stopped");
     Ok(())
-}
-
-/// Stops listening, then gives in-flight queries `grace` to finish.
-async fn stop_all(
-    stop: &AtomicBool,
-    cancel: &CancellationToken,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    tracker: &TaskTracker,
-    grace: Duration,
-) {
-    stop.store(true, Ordering::Relaxed);
-    cancel.cancel();
-    tokio::task::spawn_blocking(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-    })
-    .await
-    .ok();
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        warn!(?grace, "grace period over with queries still in flight");
-    }
 }
 
 /// Sends a query that is answered locally (an unsupported opcode gets NOTIMP without any

@@ -24,9 +24,15 @@
 //! block, and a block is freed once the head passes its end. Every entry lives at most the zone's
 //! max TTL (30 s by default), so insertion order is close to expiry order and an LRU's bookkeeping
 //! (a write on every hit) would buy little. An entry replaced by a newer answer, or removed by
-//! `purge_expired` (every 10 s from the app), leaves its bytes in place until the head passes them;
+//! `purge_expired` (every 10 s from the server), leaves its bytes in place until the head passes them;
 //! they count against `max_bytes`, so the bound holds. (A sweep inside `insert` once cost 25 µs per
 //! insert on a full 100k cache: see BENCHMARKS.md.)
+//!
+//! Time: the cache reads no clock for its entries. Every call that ages, stores or expires takes
+//! `now` (or the entry's store time) from its caller, which reads the server's `crate::clock`:
+//! the real monotonic clock in production, a manual one a test advances. Store times are kept in
+//! milliseconds since an epoch a week before the cache was made, so any reading of either clock
+//! after that is representable.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};

@@ -9,6 +9,9 @@
 //! Identical misses in flight share one exchange (`flights`). An upstream that fails
 //! `forward.max_fails` times in a row is marked down and probed in the background every
 //! `forward.health_check` (`health`); it is used again as soon as it answers.
+//!
+//! Store times and the stale-recheck timer are read from the forwarder's clock (`crate::clock`),
+//! so a test can move them; upstream timeouts and deadlines run on real time.
 
 mod flights;
 mod health;
@@ -26,6 +29,7 @@ use parking_lot::Mutex;
 use tracing::debug;
 
 use crate::cache::{Cache, Entry};
+use crate::clock::Clock;
 use crate::config::{Settings, Transport};
 use crate::dns::{self, AnswerKind, Query, Response};
 use crate::local::LocalMetrics;
@@ -151,6 +155,9 @@ pub struct Forwarder {
     routes: ArcSwap<Routes>,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
+    /// The time answers are stored at and failed refreshes are remembered by (`crate::clock`).
+    /// Upstream timeouts run on real time.
+    clock: Clock,
     /// Rotates the starting upstream among healthy ones to spread load.
     rotate: AtomicUsize,
     /// Forwarded queries in flight, bounded by `forward.max_inflight`.
@@ -178,7 +185,12 @@ impl Drop for InflightGuard<'_> {
 }
 
 impl Forwarder {
-    pub fn new(settings: Arc<Settings>, cache: Arc<Cache>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Self {
         let routes = Routes::build(0, settings, None, &metrics);
         raise_fd_limit_for(&routes);
         let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -189,6 +201,7 @@ impl Forwarder {
             routes: ArcSwap::from_pointee(routes),
             cache,
             metrics,
+            clock,
             rotate: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
             flights: Flights::default(),
@@ -319,7 +332,7 @@ impl Forwarder {
                 m.remove(&key);
             }
         } else {
-            let now = Instant::now();
+            let now = self.clock.now();
             if m.len() > 4096 {
                 m.retain(|_, until| *until > now);
             }
@@ -327,7 +340,8 @@ impl Forwarder {
         }
     }
 
-    /// True while a failed refresh of `key` is recent enough to serve stale without asking.
+    /// True while a failed refresh of `key` is recent enough to serve stale without asking
+    /// (`now`: a reading of the forwarder's clock).
     pub fn recently_failed(&self, key: u64, now: Instant) -> bool {
         let m = self.stale_failures.lock();
         !m.is_empty() && m.get(&key).is_some_and(|until| *until > now)
@@ -518,7 +532,7 @@ impl Forwarder {
     /// Applies the caching rules to `resp`, stores it when allowed and returns the entry.
     fn store(&self, r: &Routes, q: &Query, zone_idx: usize, resp: Response) -> Entry {
         let zone = &r.settings.zones[zone_idx];
-        let now = Instant::now();
+        let now = self.clock.now();
         let min_ttl = r.settings.cache.min_ttl;
         let secs = |d: Duration| d.as_secs().min(u32::MAX as u64) as u32;
         // Lifetime in seconds when cacheable, with the cap for each record's TTL.

@@ -3,12 +3,18 @@
 //! A query is parsed without allocating, then answered from the cache on the thread that received
 //! it. Only a miss leaves that path: it is handed to the tokio runtime, where the forwarder
 //! resolves it and the answer is sent from there.
+//!
+//! [`run`] serves sockets the caller bound until a token is cancelled; [`Server`] is the same in
+//! steps (start, stop), as `app::run` uses it between node setup and teardown.
 
 pub mod contain;
+mod run;
 pub mod socket;
 pub mod tcp;
 pub mod tcp_table;
 pub mod udp;
+
+pub use run::{run, Server};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cache::Cache;
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::dns::{self, Query, Reject};
 use crate::forward::{FlightOutcome, Forwarder, Route};
@@ -28,6 +35,9 @@ pub struct Context {
     pub cache: Arc<Cache>,
     pub forwarder: Forwarder,
     pub metrics: Arc<Metrics>,
+    /// The time entries are stored, aged and expired by (see `crate::clock`): the real clock in
+    /// production, a manual one in tests.
+    pub clock: Clock,
     /// The shared runtime, for work that outlives the query that started it (a refresh behind a
     /// stale answer, a prefetch); None outside a runtime (benchmarks).
     rt: Option<tokio::runtime::Handle>,
@@ -74,14 +84,22 @@ pub enum Rejected {
 }
 
 impl Context {
-    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// The cache, the forwarder and what the hot path needs, for `settings`, counting into
+    /// `metrics`, with `clock` as the time of the cache and its policies. Call it inside the
+    /// runtime that is to run refreshes and prefetches.
+    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>, clock: Clock) -> Arc<Self> {
         let cache = Arc::new(Cache::new(&crate::cache::CacheConfig {
             max_entries: settings.cache.max_entries,
             max_bytes: settings.cache.max_bytes,
             shards: (settings.workers * 16).clamp(16, 1024),
         }));
         metrics.set_cache(cache.clone());
-        let forwarder = Forwarder::new(settings.clone(), cache.clone(), metrics.clone());
+        let forwarder = Forwarder::new(
+            settings.clone(),
+            cache.clone(),
+            metrics.clone(),
+            clock.clone(),
+        );
         let prefetch_from_ms = AtomicU64::new(prefetch_from_ms(&settings));
         let query_log = QueryLog::new(settings.query_log);
         Arc::new_cyclic(|me| Context {
@@ -89,6 +107,7 @@ impl Context {
             cache,
             forwarder,
             metrics,
+            clock,
             rt: tokio::runtime::Handle::try_current().ok(),
             me: me.clone(),
             prefetch_from_ms,
@@ -107,8 +126,8 @@ impl Context {
     }
 
     /// Handles one packet as far as it can without waiting: errors and cache hits are written to
-    /// `out`. `start` is when the packet was read (a UDP worker reads one clock per batch): the
-    /// entry's age is taken at that instant and the reported duration counts from it.
+    /// `out`. `start` is when the packet was read, on [`Context::clock`] (a UDP worker reads one
+    /// clock per batch): the entry's age is taken at that instant.
     #[inline]
     pub fn handle(
         &self,
@@ -208,7 +227,8 @@ impl Context {
                 };
                 let timing = stats.record_hit(&answered, kind);
                 if self.query_log.sampled() {
-                    self.query_log.log(q, src, out, true, None, start.elapsed());
+                    let took = self.clock.elapsed(start);
+                    self.query_log.log(q, src, out, true, None, took);
                 }
                 // In the last `prefetch_percentage` of its TTL: a candidate for a refresh.
                 if age_ms * 100 >= ttl as u64 * self.prefetch_from_ms.load(Ordering::Relaxed) {
@@ -308,7 +328,7 @@ impl Context {
         let size = self.settings.server.edns_udp_size;
         let served = self
             .cache
-            .lookup_stale(key, q, Instant::now(), |e, _| {
+            .lookup_stale(key, q, self.clock.now(), |e, _| {
                 e.render_stale(q, pkt, ttl, max_len, size, out)
             })
             .is_some();
@@ -338,7 +358,8 @@ impl Context {
     /// Resolves a miss and writes the reply for it. Always produces a reply: a fresh answer; a
     /// stale one (RFC 8767) when the zone serves stale, the cache still holds the name and the
     /// upstreams fail or stay silent past `forward.client_timeout`; otherwise SERVFAIL when the
-    /// upstreams fail, REFUSED when too many queries are already in flight.
+    /// upstreams fail, REFUSED when too many queries are already in flight. `start`: when the
+    /// query was read, on [`Context::clock`] (its duration is counted from it).
     pub async fn resolve(
         &self,
         m: &Miss,
@@ -362,10 +383,10 @@ impl Context {
         let has_stale = stale_zone
             && self
                 .cache
-                .lookup_stale(key, q, Instant::now(), |_, _| ())
+                .lookup_stale(key, q, self.clock.now(), |_, _| ())
                 .is_some();
         let upstream = if has_stale
-            && self.forwarder.recently_failed(key, Instant::now())
+            && self.forwarder.recently_failed(key, self.clock.now())
             && self.render_stale(q, key, pkt, max_len, &mut out)
         {
             // The last refresh failed moments ago: no new attempt until the recheck time.
@@ -436,7 +457,7 @@ impl Context {
                 }
             }
         };
-        let elapsed = start.elapsed();
+        let elapsed = self.clock.elapsed(start);
         let answered = Answered {
             zone: routes.settings.zones[zone_idx].slot as usize,
             proto,

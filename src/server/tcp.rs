@@ -165,10 +165,13 @@ async fn connection(
     'conn: loop {
         // Every complete message already read is served before reading more (or stopping).
         while let Some(pkt) = next_message(&mut buf) {
+            // Real time for the connection's activity and the hit's duration; the cache's clock
+            // (the same instant, unless a test set it) for the entry's age.
             let start = Instant::now();
+            let now = ctx.clock.at(start);
             // A panic answers this message SERVFAIL and the connection goes on (see `contain`).
             let handled =
-                contain::packet(|| ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, start))
+                contain::packet(|| ctx.handle(&pkt, peer, Proto::Tcp, &stats, &mut out, now))
                     .unwrap_or_else(|| {
                         if contain::servfail(&pkt, &mut out) {
                             Handled::Reply
@@ -201,7 +204,7 @@ async fn connection(
                     };
                     let ctx = ctx.clone();
                     let stats = stats.clone();
-                    let start = Instant::now();
+                    let start = ctx.clock.now();
                     tracker.spawn(async move {
                         let resolve = ctx.resolve(&miss, &pkt, peer, Proto::Tcp, &stats, start);
                         let reply = match contain::task(resolve).await {

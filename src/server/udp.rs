@@ -274,6 +274,8 @@ impl Worker {
         let mut replies: Vec<usize> = Vec::with_capacity(self.batch.bufs.len());
         let mut hits: Vec<HitTiming> = Vec::with_capacity(self.batch.bufs.len());
         let mut keys: Vec<u64> = Vec::with_capacity(self.batch.bufs.len());
+        // Held here so a batch's clock read tests a local, not a field behind the context.
+        let clock = self.ctx.clock.clone();
         while !stop.load(Ordering::Relaxed) {
             let r = if self.local_tasks.is_empty() {
                 if afd.is_some() {
@@ -342,7 +344,10 @@ impl Worker {
             };
             replies.clear();
             hits.clear();
-            let now = Instant::now();
+            // One read of the real clock per batch: the hits' durations count from it, and the
+            // cache's clock (the same instant, unless a test set it) ages their entries.
+            let arrived = Instant::now();
+            let now = clock.at(arrived);
             // Parse every query of the batch, prefetch all their cache entries, then look them
             // up: the memory loads overlap instead of stalling one query after another.
             // Each datagram's handling is contained (see `contain`): a panic answers that one
@@ -376,7 +381,7 @@ impl Worker {
             // A hit's duration runs from the batch's arrival to its reply leaving: one clock
             // read for the batch.
             if !hits.is_empty() {
-                self.stats.hit_durations(&hits, now.elapsed());
+                self.stats.hit_durations(&hits, arrived.elapsed());
             }
         }
         // Stopped listening: answer the misses already taken, within the grace period.

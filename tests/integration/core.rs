@@ -1,5 +1,6 @@
 //! End-to-end tests of the core: the real binary on loopback, in front of fake
-//! upstreams that record how each query reached them.
+//! upstreams that record how each query reached them. Tests that let TTLs run down serve from
+//! this process instead (`Inproc`), with a clock they advance rather than sleep on.
 
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -28,6 +29,14 @@ fn start(upstream: &FakeUpstream, cluster: Option<&FakeUpstream>, extra: &[&str]
     }
     args.extend_from_slice(extra);
     Nodedns::start(&args)
+}
+
+/// The server in this process, with a manual clock, in front of `upstream`.
+fn start_inproc(upstream: &FakeUpstream, extra: &[&str]) -> Inproc {
+    let up = upstream.arg();
+    let mut args = vec!["--upstream", &up];
+    args.extend_from_slice(extra);
+    Inproc::start(&args)
 }
 
 fn answering(ttl: u32) -> FakeUpstream {
@@ -116,24 +125,46 @@ fn truncated_udp_answer_is_retried_over_tcp() {
 #[test]
 fn cache_hit_makes_no_upstream_query_and_ttl_falls() {
     let vpc = answering(300);
-    let nd = start(&vpc, None, &[]);
+    // No prefetch: the last hit before expiry would refresh the entry.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[cache]\nprefetch = 0\n").unwrap();
+    let nd = start_inproc(&vpc, &["--config", cfg.to_str().unwrap()]);
     let first = udp_query(nd.dns, "www.example.com.", RecordType::A);
     assert_eq!(first_ttl(&first), 30, "TTL capped at 30 s");
-    std::thread::sleep(Duration::from_millis(2100));
+    nd.advance(Duration::from_millis(2100));
     let second = udp_query(nd.dns, "WWW.example.COM.", RecordType::A);
     assert_eq!(
         vpc.count("www.example.com"),
         1,
         "second query served from cache"
     );
-    let ttl = first_ttl(&second);
-    assert!(
-        (27..=28).contains(&ttl),
-        "TTL decremented by age, got {ttl}"
+    assert_eq!(
+        first_ttl(&second),
+        28,
+        "TTL decremented by the whole seconds of age"
     );
+    // A TCP hit ages the entry the same way.
+    let over_tcp = tcp_pipeline(
+        nd.dns,
+        &[query_msg("www.example.com.", RecordType::A, 11, None)],
+    );
+    assert_eq!(first_ttl(&over_tcp[0]), 28);
     // Other types and the DO bit are other keys.
     udp_query(nd.dns, "www.example.com.", RecordType::AAAA);
     assert_eq!(vpc.count("www.example.com"), 2);
+    // Served from the cache to the last millisecond of its 30 s, asked again at 30 s.
+    nd.advance(Duration::from_millis(30_000 - 2100 - 1));
+    assert_eq!(
+        first_ttl(&udp_query(nd.dns, "www.example.com.", RecordType::A)),
+        1
+    );
+    assert_eq!(vpc.count("www.example.com"), 2);
+    nd.advance(Duration::from_millis(1));
+    let renewed = udp_query(nd.dns, "www.example.com.", RecordType::A);
+    assert_eq!(vpc.count("www.example.com"), 3, "expired after 30 s");
+    assert_eq!(first_ttl(&renewed), 30);
+    nd.shutdown();
 }
 
 #[test]
@@ -151,8 +182,9 @@ fn negative_answers_follow_the_soa() {
     });
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
-    std::fs::write(&cfg, "[cache]\nmin_ttl = \"1s\"\n").unwrap();
-    let nd = start(&vpc, None, &["--config", cfg.to_str().unwrap()]);
+    // No prefetch: the last hit before expiry would refresh the entry.
+    std::fs::write(&cfg, "[cache]\nmin_ttl = \"1s\"\nprefetch = 0\n").unwrap();
+    let nd = start_inproc(&vpc, &["--config", cfg.to_str().unwrap()]);
     for name in ["nx.example.", "nodata.example.", "nosoa.example."] {
         let r = udp_query(nd.dns, name, RecordType::A);
         assert!(r.answers.is_empty());
@@ -168,14 +200,21 @@ fn negative_answers_follow_the_soa() {
     );
     let r = udp_query(nd.dns, "nx.example.", RecordType::A);
     assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-    assert!(r.authorities[0].ttl <= 2, "SOA TTL is the negative TTL");
-    std::thread::sleep(Duration::from_millis(2300));
+    assert_eq!(r.authorities[0].ttl, 2, "SOA TTL is the negative TTL");
+    // Cached to the last millisecond of min(SOA TTL, MINIMUM) = 2 s, the SOA TTL aging with it.
+    nd.advance(Duration::from_millis(1999));
+    let r = udp_query(nd.dns, "nx.example.", RecordType::A);
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(r.authorities[0].ttl, 1);
+    assert_eq!(vpc.count("nx.example"), 1);
+    nd.advance(Duration::from_millis(1));
     udp_query(nd.dns, "nx.example.", RecordType::A);
     assert_eq!(
         vpc.count("nx.example"),
         2,
         "expired after min(SOA TTL, MINIMUM)"
     );
+    nd.shutdown();
 }
 
 #[test]
@@ -375,6 +414,22 @@ fn servfail_tries_the_next_upstream_and_is_cached_briefly() {
         1,
         "SERVFAIL cached for servfail_ttl"
     );
+}
+
+/// The library's entry point stops when its token is cancelled: `Inproc::shutdown` returns only
+/// once the workers and the TCP server are gone, so the ports are free (nothing else may bind a
+/// port our SO_REUSEPORT sockets still hold without the option).
+#[test]
+fn the_in_process_server_stops_and_releases_its_ports() {
+    let vpc = answering(30);
+    let nd = start_inproc(&vpc, &[]);
+    let dns = nd.dns;
+    assert_eq!(udp_query(dns, "x.example.", RecordType::A).answers.len(), 1);
+    let r = tcp_pipeline(dns, &[query_msg("x.example.", RecordType::A, 3, None)]);
+    assert_eq!(r[0].answers.len(), 1);
+    nd.shutdown();
+    UdpSocket::bind(dns).expect("UDP port released");
+    std::net::TcpListener::bind(dns).expect("TCP port released");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Answering when upstreams fail and keeping upstreams quiet: serve-stale (RFC 8767), coalescing
 //! of identical misses, prefetch of popular names, health checks of upstreams. Real nodedns
-//! processes on loopback; the upstreams are scripted fakes, since each test scripts a fault.
+//! processes on loopback, or the server in this process (`Inproc`) where a test lets TTLs and
+//! windows pass: its clock is advanced instead of slept on. The upstreams are scripted fakes,
+//! since each test scripts a fault.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -133,15 +135,9 @@ fn expired_names_are_served_stale_while_upstreams_are_silent_then_refreshed() {
     let (_d, cfg) = config(
         "[cache]\nmin_ttl = \"1s\"\nstale_recheck = \"2s\"\n[forward]\ntimeout = \"500ms\"\nquery_timeout = \"1s\"\n",
     );
-    let n = Nodedns::start(&[
+    let n = Inproc::start(&[
         "--config",
         &cfg,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--health",
-        "off",
         "--cluster-dns",
         &cluster.arg(),
         "--upstream",
@@ -166,8 +162,9 @@ fn expired_names_are_served_stale_while_upstreams_are_silent_then_refreshed() {
         .iter()
         .all(|r| r.as_ref().is_some_and(|(m, _)| m.answers.len() == 1)));
 
+    // Past the 1 s TTL (the refreshes below fail on real time: the upstream timeouts).
     mode.store(1, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(1500));
+    n.advance(Duration::from_millis(1500));
     let stale = burst(n.dns, &queries(5000), Duration::from_secs(4));
     let mut slowest = Duration::ZERO;
     for (i, r) in stale.iter().enumerate() {
@@ -196,22 +193,35 @@ fn expired_names_are_served_stale_while_upstreams_are_silent_then_refreshed() {
             "{took:?}"
         );
     }
-    let m = scrape(&n);
-    assert!(
-        metric(&m, "coredns_cache_served_stale_total") >= 420.0,
-        "{m}"
-    );
+    // One stale answer per query answered: 400 and 20.
+    let m = n.metrics();
+    assert_eq!(metric(&m, "coredns_cache_served_stale_total"), 420.0, "{m}");
 
-    // Upstreams back: once the recheck time is over, fresh answers replace the stale ones.
+    // Upstreams back: still inside the recheck time, stale answers without asking.
     mode.store(2, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(2200));
+    let asked = external.queries().len() + cluster.queries().len();
+    n.advance(Duration::from_millis(1999));
+    let held = burst(n.dns, &queries(17000)[..20], Duration::from_secs(2));
+    for r in &held {
+        let (m, _) = r.as_ref().expect("answered");
+        assert!(has_stale_ede(m), "{m:?}");
+    }
+    assert_eq!(
+        external.queries().len() + cluster.queries().len(),
+        asked,
+        "asked upstream within the recheck time"
+    );
+    // Once the recheck time is over, fresh answers replace the stale ones.
+    n.advance(Duration::from_millis(201));
     let fresh = burst(n.dns, &queries(13000), Duration::from_secs(4));
     for (i, r) in fresh.iter().enumerate() {
         let (m, _) = r.as_ref().expect("answered");
         let rdata = m.answers[0].data.to_string();
         assert!(rdata.starts_with("10.9.0."), "{}: {rdata}", names[i]);
         assert!(!has_stale_ede(m), "{}", names[i]);
+        assert_eq!(m.answers[0].ttl, 1, "{}: a fresh answer's TTL", names[i]);
     }
+    n.shutdown();
 }
 
 #[test]
@@ -243,42 +253,43 @@ fn identical_misses_share_one_upstream_exchange() {
 #[test]
 fn a_popular_name_is_refreshed_before_it_expires() {
     let up = FakeUpstream::start(|q, _| Action::Answer(a_reply(q, 5, &[[192, 0, 2, 5]])));
-    let n = start(&up.arg(), &["--metrics", "127.0.0.1:0", "--health", "off"]);
-    // 12 s of one query every 50 ms: two lifetimes of the 5 s TTL and more.
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = vec![0u8; 1024];
-    let mut slowest = Duration::ZERO;
-    let end = Instant::now() + Duration::from_secs(12);
-    let mut i = 0u16;
-    while Instant::now() < end {
-        let t = Instant::now();
-        s.send_to(
-            &query_msg("hot.example.org", RecordType::A, i, None)
-                .to_vec()
-                .unwrap(),
-            n.dns,
-        )
-        .unwrap();
-        let k = s.recv(&mut buf).expect("answered");
-        let m = Message::from_vec(&buf[..k]).unwrap();
-        assert_eq!(m.answers.len(), 1);
-        if i > 0 {
-            slowest = slowest.max(t.elapsed());
+    let n = Inproc::start(&["--upstream", &up.arg(), "--cluster-dns", &up.arg()]);
+    // 12 s of one query every 50 ms: two lifetimes of the 5 s TTL and more. With the defaults
+    // (prefetch = 2, prefetch_percentage = 10) the first hit in the last 0.5 s of a lifetime
+    // refreshes the entry; the clock waits for the refresh to land, so the new lifetime starts
+    // at that hit.
+    let step = Duration::from_millis(50);
+    let (mut now, mut stored) = (Duration::ZERO, Duration::ZERO);
+    let mut refreshed = 0;
+    while now <= Duration::from_secs(12) {
+        let m = udp_query(n.dns, "hot.example.org", RecordType::A);
+        assert_eq!(m.answers.len(), 1, "at {now:?}");
+        let age = now - stored;
+        assert_eq!(
+            m.answers[0].ttl as u64,
+            5 - age.as_secs(),
+            "at {now:?}, stored at {stored:?}"
+        );
+        if age >= Duration::from_millis(4500) {
+            refreshed += 1;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while n.metric("coredns_cache_prefetch_total") < refreshed as f64 {
+                assert!(Instant::now() < deadline, "no prefetch at {now:?}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            stored = now;
         }
-        i += 1;
-        std::thread::sleep(Duration::from_millis(50));
+        n.advance(step);
+        now += step;
     }
-    let m = scrape(&n);
+    let m = n.metrics();
     let misses = metric(&m, "coredns_cache_misses_total");
     let prefetches = metric(&m, "coredns_cache_prefetch_total");
     let asked = up.count("hot.example.org");
-    eprintln!("{i} queries over 12 s: {misses} client misses, {prefetches} prefetches, {asked} upstream queries");
+    eprintln!("241 queries over 12 s: {misses} client misses, {prefetches} prefetches, {asked} upstream queries");
     assert_eq!(misses, 1.0, "only the first query may miss:\n{m}");
-    assert!(
-        prefetches >= 2.0 && asked >= 3,
-        "{prefetches} prefetches, {asked} asked"
-    );
+    assert_eq!((prefetches, asked), (2.0, 3), "refreshed at 4.5 s and 9 s");
+    n.shutdown();
 }
 
 #[test]

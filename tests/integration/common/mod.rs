@@ -1,5 +1,6 @@
-//! Test harness shared by the integration tests: run the real `nodedns` binary on loopback,
-//! scriptable fake upstreams that record the transport each query came on, DNS clients built on
+//! Test harness shared by the integration tests: run the real `nodedns` binary on loopback, or
+//! the server in this process with a manual clock (`inproc`, for tests that let TTLs and windows
+//! pass), scriptable fake upstreams that record the transport each query came on, DNS clients built on
 //! hickory-proto, and tool checks that honour `NODEDNS_REQUIRE_ALL`.
 #![allow(dead_code)]
 
@@ -53,8 +54,11 @@ macro_rules! cluster_dual {
 }
 
 pub mod cluster;
+pub mod inproc;
 pub mod knot;
 pub mod netns;
+
+pub use inproc::Inproc;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
