@@ -11,9 +11,8 @@
 //! a thread of the shared runtime) keeps up to `forward.tcp_pool_size` connections per upstream,
 //! registered with its own runtime. A UDP worker's cluster-zone misses are then written, read and
 //! answered on the worker's own thread, with no wake-up of another thread per query. A worker
-//! that waits in `recvmmsg` does not drive its runtime, so its idle connections are read (and
-//! closed when idle) the next time it forwards; a connection the server closed meanwhile fails
-//! the query sent on it, which is retried once on a new connection.
+//! that waits in `recvmmsg` lets its runtime run at least every `server::socket::UDP_POLL`, so its
+//! idle connections are closed on time and a close by the server is seen.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -276,6 +276,9 @@ impl Worker {
         let mut keys: Vec<u64> = Vec::with_capacity(self.batch.bufs.len());
         // Held here so a batch's clock read tests a local, not a field behind the context.
         let clock = self.ctx.clock.clone();
+        // When this thread's runtime last ran while the worker blocks in `recvmmsg` (see
+        // `drive_runtime`).
+        let mut driven = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let r = if self.local_tasks.is_empty() {
                 if afd.is_some() {
@@ -335,7 +338,12 @@ impl Worker {
                             | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    continue
+                    // Idle for UDP_POLL: a good moment to let the runtime run.
+                    if self.local_tasks.is_empty() {
+                        drive_runtime().await;
+                        driven = Instant::now();
+                    }
+                    continue;
                 }
                 Err(e) => {
                     crate::log_limited!(warn, error = %e, "UDP receive failed");
@@ -382,6 +390,12 @@ impl Worker {
             // read for the batch.
             if !hits.is_empty() {
                 self.stats.hit_durations(&hits, arrived.elapsed());
+            }
+            // Busy with hits alone: still let the runtime run every UDP_POLL.
+            if self.local_tasks.is_empty() && arrived.saturating_duration_since(driven) >= UDP_POLL
+            {
+                drive_runtime().await;
+                driven = arrived;
             }
         }
         // Stopped listening: answer the misses already taken, within the grace period.
@@ -488,6 +502,17 @@ impl Worker {
             }
         }
     }
+}
+
+/// Lets this thread's runtime run once: the worker blocks in `recvmmsg`, not in the runtime,
+/// while none of its misses is in flight, so the tasks of its upstream sockets and pooled TCP
+/// connections (their reads, their idle timers: a connection idle past
+/// `forward.tcp_idle_timeout` is closed, one the server closed is seen) would otherwise wait for
+/// its next miss. The first yield lets the runtime poll its I/O driver and timers, the second
+/// lets the tasks they woke run.
+async fn drive_runtime() {
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
 }
 
 /// Sends one reply; one longer than the interface MTU (EMSGSIZE: the socket sets DF) goes as a

@@ -16,13 +16,14 @@ fn start(upstream: &FakeUpstream, cluster: Option<&FakeUpstream>, extra: &[&str]
         "127.0.0.1:0",
         "--upstream",
         &up,
-        "--workers",
-        "2",
         "--metrics",
         "off",
         "--health",
         "off",
     ];
+    if !extra.contains(&"--workers") {
+        args.extend(["--workers", "2"]);
+    }
     let cl = cluster.map(|c| c.arg());
     if let Some(cl) = &cl {
         args.extend(["--cluster-dns", cl]);
@@ -686,10 +687,27 @@ fn pooled_tcp_reconnects_when_the_upstream_closes_and_closes_when_idle() {
     }
     assert!(coredns.queries().iter().all(|q| q.2 == Via::Tcp));
 
-    // A well-behaved upstream: one pooled connection carries the queries, and nodedns closes it
-    // after forward.tcp_idle_timeout without queries (before CoreDNS's own 10 s).
+    // A well-behaved upstream: one pooled connection (pools are per thread: one worker, pool size
+    // 1) carries the queries, and nodedns closes it after forward.tcp_idle_timeout without
+    // queries (before CoreDNS's own 10 s), though the worker is idle, blocked in recvmmsg.
     let coredns2 = answering(30);
-    let nd2 = start(&vpc, Some(&coredns2), &["--config", cfg.to_str().unwrap()]);
+    let nd2 = start(
+        &vpc,
+        Some(&coredns2),
+        &["--config", cfg.to_str().unwrap(), "--workers", "1"],
+    );
+    let open = || tcp_conns(coredns2.addr);
+    // The readiness probe at start (". NS", asked until an upstream answers) runs on the shared
+    // runtime, on a connection of its own: once it has asked and that connection has gone idle
+    // and closed, only the worker's remains to be seen.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while coredns2.probes() + vpc.probes() == 0 || open() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the probe's connection was not closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for i in 0..3 {
         udp_query(
             nd2.dns,
@@ -697,7 +715,6 @@ fn pooled_tcp_reconnects_when_the_upstream_closes_and_closes_when_idle() {
             RecordType::A,
         );
     }
-    let open = || tcp_conns(coredns2.addr);
     assert_eq!(open(), 1, "one pooled connection carried the queries");
     let deadline = Instant::now() + Duration::from_secs(4);
     while open() > 0 {
