@@ -29,3 +29,4 @@ mod reply_flags;
 mod resilience;
 mod tcp_pressure;
 mod udp_pool;
+mod upstreams;
