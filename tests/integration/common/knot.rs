@@ -1,7 +1,7 @@
 //! knotd (Debian's authoritative server) on a loopback port, serving zones a test writes: the
 //! real upstream stand-in for tests that need one (`Knot::start(&[("example.com", "...")])`).
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,12 +14,27 @@ pub struct Knot {
 
 impl Knot {
     /// Starts knotd with each `(zone, records)`: the records are zone-file text after a
-    /// generated `$TTL 300`, SOA and NS. Waits until it answers the first zone's SOA.
+    /// generated `$TTL 300`, SOA and NS. Waits until it answers the first zone's SOA over UDP and
+    /// accepts TCP connections; a port another process took meanwhile (for UDP or TCP) means
+    /// another try on another port.
     pub fn start(zones: &[(&str, &str)]) -> Knot {
+        for _ in 0..5 {
+            if let Some(k) = Self::try_start(zones) {
+                return k;
+            }
+        }
+        panic!("knotd did not come up on five ports");
+    }
+
+    /// One try on a port free for both UDP and TCP when it was picked.
+    fn try_start(zones: &[(&str, &str)]) -> Option<Knot> {
         let dir = tempfile::tempdir().unwrap();
-        let port = {
-            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap().port()
+        let port = loop {
+            let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = u.local_addr().unwrap().port();
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                break port;
+            }
         };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let d = dir.path().display();
@@ -53,10 +68,20 @@ impl Knot {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while super::dig_short(k.addr, zones[0].0, "SOA").is_empty() {
-            assert!(Instant::now() < deadline, "knotd did not come up");
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
-        k
+        // Up over UDP; over TCP too, or the port was taken for TCP before knotd bound it.
+        let tcp_deadline = Instant::now() + Duration::from_secs(2);
+        while TcpStream::connect_timeout(&k.addr, Duration::from_millis(200)).is_err() {
+            if Instant::now() >= tcp_deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(k)
     }
 }
 

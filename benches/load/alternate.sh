@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Miss-path CPU per query of several nodedns builds, in short runs that alternate between the
+# builds: on a shared host whose speed drifts over minutes, runs of one build after another put
+# the drift between the builds; alternating puts it inside each build's spread.
+#
+#   bash benches/load/alternate.sh SCENARIO ROUNDS BIN...
+#   bash benches/load/alternate.sh miss 4 /tmp/nodedns-old target/release/nodedns
+#   SCENARIO: miss (example.com names, UDP upstream) or cluster-miss (cluster.local, pooled TCP)
+#
+# knotd (the load benchmark's zones) on CPU 0, nodedns (one worker) on CPU 1, dnsperf on CPU 0,
+# each run SECONDS long with OUTSTANDING queries out; prints per run the CPU, user and system
+# microseconds per answered query (from /proc/PID/stat) and the context switches per query
+# (perf stat, when perf is installed). Needs knotd, kdig, dnsperf; everything on 127.0.0.0/8;
+# only processes this script started are signalled.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SCENARIO=${1:?scenario}
+ROUNDS=${2:?rounds}
+shift 2
+(($# > 0)) || { echo "no binaries given" >&2; exit 2; }
+: "${SECONDS_PER_RUN:=5}"
+: "${OUTSTANDING:=200}"
+: "${WORKDIR:=/tmp/nodedns-alternate}"
+: "${BACKEND_ADDR:=127.0.0.56}"
+: "${ADDR:=127.0.0.57}"
+
+case $SCENARIO in
+    miss) FILE=miss.txt ;;
+    cluster-miss) FILE=cmiss.txt ;;
+    *) echo "unknown scenario $SCENARIO" >&2; exit 2 ;;
+esac
+
+rm -rf "$WORKDIR" && mkdir -p "$WORKDIR/knot/db"
+python3 "$HERE/gen.py" "$WORKDIR/data" 3000000 >/dev/null
+cat >"$WORKDIR/knot/knot.conf" <<EOF
+server:
+    listen: $BACKEND_ADDR@53
+    rundir: "$WORKDIR/knot"
+    udp-workers: 1
+    tcp-workers: 1
+    background-workers: 1
+database:
+    storage: "$WORKDIR/knot/db"
+log:
+  - target: stderr
+    any: error
+template:
+  - id: default
+    storage: "$WORKDIR/data/zones"
+    file: "%s.zone"
+    zonefile-sync: -1
+    journal-content: none
+    semantic-checks: off
+zone:
+  - domain: cluster.local
+  - domain: example.com
+EOF
+KNOT=""
+NODE=""
+cleanup() {
+    [[ -n $NODE ]] && kill "$NODE" 2>/dev/null && wait "$NODE" 2>/dev/null
+    [[ -n $KNOT ]] && kill "$KNOT" 2>/dev/null && wait "$KNOT" 2>/dev/null
+    true
+}
+trap cleanup EXIT
+ready() { # ADDR -> 0 once it answers
+    for _ in {1..100}; do
+        kdig @"$1" ns.dns.cluster.local +short +timeout=1 +retry=0 2>/dev/null | grep -q . && return 0
+        sleep 0.1
+    done
+    return 1
+}
+taskset -c 0 knotd -c "$WORKDIR/knot/knot.conf" >"$WORKDIR/knot.log" 2>&1 &
+KNOT=$!
+ready "$BACKEND_ADDR" || { echo "knotd did not start" >&2; exit 1; }
+
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; } # utime stime, in clock ticks
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+offset=0
+for round in $(seq "$ROUNDS"); do
+    for bin in "$@"; do
+        taskset -c 1 "$bin" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
+            --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off \
+            >"$WORKDIR/nodedns.log" 2>&1 &
+        NODE=$!
+        ready "$ADDR" || { echo "$bin did not start" >&2; exit 1; }
+        # Names not asked before in this run of the script (knotd caches nothing, nodedns starts
+        # empty, but the backend's answers stay comparable).
+        sed -n "$((offset + 1)),$((offset + 1000000))p" "$WORKDIR/data/$FILE" >"$WORKDIR/q.txt"
+        offset=$(((offset + 1000000) % 2000000))
+        read -r u0 s0 < <(cpu_ticks "$NODE")
+        cs=""
+        if command -v perf >/dev/null; then
+            perf stat -e context-switches -p "$NODE" -o "$WORKDIR/cs" -- sleep "$SECONDS_PER_RUN" &
+            PERF=$!
+        fi
+        taskset -c 0 dnsperf -s "$ADDR" -d "$WORKDIR/q.txt" -l "$SECONDS_PER_RUN" -c 8 \
+            -q "$OUTSTANDING" -t 2 -n 1 >"$WORKDIR/dnsperf.log" 2>&1
+        read -r u1 s1 < <(cpu_ticks "$NODE")
+        if [[ -n ${PERF:-} ]]; then
+            wait "$PERF" || true
+            cs=$(awk '/context-switches/ {gsub(",", "", $1); print $1}' "$WORKDIR/cs")
+            PERF=""
+        fi
+        q=$(awk '/Queries completed:/ {print $3}' "$WORKDIR/dnsperf.log")
+        lost=$(awk '/Queries lost:/ {print $3}' "$WORKDIR/dnsperf.log")
+        kill "$NODE" && wait "$NODE" 2>/dev/null || true
+        NODE=""
+        awk -v b="$(basename "$bin")" -v r="$round" -v q="$q" -v lost="$lost" -v t="$TICK_US" \
+            -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v cs="$cs" 'BEGIN {
+                printf "round %d %-20s %s answered %s lost  cpu %.2f us/q  user %.2f  system %.2f",
+                    r, b, q, lost, (u + s) * t / q, u * t / q, s * t / q
+                if (cs != "") printf "  context switches %.3f/q", cs / q
+                printf "\n"
+            }'
+    done
+done
