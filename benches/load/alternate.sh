@@ -31,49 +31,10 @@ case $SCENARIO in
     *) echo "unknown scenario $SCENARIO" >&2; exit 2 ;;
 esac
 
-rm -rf "$WORKDIR" && mkdir -p "$WORKDIR/knot/db"
-python3 "$HERE/gen.py" "$WORKDIR/data" 3000000 >/dev/null
-cat >"$WORKDIR/knot/knot.conf" <<EOF
-server:
-    listen: $BACKEND_ADDR@53
-    rundir: "$WORKDIR/knot"
-    udp-workers: 1
-    tcp-workers: 1
-    background-workers: 1
-database:
-    storage: "$WORKDIR/knot/db"
-log:
-  - target: stderr
-    any: error
-template:
-  - id: default
-    storage: "$WORKDIR/data/zones"
-    file: "%s.zone"
-    zonefile-sync: -1
-    journal-content: none
-    semantic-checks: off
-zone:
-  - domain: cluster.local
-  - domain: example.com
-EOF
-KNOT=""
-NODE=""
-cleanup() {
-    [[ -n $NODE ]] && kill "$NODE" 2>/dev/null && wait "$NODE" 2>/dev/null
-    [[ -n $KNOT ]] && kill "$KNOT" 2>/dev/null && wait "$KNOT" 2>/dev/null
-    true
-}
-trap cleanup EXIT
-ready() { # ADDR -> 0 once it answers
-    for _ in {1..100}; do
-        kdig @"$1" ns.dns.cluster.local +short +timeout=1 +retry=0 2>/dev/null | grep -q . && return 0
-        sleep 0.1
-    done
-    return 1
-}
-taskset -c 0 knotd -c "$WORKDIR/knot/knot.conf" >"$WORKDIR/knot.log" 2>&1 &
-KNOT=$!
-ready "$BACKEND_ADDR" || { echo "knotd did not start" >&2; exit 1; }
+# shellcheck source=benches/load/backend.sh
+source "$HERE/backend.sh"
+trap stop_started EXIT
+backend_start "$WORKDIR" 3000000
 
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; } # utime stime, in clock ticks
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
@@ -84,7 +45,7 @@ for round in $(seq "$ROUNDS"); do
             --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off \
             >"$WORKDIR/nodedns.log" 2>&1 &
         NODE=$!
-        ready "$ADDR" || { echo "$bin did not start" >&2; exit 1; }
+        answers "$ADDR" || { echo "$bin did not start" >&2; exit 1; }
         # Names not asked before in this run of the script (knotd caches nothing, nodedns starts
         # empty, but the backend's answers stay comparable).
         sed -n "$((offset + 1)),$((offset + 1000000))p" "$WORKDIR/data/$FILE" >"$WORKDIR/q.txt"

@@ -33,49 +33,17 @@ case $SCENARIO in
     *) echo "unknown scenario $SCENARIO" >&2; exit 2 ;;
 esac
 
-rm -rf "$WORKDIR" && mkdir -p "$WORKDIR/knot/db"
-python3 "$HERE/gen.py" "$WORKDIR/data" $((QUERIES * 2 + 1000)) >/dev/null
-cat >"$WORKDIR/knot/knot.conf" <<EOF
-server:
-    listen: $BACKEND_ADDR@53
-    rundir: "$WORKDIR/knot"
-    udp-workers: 1
-    tcp-workers: 1
-    background-workers: 1
-database:
-    storage: "$WORKDIR/knot/db"
-log:
-  - target: stderr
-    any: error
-template:
-  - id: default
-    storage: "$WORKDIR/data/zones"
-    file: "%s.zone"
-    zonefile-sync: -1
-    journal-content: none
-    semantic-checks: off
-zone:
-  - domain: cluster.local
-  - domain: example.com
-EOF
-KNOT=""
-NODE=""
-cleanup() {
-    [[ -n $NODE ]] && kill "$NODE" 2>/dev/null && wait "$NODE" 2>/dev/null
-    [[ -n $KNOT ]] && kill "$KNOT" 2>/dev/null && wait "$KNOT" 2>/dev/null
-    true
-}
-trap cleanup EXIT
-taskset -c 0 knotd -c "$WORKDIR/knot/knot.conf" >"$WORKDIR/knot.log" 2>&1 &
-KNOT=$!
-for _ in {1..50}; do kdig @"$BACKEND_ADDR" ns.dns.cluster.local +short +timeout=1 +retry=0 2>/dev/null | grep -q . && break; sleep 0.1; done
+# shellcheck source=benches/load/backend.sh
+source "$HERE/backend.sh"
+trap stop_started EXIT
+backend_start "$WORKDIR" $((QUERIES * 2 + 1000))
 
 taskset -c 1 valgrind --tool=callgrind --compress-strings=no --callgrind-out-file="$WORKDIR/cg.out" \
     "$BIN" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
     --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off "$@" \
     >"$WORKDIR/nodedns.log" 2>&1 &
 NODE=$!
-for _ in {1..300}; do kdig @"$ADDR" ns.dns.cluster.local +short +timeout=1 +retry=0 2>/dev/null | grep -q . && break; sleep 0.2; done
+answers "$ADDR" 600 || { echo "nodedns did not start" >&2; exit 1; }
 
 dp() { # FROM COUNT: queries FROM..FROM+COUNT of the file, at RATE
     sed -n "$(($1 + 1)),$(($1 + $2))p" "$WORKDIR/data/$FILE" >"$WORKDIR/q.txt"

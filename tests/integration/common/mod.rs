@@ -91,10 +91,11 @@ pub struct Nodedns {
     pub state: Option<tempfile::TempDir>,
 }
 
-fn find_addr(line: &str, marker: &str) -> Option<SocketAddr> {
+/// The socket address that follows `marker` in a log line (up to a space, '/' or '"').
+pub fn find_addr(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = &line[line.find(marker)? + marker.len()..];
     let end = rest
-        .find(|c: char| c.is_whitespace() || c == '/')
+        .find(|c: char| c.is_whitespace() || c == '/' || c == '"')
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
@@ -123,17 +124,7 @@ impl Nodedns {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn nodedns");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log2.lock().unwrap().push_str(&line);
-                log2.lock().unwrap().push('\n');
-                let _ = tx.send(line);
-            }
-        });
+        let (log, rx) = capture_stderr(&mut child);
         let (mut dns, mut metrics, mut health) = (None, None, None);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -515,6 +506,25 @@ pub fn dig_short(server: SocketAddr, name: &str, qtype: &str) -> String {
         .output()
         .expect("run dig");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Reads a child's piped stderr on a thread: every line goes into the returned log and down the
+/// channel (for a launcher waiting on the lines that say the child is up).
+pub fn capture_stderr(child: &mut Child) -> (Arc<Mutex<String>>, mpsc::Receiver<String>) {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut l = log2.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+            drop(l);
+            let _ = tx.send(line);
+        }
+    });
+    (log, rx)
 }
 
 /// Sends `sig` to a child process this test started.

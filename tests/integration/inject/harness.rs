@@ -1,13 +1,13 @@
 //! The webhook test harness: a test CA, the running `nodedns-inject`, an HTTPS client trusting
 //! the CA, and AdmissionReviews of the Kubernetes API reference's shape.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{capture_stderr, find_addr};
 use base64::Engine;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::{json, Value};
@@ -67,12 +67,6 @@ pub struct Webhook {
     pub pki: Pki,
 }
 
-fn find_addr(line: &str, marker: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-    rest[..end].trim_end_matches('"').parse().ok()
-}
-
 impl Webhook {
     pub fn start(extra: &[&str]) -> Webhook {
         let pki = Pki::new();
@@ -99,17 +93,7 @@ impl Webhook {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn nodedns-inject");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log2.lock().unwrap().push_str(&line);
-                log2.lock().unwrap().push('\n');
-                let _ = tx.send(line);
-            }
-        });
+        let (log, rx) = capture_stderr(&mut child);
         let (mut https, mut metrics) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(20);
         while https.is_none() || metrics.is_none() {
