@@ -4,8 +4,11 @@
 # the drift between the builds; alternating puts it inside each build's spread.
 #
 #   bash benches/load/alternate.sh SCENARIO ROUNDS BIN...
-#   bash benches/load/alternate.sh miss 4 /tmp/nodedns-old target/release/nodedns
+#   bash benches/load/alternate.sh miss 4 /tmp/nodedns-old target/release/nodedns dnsdist
 #   SCENARIO: miss (example.com names, UDP upstream) or cluster-miss (cluster.local, pooled TCP)
+#   BIN: a nodedns binary, or the word dnsdist: dnsdist as the shared peer harness runs it
+#   (../shared/bench/peers/conf/dnsdist.conf.in: one listener thread, a packet cache), the
+#   reference the miss path is measured against
 #
 # knotd (the load benchmark's zones) on CPU 0, nodedns (one worker) on CPU 1, dnsperf on CPU 0,
 # each run SECONDS long with OUTSTANDING queries out; prints per run the CPU, user and system
@@ -24,6 +27,7 @@ shift 2
 : "${WORKDIR:=/tmp/nodedns-alternate}"
 : "${BACKEND_ADDR:=127.0.0.56}"
 : "${ADDR:=127.0.0.57}"
+: "${DNSDIST_CONF:=$HERE/../../../shared/bench/peers/conf/dnsdist.conf.in}"
 
 case $SCENARIO in
     miss) FILE=miss.txt ;;
@@ -41,9 +45,16 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 offset=0
 for round in $(seq "$ROUNDS"); do
     for bin in "$@"; do
-        taskset -c 1 "$bin" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
-            --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off \
-            >"$WORKDIR/nodedns.log" 2>&1 &
+        if [[ $bin == dnsdist ]]; then
+            sed -e "s/@ADDR@/$ADDR/; s/@PORT@/53/; s/@BACKEND_ADDR@/$BACKEND_ADDR/; s/@BACKEND_PORT@/53/" \
+                "$DNSDIST_CONF" >"$WORKDIR/dnsdist.conf"
+            taskset -c 1 dnsdist --supervised --disable-syslog -C "$WORKDIR/dnsdist.conf" \
+                >"$WORKDIR/dnsdist.log" 2>&1 &
+        else
+            taskset -c 1 "$bin" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
+                --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off \
+                >"$WORKDIR/nodedns.log" 2>&1 &
+        fi
         NODE=$!
         answers "$ADDR" || { echo "$bin did not start" >&2; exit 1; }
         # Names not asked before in this run of the script (knotd caches nothing, nodedns starts

@@ -47,7 +47,8 @@ impl std::hash::Hasher for KeyHasher {
 }
 
 /// One shard: the flights whose keys fall into it.
-type Shard = Mutex<HashMap<u64, Flight, BuildHasherDefault<KeyHasher>>>;
+type FlightMap = HashMap<u64, Flight, BuildHasherDefault<KeyHasher>>;
+type Shard = Mutex<FlightMap>;
 
 /// Flights in progress, in shards so misses of different names rarely share a lock.
 pub struct Flights {
@@ -55,17 +56,19 @@ pub struct Flights {
 }
 
 /// A flight this caller leads: publish its outcome with [`Leader::land`]. Dropped without
-/// landing (the leading task cancelled), it lets the waiters go, and they resolve on their own.
-pub struct Leader<'a> {
-    flights: &'a Flights,
+/// landing (the leading task cancelled, a worker's miss dropped), it lets the waiters go, and
+/// they resolve on their own. It owns a handle on the flights, so a miss that is not a task (a
+/// worker's table entry) can hold it.
+pub struct Leader {
+    flights: Arc<Flights>,
     key: u64,
     /// False for a leader of an uncoalesced flight (another question under the same key).
     owns: bool,
 }
 
 /// Either lead the flight for a key, or wait for the one already in the air.
-pub enum Join<'a> {
-    Lead(Leader<'a>),
+pub enum Join {
+    Lead(Leader),
     Wait(oneshot::Receiver<Outcome>),
 }
 
@@ -89,7 +92,7 @@ impl Flights {
     /// Joins the flight for `key` asked as `question` (lowercased) with key flags `flags`. With
     /// a flight for `key` but another question in the air, this caller leads its own,
     /// uncoalesced.
-    pub fn join(&self, key: u64, question: &[u8], flags: u8) -> Join<'_> {
+    pub fn join(self: &Arc<Self>, key: u64, question: &[u8], flags: u8) -> Join {
         let mut map = self.shard(key).lock();
         if let Some(f) = map.get_mut(&key) {
             if *f.question == *question && f.flags == flags {
@@ -98,11 +101,39 @@ impl Flights {
                 return Join::Wait(rx);
             }
             return Join::Lead(Leader {
-                flights: self,
+                flights: self.clone(),
                 key,
                 owns: false,
             });
         }
+        Join::Lead(self.take_off(map, key, question, flags))
+    }
+
+    /// Leads the flight for `key` unless the same question is already in the air (then None,
+    /// and nothing is joined: the caller resolves it the way that can wait).
+    pub fn lead(self: &Arc<Self>, key: u64, question: &[u8], flags: u8) -> Option<Leader> {
+        let map = self.shard(key).lock();
+        if let Some(f) = map.get(&key) {
+            if *f.question == *question && f.flags == flags {
+                return None;
+            }
+            return Some(Leader {
+                flights: self.clone(),
+                key,
+                owns: false,
+            });
+        }
+        Some(self.take_off(map, key, question, flags))
+    }
+
+    /// Puts a new flight for `key` in the air (its shard `map` locked) and leads it.
+    fn take_off(
+        self: &Arc<Self>,
+        mut map: parking_lot::MutexGuard<'_, FlightMap>,
+        key: u64,
+        question: &[u8],
+        flags: u8,
+    ) -> Leader {
         map.insert(
             key,
             Flight {
@@ -111,11 +142,11 @@ impl Flights {
                 waiters: Vec::new(),
             },
         );
-        Join::Lead(Leader {
-            flights: self,
+        Leader {
+            flights: self.clone(),
             key,
             owns: true,
-        })
+        }
     }
 
     /// True when a flight for `key` is in the air.
@@ -135,7 +166,7 @@ impl Flights {
     }
 }
 
-impl Leader<'_> {
+impl Leader {
     /// Ends the flight: every waiter gets `outcome`.
     pub fn land(mut self, outcome: &Outcome) {
         for tx in self.take_waiters() {
@@ -158,7 +189,7 @@ impl Leader<'_> {
     }
 }
 
-impl Drop for Leader<'_> {
+impl Drop for Leader {
     fn drop(&mut self) {
         // Dropping the senders (outside the lock) wakes the waiters without an outcome.
         drop(self.take_waiters());
@@ -190,7 +221,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_get_the_leaders_outcome() {
-        let f = Flights::default();
+        let f = Arc::new(Flights::default());
         let Join::Lead(leader) = f.join(7, b"q", 0) else {
             panic!("first caller leads");
         };
@@ -212,7 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn another_question_under_the_same_key_is_not_coalesced() {
-        let f = Flights::default();
+        let f = Arc::new(Flights::default());
         let Join::Lead(_leader) = f.join(7, b"q", 0) else {
             panic!("first caller leads");
         };
@@ -223,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_key_flags_under_the_same_key_are_not_coalesced() {
-        let f = Flights::default();
+        let f = Arc::new(Flights::default());
         let Join::Lead(_leader) = f.join(7, b"q", 0) else {
             panic!("first caller leads");
         };
@@ -234,7 +265,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_leader_releases_its_waiters() {
-        let f = Flights::default();
+        let f = Arc::new(Flights::default());
         let Join::Lead(leader) = f.join(9, b"q", 0) else {
             panic!("first caller leads");
         };

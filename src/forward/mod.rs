@@ -13,6 +13,7 @@
 //! Store times and the stale-recheck timer are read from the forwarder's clock (`crate::clock`),
 //! so a test can move them; upstream timeouts and deadlines run on real time.
 
+pub mod direct;
 mod flights;
 mod health;
 mod tcp;
@@ -40,7 +41,7 @@ use arc_swap::ArcSwap;
 
 pub use flights::Outcome as FlightOutcome;
 pub use tcp::TcpPool;
-pub use udp_pool::PoolLimits as UdpPoolLimits;
+pub use udp_pool::{Answer as UpstreamAnswer, PoolLimits as UdpPoolLimits};
 
 use self::flights::{Flights, Join};
 use crate::metrics::resilience::Counters;
@@ -150,6 +151,15 @@ impl Routes {
     }
 }
 
+/// What is left of a zone's exchange: the upstreams still to try, in order, from `now` until
+/// `deadline`, and the SERVFAIL or REFUSED answer to relay if none does better.
+struct Rest {
+    order: Vec<SocketAddr>,
+    now: Instant,
+    deadline: Instant,
+    relay: Option<(Response, SocketAddr)>,
+}
+
 /// Resolves cache misses.
 pub struct Forwarder {
     routes: ArcSwap<Routes>,
@@ -161,8 +171,8 @@ pub struct Forwarder {
     /// Rotates the starting upstream among healthy ones to spread load.
     rotate: AtomicUsize,
     /// Forwarded queries in flight, bounded by `forward.max_inflight`.
-    inflight: AtomicUsize,
-    flights: Flights,
+    inflight: Arc<Inflight>,
+    flights: Arc<Flights>,
     /// Keys whose refresh failed recently, with the time until which stale answers are served
     /// without asking upstream again (RFC 8767's failure recheck timer).
     stale_failures: Mutex<HashMap<u64, Instant>>,
@@ -174,12 +184,19 @@ pub struct Forwarder {
     pub local_metrics: LocalMetrics,
 }
 
-/// Holds one `inflight` slot; released on drop.
-pub struct InflightGuard<'a>(&'a Forwarder);
+/// The count of forwarded queries in flight, and the gauge that shows it.
+struct Inflight {
+    n: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
 
-impl Drop for InflightGuard<'_> {
+/// Holds one in-flight slot; released on drop. It owns a handle on the count, so a miss that is
+/// not a task (a worker's table entry) can hold it.
+pub struct InflightGuard(Arc<Inflight>);
+
+impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.n.fetch_sub(1, Ordering::Relaxed);
         self.0.metrics.inflight_dec();
     }
 }
@@ -197,14 +214,18 @@ impl Forwarder {
         let counters = Counters::register(&metrics.registry);
         let local_metrics = LocalMetrics::register(&metrics.registry);
         local_metrics.observe(&routes.settings.local);
+        let inflight = Arc::new(Inflight {
+            n: AtomicUsize::new(0),
+            metrics: metrics.clone(),
+        });
         Forwarder {
             routes: ArcSwap::from_pointee(routes),
             cache,
             metrics,
             clock,
             rotate: AtomicUsize::new(0),
-            inflight: AtomicUsize::new(0),
-            flights: Flights::default(),
+            inflight,
+            flights: Arc::new(Flights::default()),
             stale_failures: Mutex::new(HashMap::new()),
             down_tx,
             down_rx: Mutex::new(Some(down_rx)),
@@ -246,14 +267,14 @@ impl Forwarder {
     }
 
     /// Takes an in-flight slot, or None when `forward.max_inflight` queries are already out.
-    pub fn try_acquire(&self) -> Option<InflightGuard<'_>> {
-        let prev = self.inflight.fetch_add(1, Ordering::Relaxed);
+    pub fn try_acquire(&self) -> Option<InflightGuard> {
+        let prev = self.inflight.n.fetch_add(1, Ordering::Relaxed);
         if prev >= self.routes.load().settings.forward.max_inflight {
-            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            self.inflight.n.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         self.metrics.inflight_inc();
-        Some(InflightGuard(self))
+        Some(InflightGuard(self.inflight.clone()))
     }
 
     /// The zone's upstreams in the order to try them: those up first, rotating the first pick
@@ -409,11 +430,33 @@ impl Forwarder {
         zone_idx: usize,
     ) -> Result<(Response, SocketAddr), AllFailed> {
         let zone = &r.settings.zones[zone_idx];
-        // One clock read per attempt: each attempt starts when the previous one ended.
-        let mut now = Instant::now();
-        let deadline = now + r.settings.forward.query_timeout;
-        let mut relay: Option<(Response, SocketAddr)> = None;
-        for upstream in self.ordered(r, &zone.upstreams) {
+        let now = Instant::now();
+        let rest = Rest {
+            order: self.ordered(r, &zone.upstreams),
+            now,
+            deadline: now + r.settings.forward.query_timeout,
+            relay: None,
+        };
+        self.exchange_rest(r, q, zone_idx, rest).await
+    }
+
+    /// Tries the upstreams of `rest` in turn until its deadline (see
+    /// [`exchange_zone`](Self::exchange_zone)).
+    async fn exchange_rest(
+        &self,
+        r: &Routes,
+        q: &Query,
+        zone_idx: usize,
+        rest: Rest,
+    ) -> Result<(Response, SocketAddr), AllFailed> {
+        let zone = &r.settings.zones[zone_idx];
+        let Rest {
+            order,
+            mut now,
+            deadline,
+            mut relay,
+        } = rest;
+        for upstream in order {
             if now >= deadline {
                 break;
             }
@@ -421,41 +464,57 @@ impl Forwarder {
             let result = self
                 .exchange(r, upstream, zone.transport, q, now, attempt)
                 .await;
+            // One clock read per attempt: each attempt starts when the previous one ended.
             let done = Instant::now();
             let elapsed = done.saturating_duration_since(now);
             now = done;
-            match result {
-                Ok(resp) => {
-                    r.state[&upstream]
-                        .metrics
-                        .response(resp.rcode, elapsed.as_secs_f64());
-                    // SERVFAIL and REFUSED mean this upstream could not help: try the next,
-                    // and relay the last such answer if none can.
-                    if matches!(resp.rcode, dns::RCODE_SERVFAIL | dns::RCODE_REFUSED) {
-                        self.record(r, upstream, false);
-                        relay = Some((resp, upstream));
-                        continue;
-                    }
-                    self.record(r, upstream, true);
-                    return Ok((resp, upstream));
-                }
-                Err(e) => {
-                    self.record(r, upstream, false);
-                    crate::log_limited!(
-                        warn,
-                        upstream = %upstream,
-                        zone = %zone.name,
-                        error = %e,
-                        "upstream query failed"
-                    );
-                }
+            if let Some(resp) = self.judge(r, zone_idx, upstream, result, elapsed, &mut relay) {
+                return Ok((resp, upstream));
             }
         }
-        match relay {
-            Some(relayed) => Ok(relayed),
-            None => Err(AllFailed {
-                zone: zone.name.clone(),
-            }),
+        relay.ok_or_else(|| AllFailed {
+            zone: zone.name.clone(),
+        })
+    }
+
+    /// Counts the result of one exchange with `upstream` and judges it: Some(answer) to answer
+    /// with; None to try the next upstream, with a SERVFAIL or REFUSED answer kept in `relay`
+    /// (relayed when no upstream does better).
+    fn judge(
+        &self,
+        r: &Routes,
+        zone_idx: usize,
+        upstream: SocketAddr,
+        result: Result<Response, UpstreamError>,
+        elapsed: Duration,
+        relay: &mut Option<(Response, SocketAddr)>,
+    ) -> Option<Response> {
+        match result {
+            Ok(resp) => {
+                r.state[&upstream]
+                    .metrics
+                    .response(resp.rcode, elapsed.as_secs_f64());
+                // SERVFAIL and REFUSED mean this upstream could not help: try the next,
+                // and relay the last such answer if none can.
+                if matches!(resp.rcode, dns::RCODE_SERVFAIL | dns::RCODE_REFUSED) {
+                    self.record(r, upstream, false);
+                    *relay = Some((resp, upstream));
+                    return None;
+                }
+                self.record(r, upstream, true);
+                Some(resp)
+            }
+            Err(e) => {
+                self.record(r, upstream, false);
+                crate::log_limited!(
+                    warn,
+                    upstream = %upstream,
+                    zone = %r.settings.zones[zone_idx].name,
+                    error = %e,
+                    "upstream query failed"
+                );
+                None
+            }
         }
     }
 

@@ -51,13 +51,68 @@ pub struct PoolLimits {
     pub lifetime: Duration,
 }
 
-type Answer = Result<Response, UpstreamError>;
+/// What one upstream exchange ends with.
+pub type Answer = Result<Response, UpstreamError>;
 
 /// A query waiting for its reply on a pool socket.
 struct Waiter {
     /// The question as sent (lowercased wire form), which the reply must repeat.
     question: Box<[u8]>,
-    tx: oneshot::Sender<Answer>,
+    to: Deliver,
+}
+
+/// Where a reply goes.
+enum Deliver {
+    /// To a task awaiting it.
+    Task(oneshot::Sender<Answer>),
+    /// To this thread's worker, under the token it gave (see [`take_answers`]).
+    Worker(u64),
+}
+
+impl Deliver {
+    fn send(self, answer: Answer) {
+        match self {
+            // The waiter may have just given up; then the answer is simply dropped.
+            Deliver::Task(tx) => {
+                let _ = tx.send(answer);
+            }
+            Deliver::Worker(token) => {
+                // Not during the thread's exit (the worker is gone then).
+                let _ = ANSWERS.try_with(|a| {
+                    let mut a = a.borrow_mut();
+                    a.ready.push((token, answer));
+                    if let Some(w) = a.waker.take() {
+                        w.wake();
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Replies for this thread's worker, and the waker of the worker waiting for them.
+#[derive(Default)]
+struct Answers {
+    ready: Vec<(u64, Answer)>,
+    waker: Option<std::task::Waker>,
+}
+
+/// Moves the replies that arrived for this thread's worker into `into` (emptied first).
+pub fn take_answers(into: &mut Vec<(u64, Answer)>) {
+    into.clear();
+    ANSWERS.with_borrow_mut(|a| std::mem::swap(&mut a.ready, into));
+}
+
+/// Ready once a reply for this thread's worker is waiting to be taken.
+pub fn poll_answers(cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    ANSWERS.with_borrow_mut(|a| {
+        if a.ready.is_empty() {
+            a.waker = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
 }
 
 /// Hashes an upstream ID as itself: IDs are ours and random, so they spread over the table
@@ -144,8 +199,9 @@ impl PoolSocket {
         }
     }
 
-    /// Registers a query under a random ID unused on this socket; None when every ID is taken.
-    fn register(&self, question: &[u8]) -> Option<(u16, oneshot::Receiver<Answer>)> {
+    /// Registers a query under a random ID unused on this socket, its reply to go `to`; None
+    /// when every ID is taken.
+    fn register(&self, question: &[u8], to: Deliver) -> Option<u16> {
         let mut st = self.state.lock();
         if st.pending.len() >= usize::from(u16::MAX) {
             return None;
@@ -156,15 +212,14 @@ impl PoolSocket {
                 break id;
             }
         };
-        let (tx, rx) = oneshot::channel();
         st.pending.insert(
             id,
             Waiter {
                 question: question.into(),
-                tx,
+                to,
             },
         );
-        Some((id, rx))
+        Some(id)
     }
 
     /// Forgets query `id` (answered, timed out or cancelled); stops the reader of a retired
@@ -198,9 +253,10 @@ impl PoolSocket {
                 r => r.map_err(UpstreamError::from),
             }
         };
-        if let Some(w) = st.pending.remove(&id) {
-            // The waiter may have just given up; then the answer is simply dropped.
-            let _ = w.tx.send(answer);
+        let w = st.pending.remove(&id);
+        drop(st);
+        if let Some(w) = w {
+            w.to.send(answer);
         }
         true
     }
@@ -208,9 +264,9 @@ impl PoolSocket {
     /// Fails every outstanding query with `kind` (an ICMP error reported on the socket concerns
     /// all of them: the upstream is unreachable).
     fn fail_all(&self, kind: io::ErrorKind) {
-        let mut st = self.state.lock();
-        for (_, w) in st.pending.drain() {
-            let _ = w.tx.send(Err(UpstreamError::Io(kind.into())));
+        let failed: Vec<Waiter> = self.state.lock().pending.drain().map(|(_, w)| w).collect();
+        for w in failed {
+            w.to.send(Err(UpstreamError::Io(kind.into())));
         }
     }
 }
@@ -221,8 +277,8 @@ struct ReaderGuard(Arc<PoolSocket>);
 impl Drop for ReaderGuard {
     fn drop(&mut self) {
         self.0.reader_alive.store(false, Ordering::Relaxed);
-        // Dropping the senders wakes the waiters with an error instead of a timeout.
-        self.0.state.lock().pending.clear();
+        // The waiters learn of it now instead of at their timeout.
+        self.0.fail_all(io::ErrorKind::ConnectionAborted);
     }
 }
 
@@ -314,6 +370,7 @@ thread_local! {
     static SEND: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static POOLS: RefCell<HashMap<SocketAddr, Pool, ahash::RandomState>> =
         RefCell::new(HashMap::default());
+    static ANSWERS: RefCell<Answers> = RefCell::new(Answers::default());
 }
 
 /// Raises the soft limit on open files to the hard limit (as Go programs such as CoreDNS do at
@@ -349,15 +406,70 @@ pub fn raise_fd_limit(need: u64) {
     }
 }
 
-/// Removes a query's registration when its exchange ends, however it ends.
-struct Registration<'a> {
-    sock: &'a PoolSocket,
+/// A query registered on a pool socket; its registration is removed when this is dropped
+/// (answered, timed out or cancelled).
+pub struct Outstanding {
+    sock: Arc<PoolSocket>,
     id: u16,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Outstanding {
     fn drop(&mut self) {
         self.sock.forget(self.id);
+    }
+}
+
+/// Registers `q` on a socket of this thread's pool for `upstream`, its reply to go `to`, and
+/// sends it if the socket's buffer takes it at once: `Ok(Some(message))` when it did not (the
+/// caller sends that message once the socket is writable).
+fn register_and_send(
+    upstream: SocketAddr,
+    q: &Query,
+    udp_size: u16,
+    now: Instant,
+    limits: &PoolLimits,
+    to: Deliver,
+) -> Result<(Outstanding, Option<Vec<u8>>), UpstreamError> {
+    let sock = POOLS.with_borrow_mut(|pools| {
+        pools
+            .entry(upstream)
+            .or_insert_with(|| Pool::new(upstream, limits.size))
+            .pick(limits, now)
+    })?;
+    let id = sock
+        .register(q.question_lower(), to)
+        .ok_or(UpstreamError::Io(io::ErrorKind::WouldBlock.into()))?;
+    let out = Outstanding { sock, id };
+    // Written in this thread's buffer and sent at once: a UDP socket's send buffer is seldom
+    // full, and then the query is sent from a buffer of its own once the socket is writable.
+    let unsent = SEND.with_borrow_mut(|msg| {
+        msg.clear();
+        dns::write_upstream_query(q, id, udp_size, msg);
+        // A plain send(2): the runtime learns a new socket is writable only from epoll, so its
+        // own `try_send` would refuse the first query of every socket.
+        match socket2::SockRef::from(&out.sock.sock).send(msg) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(msg.clone())),
+            r => r.map(|_| None),
+        }
+    })?;
+    Ok((out, unsent))
+}
+
+/// Sends `q` to `upstream` over a socket of this thread's pool; its reply (or the socket's
+/// failure) is handed to this thread's worker under `token` ([`take_answers`]). The caller times
+/// it out by dropping the returned registration. A full socket buffer is an error here: the
+/// caller then takes the path that can wait.
+pub fn send_for_worker(
+    upstream: SocketAddr,
+    q: &Query,
+    udp_size: u16,
+    now: Instant,
+    limits: &PoolLimits,
+    token: u64,
+) -> Result<Outstanding, UpstreamError> {
+    match register_and_send(upstream, q, udp_size, now, limits, Deliver::Worker(token))? {
+        (out, None) => Ok(out),
+        (_, Some(_)) => Err(UpstreamError::Io(io::ErrorKind::WouldBlock.into())),
     }
 }
 
@@ -370,29 +482,11 @@ pub async fn exchange(
     timeout: Duration,
     limits: &PoolLimits,
 ) -> Result<Response, UpstreamError> {
-    let sock = POOLS.with_borrow_mut(|pools| {
-        pools
-            .entry(upstream)
-            .or_insert_with(|| Pool::new(upstream, limits.size))
-            .pick(limits, now)
-    })?;
-    let (id, rx) = sock
-        .register(q.question_lower())
-        .ok_or(UpstreamError::Io(io::ErrorKind::WouldBlock.into()))?;
-    let _registration = Registration { sock: &sock, id };
-    // Written in this thread's buffer and sent at once: a UDP socket's send buffer is seldom
-    // full, and then the query is sent from a buffer of its own once the socket is writable.
-    let sent = SEND.with_borrow_mut(|msg| {
-        msg.clear();
-        dns::write_upstream_query(q, id, udp_size, msg);
-        match sock.sock.try_send(msg) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(msg.clone())),
-            r => r.map(|_| None),
-        }
-    });
+    let (tx, rx) = oneshot::channel();
+    let (out, unsent) = register_and_send(upstream, q, udp_size, now, limits, Deliver::Task(tx))?;
     let wait = async {
-        if let Some(msg) = sent? {
-            Box::pin(sock.sock.send(&msg)).await?;
+        if let Some(msg) = unsent {
+            Box::pin(out.sock.sock.send(&msg)).await?;
         }
         rx.await.map_err(|_| UpstreamError::Closed)?
     };

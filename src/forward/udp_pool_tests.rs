@@ -108,7 +108,10 @@ fn retired_socket_closes_after_its_last_reply() {
         let (_up, addr) = upstream().await;
         let mut pool = Pool::new(addr, 1);
         let s = pool.pick(&limits(1, 1000), Instant::now()).unwrap();
-        let (id, _rx) = s.register(b"\x01a\x00\x00\x01\x00\x01").unwrap();
+        let (tx, _rx) = oneshot::channel();
+        let id = s
+            .register(b"\x01a\x00\x00\x01\x00\x01", Deliver::Task(tx))
+            .unwrap();
         s.retire();
         tokio::task::yield_now().await;
         assert!(
@@ -144,7 +147,10 @@ fn outstanding_ids_on_a_socket_are_distinct() {
         let mut rxs = Vec::new();
         let mut ids = std::collections::HashSet::new();
         for _ in 0..5000 {
-            let (id, rx) = s.register(b"\x00\x00\x01\x00\x01").unwrap();
+            let (tx, rx) = oneshot::channel();
+            let id = s
+                .register(b"\x00\x00\x01\x00\x01", Deliver::Task(tx))
+                .unwrap();
             assert!(ids.insert(id), "ID {id} handed out twice");
             rxs.push(rx);
         }

@@ -8,6 +8,7 @@
 //! steps (start, stop), as `app::run` uses it between node setup and teardown.
 
 pub mod contain;
+mod inflight;
 mod run;
 pub mod socket;
 pub mod tcp;
@@ -25,6 +26,7 @@ use crate::cache::Cache;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::dns::{self, Query, Reject};
+use crate::forward::direct::{Attempt, Next, Resume};
 use crate::forward::{FlightOutcome, Forwarder, Route};
 use crate::logging::QueryLog;
 use crate::metrics::{Answered, HitTiming, Metrics, Proto, WorkerStats};
@@ -420,56 +422,153 @@ impl Context {
                     } else {
                         Some(self.forwarder.resolve_shared(q, key, zone).await.0)
                     };
-                    let fresh = match outcome {
-                        Some(Ok(answer)) => Some(answer),
-                        Some(Err(e)) => {
-                            crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL unless a stale answer stands in");
-                            None
-                        }
-                        None => None,
-                    };
-                    // SERVFAIL and REFUSED relayed from the upstreams are failures too.
-                    let failed = fresh.as_ref().is_none_or(|(entry, _)| {
-                        matches!(entry.rcode(), dns::RCODE_SERVFAIL | dns::RCODE_REFUSED)
-                    });
-                    if failed && has_stale && self.render_stale(q, key, pkt, max_len, &mut out) {
-                        None
-                    } else if let Some((entry, upstream)) = fresh {
-                        entry.render(
-                            q,
-                            pkt,
-                            0,
-                            max_len,
-                            self.settings.server.edns_udp_size,
-                            &mut out,
-                        );
-                        upstream
-                    } else {
-                        dns::write_error_reply(
-                            pkt,
-                            dns::RCODE_SERVFAIL as u16,
-                            Some(question),
-                            edns,
-                            &mut out,
-                        );
-                        None
-                    }
+                    self.write_outcome(m, pkt, max_len, has_stale, outcome, &mut out)
                 }
             }
         };
+        let slot = routes.settings.zones[zone_idx].slot as usize;
+        self.record_reply(m, slot, pkt, src, proto, stats, start, &out, upstream);
+        out
+    }
+
+    /// Writes into `out` the reply to the miss `m` from its resolution's outcome (None: none
+    /// within the client's wait): a fresh answer; a stale one when `has_stale` and the
+    /// resolution failed or relayed SERVFAIL or REFUSED; otherwise SERVFAIL. Returns the
+    /// upstream whose answer it is.
+    fn write_outcome(
+        &self,
+        m: &Miss,
+        pkt: &[u8],
+        max_len: usize,
+        has_stale: bool,
+        outcome: Option<FlightOutcome>,
+        out: &mut Vec<u8>,
+    ) -> Option<SocketAddr> {
+        let q = &m.q;
+        let fresh = match outcome {
+            Some(Ok(answer)) => Some(answer),
+            Some(Err(e)) => {
+                crate::log_limited!(warn, error = %e, qname = %q.qname_string(), "answering SERVFAIL unless a stale answer stands in");
+                None
+            }
+            None => None,
+        };
+        // SERVFAIL and REFUSED relayed from the upstreams are failures too.
+        let failed = fresh.as_ref().is_none_or(|(entry, _)| {
+            matches!(entry.rcode(), dns::RCODE_SERVFAIL | dns::RCODE_REFUSED)
+        });
+        let size = self.settings.server.edns_udp_size;
+        if failed && has_stale && self.render_stale(q, m.key, pkt, max_len, out) {
+            None
+        } else if let Some((entry, upstream)) = fresh {
+            entry.render(q, pkt, 0, max_len, size, out);
+            upstream
+        } else {
+            let question = &pkt[dns::HEADER_LEN..q.question_end];
+            let edns = q.edns.map(|e| (size, e.dnssec_ok));
+            dns::write_error_reply(pkt, dns::RCODE_SERVFAIL as u16, Some(question), edns, out);
+            None
+        }
+    }
+
+    /// Counts the reply `out` to the miss `m` (zone metrics slot `zone_slot`) and logs it when
+    /// sampled; `start` is when the query was read, on [`Context::clock`].
+    #[allow(clippy::too_many_arguments)]
+    fn record_reply(
+        &self,
+        m: &Miss,
+        zone_slot: usize,
+        pkt: &[u8],
+        src: SocketAddr,
+        proto: Proto,
+        stats: &WorkerStats,
+        start: Instant,
+        out: &[u8],
+        upstream: Option<SocketAddr>,
+    ) {
         let elapsed = self.clock.elapsed(start);
         let answered = Answered {
-            zone: routes.settings.zones[zone_idx].slot as usize,
+            zone: zone_slot,
             proto,
             ipv6: src.is_ipv6(),
-            query: q,
+            query: &m.q,
             req_len: pkt.len(),
-            reply: &out,
+            reply: out,
         };
         stats.record(&answered, None, elapsed);
         if self.query_log.sampled() {
-            self.query_log.log(q, src, &out, false, upstream, elapsed);
+            self.query_log.log(&m.q, src, out, false, upstream, elapsed);
         }
+    }
+
+    /// Starts the UDP miss `m` without a task (`forward::direct`), its reply to come back under
+    /// `token`; None when it takes the task path ([`resolve`](Self::resolve)).
+    pub fn begin_direct(&self, m: &Miss, token: u64) -> Option<Attempt> {
+        contain::test_trigger(&m.q, contain::Trigger::Miss);
+        self.forwarder.begin(&m.q, m.key, m.zone, token)
+    }
+
+    /// Ends the direct miss of client `w` with its first exchange's `answer`: the reply written to `out`
+    /// and counted (true), or what is left to try, for [`resume_direct`](Self::resume_direct)
+    /// on a task.
+    pub fn finish_direct(
+        &self,
+        w: &inflight::Waiting,
+        attempt: Attempt,
+        answer: crate::forward::UpstreamAnswer,
+        stats: &WorkerStats,
+        out: &mut Vec<u8>,
+    ) -> Option<Resume> {
+        let zone_slot = attempt.zone_slot();
+        match self
+            .forwarder
+            .finish(&w.miss.q, w.miss.key, attempt, answer)
+        {
+            Next::Done(outcome) => {
+                let max_len = self.max_len(&w.miss.q, Proto::Udp);
+                out.clear();
+                let upstream =
+                    self.write_outcome(&w.miss, &w.pkt, max_len, false, Some(outcome), out);
+                self.record_reply(
+                    &w.miss,
+                    zone_slot,
+                    &w.pkt,
+                    w.src,
+                    Proto::Udp,
+                    stats,
+                    w.start,
+                    out,
+                    upstream,
+                );
+                None
+            }
+            Next::Resume(r) => Some(r),
+        }
+    }
+
+    /// Resolves what is left of a direct miss on a task and returns the reply.
+    pub async fn resume_direct(
+        &self,
+        w: &inflight::Waiting,
+        res: Resume,
+        stats: &WorkerStats,
+    ) -> Vec<u8> {
+        let zone_slot = res.zone_slot();
+        let outcome = self.forwarder.resume(&w.miss.q, w.miss.key, res).await;
+        let max_len = self.max_len(&w.miss.q, Proto::Udp);
+        let mut out = Vec::with_capacity(512);
+        let upstream = self.write_outcome(&w.miss, &w.pkt, max_len, false, Some(outcome), &mut out);
+        self.record_reply(
+            &w.miss,
+            zone_slot,
+            &w.pkt,
+            w.src,
+            Proto::Udp,
+            stats,
+            w.start,
+            &out,
+            upstream,
+        );
         out
     }
 }

@@ -23,9 +23,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio_util::task::TaskTracker;
 
+use super::inflight::{Pending, Table, Waiting};
 use super::socket::UDP_POLL;
 use super::{contain, Context, Handled, Rejected};
 use crate::dns;
+use crate::forward::{direct, UpstreamAnswer, UpstreamError};
 use crate::metrics::{HitTiming, Proto, WorkerStats};
 
 /// How long a worker keeps its socket registered with epoll after its last miss completes, so a
@@ -65,6 +67,9 @@ pub fn spawn_worker(
             sock: Arc::new(sock),
             ctx,
             local_tasks: TaskTracker::new(),
+            table: Table::default(),
+            answers: Vec::new(),
+            replies: Replies::default(),
             stats,
             batch: Batch::new(batch.clamp(1, 256)),
         };
@@ -82,8 +87,23 @@ struct Worker {
     ctx: Arc<Context>,
     /// Misses resolved on this thread's own runtime.
     local_tasks: TaskTracker,
+    /// Misses resolved without a task, waiting for their upstream's reply.
+    table: Table,
+    /// Upstream replies taken for the table's misses.
+    answers: Vec<(u64, UpstreamAnswer)>,
+    /// Replies to the table's misses, sent together.
+    replies: Replies,
     stats: Arc<WorkerStats>,
     batch: Batch,
+}
+
+/// Replies to misses the worker finished, for one `sendmmsg`.
+struct Replies {
+    out: Vec<Vec<u8>>,
+    to: Vec<socket2::SockAddr>,
+    len: usize,
+    iov: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
 }
 
 /// Buffers for one `recvmmsg`/`sendmmsg` round, allocated once per worker.
@@ -226,43 +246,131 @@ impl Batch {
             h.msg_controllen = 0;
             h.msg_flags = 0;
         }
-        let mut sent = 0;
-        // The slot already cut down to a TC=1 reply after EMSGSIZE, so it is cut only once.
-        let mut truncated = usize::MAX;
-        while sent < slots.len() {
-            // SAFETY: headers [sent, len) point at live reply buffers and peer addresses owned by
-            // `self`, unchanged during the call.
-            let r = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.out_hdrs[sent..].as_mut_ptr(),
-                    (slots.len() - sent) as libc::c_uint,
-                    0,
-                )
-            };
-            if r <= 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if e.raw_os_error() == Some(libc::EMSGSIZE) && truncated != sent {
-                    // Longer than the interface MTU and DF is set: send TC=1 instead.
-                    let reply = &mut self.out[slots[sent]];
-                    dns::truncate_reply(reply);
-                    self.out_iov[sent].iov_len = reply.len();
-                    truncated = sent;
-                    continue;
-                }
-                // Skip the datagram the kernel refused (e.g. an unreachable peer) and go on.
-                sent += 1;
-                if sent >= slots.len() {
-                    return Err(e);
-                }
+        let out = &mut self.out;
+        send_all(
+            fd,
+            &mut self.out_hdrs[..slots.len()],
+            &mut self.out_iov,
+            |k| {
+                let reply = &mut out[slots[k]];
+                dns::truncate_reply(reply);
+                reply.len()
+            },
+        )
+    }
+}
+
+/// Sends every message of `hdrs` (each with one iovec, `iov[k]`) with `sendmmsg`, calling again
+/// for the rest when the kernel takes part. A reply longer than the interface MTU (EMSGSIZE: the
+/// socket sets DF) is cut once to a TC=1 reply by `truncate(k)`, which returns its new length;
+/// a datagram the kernel refuses otherwise (an unreachable peer) is skipped.
+fn send_all(
+    fd: i32,
+    hdrs: &mut [libc::mmsghdr],
+    iov: &mut [libc::iovec],
+    mut truncate: impl FnMut(usize) -> usize,
+) -> io::Result<()> {
+    let mut sent = 0;
+    // The message already cut down to a TC=1 reply after EMSGSIZE, so it is cut only once.
+    let mut truncated = usize::MAX;
+    while sent < hdrs.len() {
+        // SAFETY: headers [sent, len) point at live buffers and addresses the caller owns,
+        // unchanged during the call.
+        let r = unsafe {
+            libc::sendmmsg(
+                fd,
+                hdrs[sent..].as_mut_ptr(),
+                (hdrs.len() - sent) as libc::c_uint,
+                0,
+            )
+        };
+        if r <= 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            sent += r as usize;
+            if e.raw_os_error() == Some(libc::EMSGSIZE) && truncated != sent {
+                // Longer than the interface MTU and DF is set: send TC=1 instead.
+                iov[sent].iov_len = truncate(sent);
+                truncated = sent;
+                continue;
+            }
+            // Skip the datagram the kernel refused (e.g. an unreachable peer) and go on.
+            sent += 1;
+            if sent >= hdrs.len() {
+                return Err(e);
+            }
+            continue;
         }
-        Ok(())
+        sent += r as usize;
+    }
+    Ok(())
+}
+
+impl Default for Replies {
+    fn default() -> Self {
+        Replies {
+            out: Vec::new(),
+            to: Vec::new(),
+            len: 0,
+            iov: Vec::new(),
+            hdrs: Vec::new(),
+        }
+    }
+}
+
+impl Replies {
+    /// The buffer for the next reply (emptied), its capacity kept from earlier rounds.
+    fn next(&mut self) -> &mut Vec<u8> {
+        if self.len == self.out.len() {
+            self.out.push(Vec::with_capacity(512));
+        }
+        let b = &mut self.out[self.len];
+        b.clear();
+        b
+    }
+
+    /// Queues the buffer [`next`](Self::next) gave, to go to `to`.
+    fn push(&mut self, to: SocketAddr) {
+        let to = socket2::SockAddr::from(to);
+        match self.to.get_mut(self.len) {
+            Some(slot) => *slot = to,
+            None => self.to.push(to),
+        }
+        self.len += 1;
+    }
+
+    /// Sends the queued replies and empties the queue.
+    fn send(&mut self, fd: i32) {
+        let n = std::mem::take(&mut self.len);
+        if n == 0 {
+            return;
+        }
+        // SAFETY: iovec and mmsghdr are C structs of integers and raw pointers; zero is valid.
+        self.iov.resize(n, unsafe { zeroed() });
+        // SAFETY: as above.
+        self.hdrs.resize(n, unsafe { zeroed() });
+        for k in 0..n {
+            self.iov[k] = libc::iovec {
+                iov_base: self.out[k].as_mut_ptr().cast(),
+                iov_len: self.out[k].len(),
+            };
+            let h = &mut self.hdrs[k].msg_hdr;
+            h.msg_name = self.to[k].as_ptr() as *mut libc::c_void;
+            h.msg_namelen = self.to[k].len();
+            h.msg_iov = &mut self.iov[k];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+        }
+        let out = &mut self.out;
+        if let Err(e) = send_all(fd, &mut self.hdrs[..n], &mut self.iov, |k| {
+            dns::truncate_reply(&mut out[k]);
+            out[k].len()
+        }) {
+            crate::log_limited!(debug, error = %e, "UDP send failed");
+        }
     }
 }
 
@@ -285,7 +393,7 @@ impl Worker {
         let mut driven = Instant::now();
         let mut batches: u32 = 0;
         while !stop.load(Ordering::Relaxed) {
-            let r = if self.local_tasks.is_empty() {
+            let r = if !self.busy() {
                 if afd.is_some() {
                     let since = *idle_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= EPOLL_LINGER {
@@ -316,17 +424,29 @@ impl Worker {
                         }
                     }
                 };
-                // Let the misses just spawned send their queries, and collect upstream replies
-                // already there, before reading more clients.
+                // Let the misses' tasks run and the pool sockets' readers take the upstream
+                // replies already there, then finish the misses they answered (and those timed
+                // out) before reading more clients.
                 tokio::task::yield_now().await;
-                // Bounded like the blocking read, so a stop is seen while misses are out.
-                let mut ready = match tokio::time::timeout(UDP_POLL, registered.readable()).await {
-                    Err(_elapsed) => continue,
-                    Ok(Ok(g)) => g,
-                    Ok(Err(e)) => {
-                        crate::log_limited!(warn, error = %e, "UDP readiness failed");
-                        continue;
-                    }
+                self.complete(fd);
+                // Bounded like the blocking read, so a stop is seen while misses are out, and
+                // by the next timeout of a miss in the table.
+                let now = Instant::now();
+                let wait = self
+                    .table
+                    .next_expiry()
+                    .map_or(UDP_POLL, |t| t.saturating_duration_since(now).min(UDP_POLL));
+                let mut ready = tokio::select! {
+                    biased;
+                    () = std::future::poll_fn(direct::poll_answers) => continue,
+                    r = tokio::time::timeout(wait, registered.readable()) => match r {
+                        Err(_elapsed) => continue,
+                        Ok(Ok(g)) => g,
+                        Ok(Err(e)) => {
+                            crate::log_limited!(warn, error = %e, "UDP readiness failed");
+                            continue;
+                        }
+                    },
                 };
                 match ready.try_io(|_| self.batch.recv(fd, libc::MSG_DONTWAIT)) {
                     Ok(r) => r,
@@ -344,7 +464,7 @@ impl Worker {
                     ) =>
                 {
                     // Idle for UDP_POLL: a good moment to let the runtime run.
-                    if self.local_tasks.is_empty() {
+                    if !self.busy() {
                         drive_runtime().await;
                         driven = Instant::now();
                     }
@@ -400,7 +520,7 @@ impl Worker {
             // looked at once in DRIVE_CHECK batches: a hit pays one increment).
             batches = batches.wrapping_add(1);
             if batches % DRIVE_CHECK == 0
-                && self.local_tasks.is_empty()
+                && !self.busy()
                 && arrived.saturating_duration_since(driven) >= UDP_POLL
             {
                 drive_runtime().await;
@@ -410,11 +530,90 @@ impl Worker {
         // Stopped listening: answer the misses already taken, within the grace period.
         self.local_tasks.close();
         let grace = self.ctx.settings.server.grace_period;
-        if tokio::time::timeout(grace, self.local_tasks.wait())
-            .await
-            .is_err()
+        let until = Instant::now() + grace;
+        loop {
+            tokio::task::yield_now().await;
+            self.complete(fd);
+            let now = Instant::now();
+            if self.table.is_empty() || now >= until {
+                break;
+            }
+            let next = self.table.next_expiry().map_or(until, |t| t.min(until));
+            let _ = tokio::time::timeout(
+                next.saturating_duration_since(now),
+                std::future::poll_fn(direct::poll_answers),
+            )
+            .await;
+        }
+        let left = self.table.len();
+        // Dropped: their flights and in-flight slots are released.
+        drop(self.table.take_all());
+        let rest = until.saturating_duration_since(Instant::now());
+        if left > 0
+            || tokio::time::timeout(rest, self.local_tasks.wait())
+                .await
+                .is_err()
         {
             crate::log_limited!(warn, ?grace, "grace period over with UDP queries in flight");
+        }
+    }
+
+    /// True while misses of this worker are in flight, on tasks or in its table.
+    fn busy(&self) -> bool {
+        !self.local_tasks.is_empty() || !self.table.is_empty()
+    }
+
+    /// Finishes the table's misses whose upstream replies have arrived and those whose exchange
+    /// has timed out, and sends their replies with one `sendmmsg`. A miss with more to try (a
+    /// failover, a TCP retry) goes on as a task.
+    fn complete(&mut self, fd: i32) {
+        if self.table.is_empty() {
+            return;
+        }
+        let mut answers = std::mem::take(&mut self.answers);
+        direct::take_answers(&mut answers);
+        for (token, answer) in answers.drain(..) {
+            if let Some(p) = self.table.take(token) {
+                self.finish(p, answer);
+            }
+        }
+        self.answers = answers;
+        let now = Instant::now();
+        while let Some(p) = self.table.take_expired(now) {
+            self.finish(p, Err(UpstreamError::Timeout));
+        }
+        self.replies.send(fd);
+    }
+
+    /// Finishes one miss of the table with its first exchange's `answer`.
+    fn finish(&mut self, p: Pending, answer: UpstreamAnswer) {
+        let Pending { client, attempt } = p;
+        let out = self.replies.next();
+        let (ctx, stats) = (&self.ctx, &self.stats);
+        match contain::packet(|| ctx.finish_direct(&client, attempt, answer, stats, out)) {
+            Some(None) => self.replies.push(client.src),
+            Some(Some(resume)) => {
+                let ctx = self.ctx.clone();
+                let sock = self.sock.clone();
+                let stats = self.stats.clone();
+                self.local_tasks.spawn(async move {
+                    let resolve = Box::pin(ctx.resume_direct(&client, resume, &stats));
+                    let reply = match contain::task(resolve).await {
+                        Some(reply) => reply,
+                        None => {
+                            let mut out = Vec::new();
+                            contain::servfail(&client.pkt, &mut out);
+                            out
+                        }
+                    };
+                    send_reply(&sock, reply, client.src);
+                });
+            }
+            None => {
+                if contain::servfail(&client.pkt, self.replies.next()) {
+                    self.replies.push(client.src);
+                }
+            }
         }
     }
 
@@ -484,6 +683,17 @@ impl Worker {
             Handled::Reply => true,
             Handled::Drop => false,
             Handled::Miss(miss) => {
+                let token = self.table.vacant();
+                if let Some(attempt) = self.ctx.begin_direct(&miss, token) {
+                    let client = Waiting {
+                        miss,
+                        pkt: pkt.to_vec(),
+                        src,
+                        start: now,
+                    };
+                    self.table.insert(token, Pending { client, attempt });
+                    return false;
+                }
                 let start = now;
                 let pkt = pkt.to_vec();
                 let ctx = self.ctx.clone();
