@@ -261,3 +261,106 @@ fn refused_port_fails_the_query_at_once() {
         assert!(matches!(r, Err(UpstreamError::Io(_))), "{r:?}");
     });
 }
+
+/// Waits (up to 5 s) until replies for this thread's worker are there and takes them.
+async fn worker_answers() -> Vec<(u64, Answer)> {
+    tokio::time::timeout(Duration::from_secs(5), std::future::poll_fn(poll_answers))
+        .await
+        .expect("a reply for the worker within 5 s");
+    let mut got = Vec::new();
+    take_answers(&mut got);
+    got
+}
+
+/// The worker's queries: each reply comes back under its own token, whatever order the upstream
+/// answers in; a reply with a query's ID but another question is not handed over.
+#[test]
+fn worker_replies_come_back_under_their_tokens() {
+    rt().block_on(async {
+        let (up, addr) = upstream().await;
+        let lim = limits(1, 1000);
+        let (pa, pb) = (query_packet("a.example"), query_packet("b.example"));
+        let (qa, qb) = (
+            dns::parse_query(&pa).unwrap(),
+            dns::parse_query(&pb).unwrap(),
+        );
+        let _a = send_for_worker(addr, &qa, 1232, Instant::now(), &lim, 7).unwrap();
+        let _b = send_for_worker(addr, &qb, 1232, Instant::now(), &lim, 9).unwrap();
+        let mut buf = [0u8; 512];
+        let (n, from) = up.recv_from(&mut buf).await.unwrap();
+        let first = buf[..n].to_vec();
+        let (n, _) = up.recv_from(&mut buf).await.unwrap();
+        let second = buf[..n].to_vec();
+        // A forgery: the second query's ID on the first query's question.
+        let mut forged = reply_to(&first);
+        forged[..2].copy_from_slice(&second[..2]);
+        up.send_to(&forged, from).await.unwrap();
+        up.send_to(&reply_to(&second), from).await.unwrap();
+        up.send_to(&reply_to(&first), from).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(worker_answers().await);
+        }
+        let name_of = |token: u64| {
+            let (_, a) = got
+                .iter()
+                .find(|(t, _)| *t == token)
+                .expect("token answered");
+            let resp = a.as_ref().expect("an answer");
+            // The question starts after the header: the first label's first letter.
+            resp.wire[13]
+        };
+        assert_eq!(name_of(7), b'a');
+        assert_eq!(name_of(9), b'b');
+        assert_eq!(got.len(), 2, "the forgery was not handed over");
+    });
+}
+
+/// A query whose registration was dropped (its miss timed out) gets nothing, even when its reply
+/// comes; a later query's reply still does.
+#[test]
+fn a_dropped_worker_query_gets_no_reply() {
+    rt().block_on(async {
+        let (up, addr) = upstream().await;
+        let lim = limits(1, 1000);
+        let (pa, pb) = (query_packet("a.example"), query_packet("b.example"));
+        let (qa, qb) = (
+            dns::parse_query(&pa).unwrap(),
+            dns::parse_query(&pb).unwrap(),
+        );
+        let a = send_for_worker(addr, &qa, 1232, Instant::now(), &lim, 1).unwrap();
+        let mut buf = [0u8; 512];
+        let (n, from) = up.recv_from(&mut buf).await.unwrap();
+        let first = buf[..n].to_vec();
+        drop(a);
+        let _b = send_for_worker(addr, &qb, 1232, Instant::now(), &lim, 2).unwrap();
+        let (n, _) = up.recv_from(&mut buf).await.unwrap();
+        let second = buf[..n].to_vec();
+        up.send_to(&reply_to(&first), from).await.unwrap();
+        up.send_to(&reply_to(&second), from).await.unwrap();
+        let got = worker_answers().await;
+        let tokens: Vec<u64> = got.iter().map(|(t, _)| *t).collect();
+        assert_eq!(tokens, vec![2]);
+    });
+}
+
+#[test]
+fn refused_port_fails_a_worker_query_at_once() {
+    rt().block_on(async {
+        let addr = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let p = query_packet("nobody.example");
+        let q = dns::parse_query(&p).unwrap();
+        let _out = send_for_worker(addr, &q, 1232, Instant::now(), &limits(1, 1000), 5).unwrap();
+        let got = worker_answers().await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, 5);
+        assert!(
+            matches!(got[0].1, Err(UpstreamError::Io(_))),
+            "{:?}",
+            got[0].1
+        );
+    });
+}
