@@ -11,7 +11,8 @@
 #   reference the miss path is measured against
 #
 # knotd (the load benchmark's zones) on CPU 0, nodedns (one worker) on CPU 1, dnsperf on CPU 0,
-# each run SECONDS long with OUTSTANDING queries out; prints per run the CPU, user and system
+# each run SECONDS_PER_RUN long with OUTSTANDING queries out (or, with RATE set, at RATE queries per
+# second: the shared harness's miss-rate is RATE=5000); prints per run the CPU, user and system
 # microseconds per answered query (from /proc/PID/stat) and the context switches per query
 # (perf stat, when perf is installed). Needs knotd, kdig, dnsperf; everything on 127.0.0.0/8;
 # only processes this script started are signalled.
@@ -68,7 +69,7 @@ for round in $(seq "$ROUNDS"); do
             PERF=$!
         fi
         taskset -c 0 dnsperf -s "$ADDR" -d "$WORKDIR/q.txt" -l "$SECONDS_PER_RUN" -c 8 \
-            -q "$OUTSTANDING" -t 2 -n 1 >"$WORKDIR/dnsperf.log" 2>&1
+            -q "$OUTSTANDING" -t 2 -n 1 ${RATE:+-Q "$RATE"} >"$WORKDIR/dnsperf.log" 2>&1
         read -r u1 s1 < <(cpu_ticks "$NODE")
         if [[ -n ${PERF:-} ]]; then
             wait "$PERF" || true

@@ -24,13 +24,14 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{Interest, Ready};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
@@ -145,7 +146,10 @@ struct SockState {
 
 /// One connected socket of a pool.
 pub(super) struct PoolSocket {
-    sock: UdpSocket,
+    /// Registered for reading only: a socket registered for writing too would wake epoll after
+    /// every send (the kernel frees the datagram's buffer space at once on loopback and soon
+    /// after elsewhere), for nothing, as sends never wait.
+    sock: AsyncFd<std::net::UdpSocket>,
     born: Instant,
     /// Queries handed this socket so far (only the owning thread's pool counts them).
     used: std::sync::atomic::AtomicU32,
@@ -164,8 +168,12 @@ impl PoolSocket {
             Some(socket2::Protocol::UDP),
         )?;
         raw.connect(&upstream.into())?;
+        let sock: std::net::UdpSocket = raw.into();
+        // SAFETY: the AsyncFd owns the socket, so its descriptor stays open for as long as the
+        // registration lives.
+        let sock = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }?;
         let s = Arc::new(PoolSocket {
-            sock: UdpSocket::from_std(raw.into())?,
+            sock,
             born: Instant::now(),
             used: Default::default(),
             reader_alive: AtomicBool::new(true),
@@ -179,7 +187,7 @@ impl PoolSocket {
     /// The local port.
     #[cfg(test)]
     pub(super) fn local_port(&self) -> u16 {
-        self.sock.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.sock.get_ref().local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
     fn worn_out(&self, limits: &PoolLimits, now: Instant) -> bool {
@@ -288,36 +296,96 @@ impl Drop for ReaderGuard {
 async fn read_loop(guard: ReaderGuard) {
     let s = &guard.0;
     loop {
-        let Ok(ready) = s.sock.ready(Interest::READABLE | Interest::ERROR).await else {
+        let Ok(mut ready) = s.sock.ready(Interest::READABLE | Interest::ERROR).await else {
             return;
         };
-        if ready.is_error() {
+        if ready.ready().is_error() {
             // ICMP port or host unreachable from the upstream: every query out on this socket
             // went to the same place, so they fail now rather than at their timeout.
-            if let Ok(Some(e)) = s.sock.take_error() {
+            if let Ok(Some(e)) = s.sock.get_ref().take_error() {
                 s.fail_all(e.kind());
             }
-            let _ = s.sock.try_io(Interest::ERROR, || {
-                Err::<(), _>(io::ErrorKind::WouldBlock.into())
-            });
+            ready.clear_ready_matching(Ready::ERROR);
         }
         loop {
-            // Read into this thread's buffer, never held across an await.
-            let r = RECV.with_borrow_mut(|buf| {
-                let n = s.sock.try_recv(&mut buf[..])?;
-                if !s.dispatch(&buf[..n]) {
-                    crate::metrics::resilience::UDP_UNMATCHED_REPLIES
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Ok::<(), io::Error>(())
+            // Up to READ_BATCH datagrams per system call, into this thread's buffers (never held
+            // across an await). A short batch emptied the socket's queue: the closure then says
+            // WouldBlock, so the readiness is cleared without one more read to learn it (a
+            // datagram arriving later raises a new edge).
+            let r = ready.try_io(|fd| {
+                RECV.with_borrow_mut(|b| {
+                    let n = b.recv(fd.as_raw_fd())?;
+                    for i in 0..n {
+                        if !s.dispatch(&b.bufs[i][..b.lens[i]]) {
+                            crate::metrics::resilience::UDP_UNMATCHED_REPLIES
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    if n < READ_BATCH {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(())
+                })
             });
             match r {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => s.fail_all(e.kind()),
+                Err(_would_block) => break,
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => s.fail_all(e.kind()),
             }
         }
+    }
+}
+
+/// Datagrams a pool socket's reader takes per system call.
+const READ_BATCH: usize = 8;
+
+/// A thread's buffers for its readers' `recvmmsg`.
+struct RecvBatch {
+    bufs: Box<[[u8; RECV_BUF]; READ_BATCH]>,
+    /// The length of each datagram of the last read (`RECV_BUF` for one cut short).
+    lens: [usize; READ_BATCH],
+}
+
+impl RecvBatch {
+    fn new() -> Self {
+        RecvBatch {
+            bufs: Box::new([[0; RECV_BUF]; READ_BATCH]),
+            lens: [0; READ_BATCH],
+        }
+    }
+
+    /// Reads the datagrams waiting on `fd`, up to READ_BATCH, without blocking.
+    fn recv(&mut self, fd: i32) -> io::Result<usize> {
+        // SAFETY: iovec and mmsghdr are C structs of integers and raw pointers; zero is valid.
+        let mut iov: [libc::iovec; READ_BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; READ_BATCH] = unsafe { std::mem::zeroed() };
+        for (i, (v, h)) in iov.iter_mut().zip(hdrs.iter_mut()).enumerate() {
+            v.iov_base = self.bufs[i].as_mut_ptr().cast();
+            v.iov_len = RECV_BUF;
+            h.msg_hdr.msg_iov = v;
+            h.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at one live buffer of RECV_BUF bytes owned by `self`,
+        // which outlives the call; the kernel writes at most that much into each.
+        let r = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                READ_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = r as usize;
+        for (len, h) in self.lens.iter_mut().zip(&hdrs).take(n) {
+            *len = h.msg_len as usize;
+        }
+        Ok(n)
     }
 }
 
@@ -366,7 +434,7 @@ impl Drop for Pool {
 }
 
 thread_local! {
-    static RECV: RefCell<Box<[u8; RECV_BUF]>> = RefCell::new(Box::new([0; RECV_BUF]));
+    static RECV: RefCell<RecvBatch> = RefCell::new(RecvBatch::new());
     static SEND: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static POOLS: RefCell<HashMap<SocketAddr, Pool, ahash::RandomState>> =
         RefCell::new(HashMap::default());
@@ -420,8 +488,8 @@ impl Drop for Outstanding {
 }
 
 /// Registers `q` on a socket of this thread's pool for `upstream`, its reply to go `to`, and
-/// sends it if the socket's buffer takes it at once: `Ok(Some(message))` when it did not (the
-/// caller sends that message once the socket is writable).
+/// sends it. A socket whose buffer is full (`Io(WouldBlock)`) takes no query: the caller goes
+/// another way.
 fn register_and_send(
     upstream: SocketAddr,
     q: &Query,
@@ -429,7 +497,7 @@ fn register_and_send(
     now: Instant,
     limits: &PoolLimits,
     to: Deliver,
-) -> Result<(Outstanding, Option<Vec<u8>>), UpstreamError> {
+) -> Result<Outstanding, UpstreamError> {
     let sock = POOLS.with_borrow_mut(|pools| {
         pools
             .entry(upstream)
@@ -440,19 +508,14 @@ fn register_and_send(
         .register(q.question_lower(), to)
         .ok_or(UpstreamError::Io(io::ErrorKind::WouldBlock.into()))?;
     let out = Outstanding { sock, id };
-    // Written in this thread's buffer and sent at once: a UDP socket's send buffer is seldom
-    // full, and then the query is sent from a buffer of its own once the socket is writable.
-    let unsent = SEND.with_borrow_mut(|msg| {
+    // Written in this thread's buffer and sent at once with send(2) (nothing waits for the
+    // socket to be writable: a UDP socket's buffer is seldom full).
+    SEND.with_borrow_mut(|msg| {
         msg.clear();
         dns::write_upstream_query(q, id, udp_size, msg);
-        // A plain send(2): the runtime learns a new socket is writable only from epoll, so its
-        // own `try_send` would refuse the first query of every socket.
-        match socket2::SockRef::from(&out.sock.sock).send(msg) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(msg.clone())),
-            r => r.map(|_| None),
-        }
+        socket2::SockRef::from(out.sock.sock.get_ref()).send(msg)
     })?;
-    Ok((out, unsent))
+    Ok(out)
 }
 
 /// Sends `q` to `upstream` over a socket of this thread's pool; its reply (or the socket's
@@ -467,13 +530,11 @@ pub fn send_for_worker(
     limits: &PoolLimits,
     token: u64,
 ) -> Result<Outstanding, UpstreamError> {
-    match register_and_send(upstream, q, udp_size, now, limits, Deliver::Worker(token))? {
-        (out, None) => Ok(out),
-        (_, Some(_)) => Err(UpstreamError::Io(io::ErrorKind::WouldBlock.into())),
-    }
+    register_and_send(upstream, q, udp_size, now, limits, Deliver::Worker(token))
 }
 
-/// One exchange with `upstream` over a socket of this thread's pool, started at `now`.
+/// One exchange with `upstream` over a socket of this thread's pool, started at `now`; over a
+/// fresh socket when the pool's socket cannot take it (its buffer full).
 pub async fn exchange(
     upstream: SocketAddr,
     q: &Query,
@@ -483,13 +544,15 @@ pub async fn exchange(
     limits: &PoolLimits,
 ) -> Result<Response, UpstreamError> {
     let (tx, rx) = oneshot::channel();
-    let (out, unsent) = register_and_send(upstream, q, udp_size, now, limits, Deliver::Task(tx))?;
-    let wait = async {
-        if let Some(msg) = unsent {
-            Box::pin(out.sock.sock.send(&msg)).await?;
+    let _out = match register_and_send(upstream, q, udp_size, now, limits, Deliver::Task(tx)) {
+        Err(UpstreamError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            // Boxed: rare, and its state would otherwise enlarge every miss's task.
+            let left = timeout.saturating_sub(now.elapsed());
+            return Box::pin(super::udp::exchange_fresh(upstream, q, udp_size, left)).await;
         }
-        rx.await.map_err(|_| UpstreamError::Closed)?
+        r => r?,
     };
+    let wait = async { rx.await.map_err(|_| UpstreamError::Closed)? };
     tokio::time::timeout(timeout, wait)
         .await
         .map_err(|_| UpstreamError::Timeout)?

@@ -3,13 +3,16 @@
 //! adds no latency), answers the cache hits among them on this thread with no allocation, spawn or
 //! channel hop, and sends every reply of the batch with one `sendmmsg`.
 //!
-//! A miss stays on the thread too: every worker drives its own current-thread tokio runtime, and
-//! the miss becomes a task there, so the upstream exchange and the reply cost no thread hop (no
-//! futex wake of another thread, no context switch, no cross-core cache traffic). Its upstream
-//! sockets and pooled TCP connections are the worker's own (see `forward::udp_pool` and
-//! `forward::tcp`). The worker blocks in `recvmmsg` while none of its misses is in flight, the
-//! cheapest wait for a pure cache workload; with misses in flight it waits on epoll through the
-//! runtime, so replies from upstreams, timers and new queries are served in one loop.
+//! A miss stays on the thread too, so the upstream exchange and the reply cost no thread hop (no
+//! futex wake of another thread, no context switch, no cross-core cache traffic). Every worker
+//! drives its own current-thread tokio runtime; its upstream sockets and pooled TCP connections
+//! are its own (see `forward::udp_pool` and `forward::tcp`). The common miss of a UDP zone has no
+//! task: the worker sends it and keeps it in its table (`inflight`) until the pool socket's
+//! reader hands it the reply, then answers the misses finished together with one `sendmmsg`
+//! (see `forward::direct`); the others become tasks on the runtime. The worker blocks in
+//! `recvmmsg` while none of its misses is in flight, the cheapest wait for a pure cache
+//! workload; with misses in flight it waits on epoll through the runtime, so replies from
+//! upstreams, timeouts and new queries are served in one loop.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -95,6 +98,14 @@ struct Worker {
     replies: Replies,
     stats: Arc<WorkerStats>,
     batch: Batch,
+}
+
+/// What ended a busy worker's wait (besides its timer).
+enum Wake<G> {
+    /// Upstream replies for misses of the table were handed over.
+    Answers,
+    /// The client socket became readable (or its readiness failed).
+    Client(io::Result<G>),
 }
 
 /// Replies to misses the worker finished, for one `sendmmsg`.
@@ -392,6 +403,10 @@ impl Worker {
         // `drive_runtime`), and the batches since.
         let mut driven = Instant::now();
         let mut batches: u32 = 0;
+        // The busy loop's one timer (see below), and whether its last wait gave the runtime
+        // control.
+        let mut tick = std::pin::pin!(tokio::time::sleep(UDP_POLL));
+        let mut waited = false;
         while !stop.load(Ordering::Relaxed) {
             let r = if !self.busy() {
                 if afd.is_some() {
@@ -426,32 +441,70 @@ impl Worker {
                 };
                 // Let the misses' tasks run and the pool sockets' readers take the upstream
                 // replies already there, then finish the misses they answered (and those timed
-                // out) before reading more clients.
-                tokio::task::yield_now().await;
-                self.complete(fd);
+                // out) before reading more clients. After a wait that gave the runtime control
+                // (it polled its I/O driver and ran the woken tasks before this loop went on),
+                // yielding again would only cost an empty epoll poll.
+                if !waited {
+                    tokio::task::yield_now().await;
+                }
+                let now = self.complete(fd);
                 // Bounded like the blocking read, so a stop is seen while misses are out, and
-                // by the next timeout of a miss in the table.
-                let now = Instant::now();
-                let wait = self
+                // by the next timeout of a miss in the table. One timer for the whole loop, moved
+                // only when it has fired or a miss times out sooner: no timer to register and
+                // cancel per wait.
+                let due = self
                     .table
                     .next_expiry()
-                    .map_or(UDP_POLL, |t| t.saturating_duration_since(now).min(UDP_POLL));
-                let mut ready = tokio::select! {
-                    biased;
-                    () = std::future::poll_fn(direct::poll_answers) => continue,
-                    r = tokio::time::timeout(wait, registered.readable()) => match r {
-                        Err(_elapsed) => continue,
-                        Ok(Ok(g)) => g,
-                        Ok(Err(e)) => {
-                            crate::log_limited!(warn, error = %e, "UDP readiness failed");
-                            continue;
-                        }
-                    },
-                };
-                match ready.try_io(|_| self.batch.recv(fd, libc::MSG_DONTWAIT)) {
-                    Ok(r) => r,
-                    Err(_would_block) => continue,
+                    .map_or(now + UDP_POLL, |t| t.min(now + UDP_POLL));
+                let set = tick.deadline().into_std();
+                if set <= now || set > due {
+                    tick.as_mut().reset(due.into());
                 }
+                let mut wait = std::pin::pin!(async {
+                    tokio::select! {
+                        biased;
+                        () = std::future::poll_fn(direct::poll_answers) => Some(Wake::Answers),
+                        () = &mut tick => None,
+                        r = registered.readable() => Some(Wake::Client(r)),
+                    }
+                });
+                let woke = match futures::poll!(wait.as_mut()) {
+                    std::task::Poll::Ready(woke) => {
+                        waited = false;
+                        woke
+                    }
+                    std::task::Poll::Pending => {
+                        waited = true;
+                        wait.await
+                    }
+                };
+                let mut ready = match woke {
+                    // Replies were handed over: their readers ran, so the runtime had control.
+                    Some(Wake::Answers) => {
+                        waited = true;
+                        continue;
+                    }
+                    None => continue,
+                    Some(Wake::Client(Ok(g))) => g,
+                    Some(Wake::Client(Err(e))) => {
+                        crate::log_limited!(warn, error = %e, "UDP readiness failed");
+                        continue;
+                    }
+                };
+                let r = self.batch.recv(fd, libc::MSG_DONTWAIT);
+                // A short batch emptied the socket's queue: clear the readiness now rather than
+                // learn it from one more read that finds nothing (a datagram arriving later
+                // raises a new edge).
+                let full = self.batch.bufs.len();
+                match r {
+                    Ok(n) if n < full => ready.clear_ready(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready.clear_ready();
+                        continue;
+                    }
+                    _ => {}
+                }
+                r
             };
             let n = match r {
                 Ok(n) => n,
@@ -533,8 +586,7 @@ impl Worker {
         let until = Instant::now() + grace;
         loop {
             tokio::task::yield_now().await;
-            self.complete(fd);
-            let now = Instant::now();
+            let now = self.complete(fd);
             if self.table.is_empty() || now >= until {
                 break;
             }
@@ -566,9 +618,11 @@ impl Worker {
     /// Finishes the table's misses whose upstream replies have arrived and those whose exchange
     /// has timed out, and sends their replies with one `sendmmsg`. A miss with more to try (a
     /// failover, a TCP retry) goes on as a task.
-    fn complete(&mut self, fd: i32) {
+    /// Returns the time it read.
+    fn complete(&mut self, fd: i32) -> Instant {
+        let now = Instant::now();
         if self.table.is_empty() {
-            return;
+            return now;
         }
         let mut answers = std::mem::take(&mut self.answers);
         direct::take_answers(&mut answers);
@@ -578,11 +632,11 @@ impl Worker {
             }
         }
         self.answers = answers;
-        let now = Instant::now();
         while let Some(p) = self.table.take_expired(now) {
             self.finish(p, Err(UpstreamError::Timeout));
         }
         self.replies.send(fd);
+        now
     }
 
     /// Finishes one miss of the table with its first exchange's `answer`.
