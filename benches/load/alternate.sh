@@ -78,12 +78,13 @@ for round in $(seq "$ROUNDS"); do
         fi
         q=$(awk '/Queries completed:/ {print $3}' "$WORKDIR/dnsperf.log")
         lost=$(awk '/Queries lost:/ {print $3}' "$WORKDIR/dnsperf.log")
+        servfail=$(grep -o 'SERVFAIL [0-9]*' "$WORKDIR/dnsperf.log" | awk '{print $2}')
         kill "$NODE" && wait "$NODE" 2>/dev/null || true
         NODE=""
-        awk -v b="$(basename "$bin")" -v r="$round" -v q="$q" -v lost="$lost" -v t="$TICK_US" \
+        awk -v b="$(basename "$bin")" -v r="$round" -v q="$q" -v lost="$lost" -v sf="${servfail:-0}" -v t="$TICK_US" \
             -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v cs="$cs" 'BEGIN {
-                printf "round %d %-20s %s answered %s lost  cpu %.2f us/q  user %.2f  system %.2f",
-                    r, b, q, lost, (u + s) * t / q, u * t / q, s * t / q
+                printf "round %d %-20s %s answered %s lost %s SERVFAIL  cpu %.2f us/q  user %.2f  system %.2f",
+                    r, b, q, lost, sf, (u + s) * t / q, u * t / q, s * t / q
                 if (cs != "") printf "  context switches %.3f/q", cs / q
                 printf "\n"
             }'

@@ -16,6 +16,7 @@
 pub mod direct;
 mod flights;
 mod health;
+mod recheck;
 mod tcp;
 mod udp;
 mod udp_pool;
@@ -173,9 +174,8 @@ pub struct Forwarder {
     /// Forwarded queries in flight, bounded by `forward.max_inflight`.
     inflight: Arc<Inflight>,
     flights: Arc<Flights>,
-    /// Keys whose refresh failed recently, with the time until which stale answers are served
-    /// without asking upstream again (RFC 8767's failure recheck timer).
-    stale_failures: Mutex<HashMap<u64, Instant>>,
+    /// Keys whose refresh failed recently (RFC 8767's failure recheck timer).
+    stale_failures: recheck::Recheck,
     /// Upstreams just marked down, for the health checker.
     down_tx: tokio::sync::mpsc::UnboundedSender<SocketAddr>,
     down_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<SocketAddr>>>,
@@ -226,7 +226,7 @@ impl Forwarder {
             rotate: AtomicUsize::new(0),
             inflight,
             flights: Arc::new(Flights::default()),
-            stale_failures: Mutex::new(HashMap::new()),
+            stale_failures: recheck::Recheck::default(),
             down_tx,
             down_rx: Mutex::new(Some(down_rx)),
             counters,
@@ -347,25 +347,17 @@ impl Forwarder {
         if recheck.is_zero() {
             return;
         }
-        let mut m = self.stale_failures.lock();
         if ok {
-            if !m.is_empty() {
-                m.remove(&key);
-            }
+            self.stale_failures.succeeded(key);
         } else {
-            let now = self.clock.now();
-            if m.len() > 4096 {
-                m.retain(|_, until| *until > now);
-            }
-            m.insert(key, now + recheck);
+            self.stale_failures.failed(key, self.clock.now(), recheck);
         }
     }
 
     /// True while a failed refresh of `key` is recent enough to serve stale without asking
     /// (`now`: a reading of the forwarder's clock).
     pub fn recently_failed(&self, key: u64, now: Instant) -> bool {
-        let m = self.stale_failures.lock();
-        !m.is_empty() && m.get(&key).is_some_and(|until| *until > now)
+        self.stale_failures.recent(key, now)
     }
 
     /// Resolves `q` for its zone (`route`, decided by the caller): local answers first (a

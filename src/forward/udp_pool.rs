@@ -187,7 +187,11 @@ impl PoolSocket {
     /// The local port.
     #[cfg(test)]
     pub(super) fn local_port(&self) -> u16 {
-        self.sock.get_ref().local_addr().map(|a| a.port()).unwrap_or(0)
+        self.sock
+            .get_ref()
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(0)
     }
 
     fn worn_out(&self, limits: &PoolLimits, now: Instant) -> bool {
