@@ -109,6 +109,7 @@ enum Wake<G> {
 }
 
 /// Replies to misses the worker finished, for one `sendmmsg`.
+#[derive(Default)]
 struct Replies {
     out: Vec<Vec<u8>>,
     to: Vec<socket2::SockAddr>,
@@ -316,18 +317,6 @@ fn send_all(
         sent += r as usize;
     }
     Ok(())
-}
-
-impl Default for Replies {
-    fn default() -> Self {
-        Replies {
-            out: Vec::new(),
-            to: Vec::new(),
-            len: 0,
-            iov: Vec::new(),
-            hdrs: Vec::new(),
-        }
-    }
 }
 
 impl Replies {
