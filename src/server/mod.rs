@@ -14,6 +14,7 @@ pub mod socket;
 pub mod tcp;
 pub mod tcp_table;
 pub mod udp;
+mod udp_batch;
 
 pub use run::{run, Server};
 
