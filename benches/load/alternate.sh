@@ -78,7 +78,7 @@ for round in $(seq "$ROUNDS"); do
         fi
         q=$(awk '/Queries completed:/ {print $3}' "$WORKDIR/dnsperf.log")
         lost=$(awk '/Queries lost:/ {print $3}' "$WORKDIR/dnsperf.log")
-        servfail=$(grep -o 'SERVFAIL [0-9]*' "$WORKDIR/dnsperf.log" | awk '{print $2}')
+        servfail=$(grep -o 'SERVFAIL [0-9]*' "$WORKDIR/dnsperf.log" | awk '{print $2}' || true)
         kill "$NODE" && wait "$NODE" 2>/dev/null || true
         NODE=""
         awk -v b="$(basename "$bin")" -v r="$round" -v q="$q" -v lost="$lost" -v sf="${servfail:-0}" -v t="$TICK_US" \
