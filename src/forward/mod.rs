@@ -15,6 +15,7 @@
 
 pub mod direct;
 mod flights;
+mod fresh;
 mod health;
 mod recheck;
 mod tcp;

@@ -552,7 +552,7 @@ pub async fn exchange(
         Err(UpstreamError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
             // Boxed: rare, and its state would otherwise enlarge every miss's task.
             let left = timeout.saturating_sub(now.elapsed());
-            return Box::pin(super::udp::exchange_fresh(upstream, q, udp_size, left)).await;
+            return Box::pin(super::fresh::exchange_fresh(upstream, q, udp_size, left)).await;
         }
         r => r?,
     };
