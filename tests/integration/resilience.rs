@@ -450,3 +450,53 @@ fn an_upstream_that_refuses_the_root_probe_still_makes_us_ready() {
     }
     assert!(up.probes() >= 1);
 }
+
+/// Hundreds of misses out at once, about half of them sent first to a silent upstream: each of
+/// those fails over to the other upstream one attempt timeout (1 s) after it was sent, and every
+/// query is answered; the ones the silent upstream never saw are answered at once.
+#[test]
+fn a_burst_of_misses_fails_over_from_a_silent_upstream_each_after_one_timeout() {
+    let silent = FakeUpstream::start(|_, _| Action::Silence);
+    let good = FakeUpstream::start(|q, _| Action::Answer(a_reply(q, 60, &[[192, 0, 2, 7]])));
+    let n = Nodedns::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &silent.arg(),
+        "--upstream",
+        &good.arg(),
+        "--metrics",
+        "off",
+        "--health",
+        "off",
+    ]);
+    let names: Vec<String> = (0..300).map(|i| format!("burst{i}.example.org")).collect();
+    let msgs: Vec<Message> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| query_msg(name, RecordType::A, 30000 + i as u16, None))
+        .collect();
+    let got = burst(n.dns, &msgs, Duration::from_secs(6));
+    let asked_silent: std::collections::HashSet<String> = silent
+        .queries()
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    assert!(
+        (50..=250).contains(&asked_silent.len()),
+        "the first upstream rotates: {} of 300 went to the silent one",
+        asked_silent.len()
+    );
+    for (name, r) in names.iter().zip(&got) {
+        let (m, took) = r.as_ref().unwrap_or_else(|| panic!("{name} unanswered"));
+        assert_eq!(m.answers.len(), 1, "{name}");
+        if asked_silent.contains(name.as_str()) {
+            assert!(
+                *took >= Duration::from_millis(950) && *took < Duration::from_millis(1800),
+                "{name}, sent to the silent upstream first, answered after {took:?}"
+            );
+        } else {
+            assert!(*took < Duration::from_millis(900), "{name} took {took:?}");
+        }
+    }
+}
