@@ -5,8 +5,9 @@
 //! `NodeDNSPanics` alert fires while the node keeps serving.
 //!
 //! The containment points: every datagram of a UDP batch (parse, prefetch, answer), the UDP
-//! worker's loop as a whole (a panic outside a datagram restarts it), every TCP message, and
-//! every miss task (UDP and TCP), whose client gets SERVFAIL. Tasks on the shared runtime are
+//! worker's loop as a whole (a panic outside a datagram restarts it), every TCP message, the
+//! finishing of every miss in a worker's table, and every miss task (UDP and TCP); the client
+//! of the miss gets SERVFAIL. Tasks on the shared runtime are
 //! also contained by tokio itself (a panicking task ends alone).
 //!
 //! A panic while a cache shard is written leaves that shard's contents as far as the write went:
@@ -15,8 +16,8 @@
 //!
 //! Debug builds only: [`test_trigger`] panics on a query for the name given in
 //! `NODEDNS_TEST_PANIC` (hit path: the cache lookup of UDP and TCP) or `NODEDNS_TEST_PANIC_MISS`
-//! (a miss task), so the integration tests can show all this on the real binary. The hook is
-//! compiled only under `debug_assertions`, which the release profile (the image's
+//! (a miss, as a worker starts it or as its task does), so the integration tests can show all
+//! this on the real binary. The hook is compiled only under `debug_assertions`, which the release profile (the image's
 //! `cargo build --release`) turns off: no setting of a shipped binary can make it panic.
 
 use std::future::Future;
@@ -61,7 +62,7 @@ pub fn servfail(pkt: &[u8], out: &mut Vec<u8>) -> bool {
 pub enum Trigger {
     /// The cache lookup of UDP and TCP (`NODEDNS_TEST_PANIC`).
     Hit,
-    /// A miss task (`NODEDNS_TEST_PANIC_MISS`).
+    /// A miss, where a worker starts it or its task resolves it (`NODEDNS_TEST_PANIC_MISS`).
     Miss,
 }
 
