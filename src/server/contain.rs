@@ -17,8 +17,9 @@
 //! Debug builds only: [`test_trigger`] panics on a query for the name given in
 //! `NODEDNS_TEST_PANIC` (hit path: the cache lookup of UDP and TCP) or `NODEDNS_TEST_PANIC_MISS`
 //! (a miss, as a worker starts it or as its task does), so the integration tests can show all
-//! this on the real binary. The hook is compiled only under `debug_assertions`, which the release profile (the image's
-//! `cargo build --release`) turns off: no setting of a shipped binary can make it panic.
+//! this on the real binary. The hook is compiled only under `debug_assertions`, which the
+//! release profile (the image's `cargo build --release`) turns off: no setting of a shipped
+//! binary can make it panic.
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
