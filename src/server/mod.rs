@@ -1,8 +1,9 @@
 //! Serving clients: the shared query handler (`Context`), the UDP workers and the TCP server.
 //!
 //! A query is parsed without allocating, then answered from the cache on the thread that received
-//! it. Only a miss leaves that path: it is handed to the tokio runtime, where the forwarder
-//! resolves it and the answer is sent from there.
+//! it. Only a miss leaves that path, and stays on that thread: a UDP worker sends the common miss
+//! upstream itself and keeps it in its table (`inflight`; see `forward::direct`) until the reply
+//! comes; any other miss becomes a task on the thread's runtime ([`Context::resolve`]).
 //!
 //! [`run`] serves sockets the caller bound until a token is cancelled; [`Server`] is the same in
 //! steps (start, stop), as `app::run` uses it between node setup and teardown.
