@@ -18,7 +18,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::flights::Leader;
 use super::udp_pool::{self, Answer, Outstanding};
@@ -219,11 +219,6 @@ impl Attempt {
     /// The metrics slot of the miss's zone.
     pub fn zone_slot(&self) -> usize {
         self.routes.settings.zones[self.zone_idx].slot as usize
-    }
-
-    /// How long until this exchange times out, from `now`.
-    pub fn left(&self, now: Instant) -> Duration {
-        self.expires.saturating_duration_since(now)
     }
 
     fn resume_from(

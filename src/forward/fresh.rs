@@ -16,6 +16,19 @@ use crate::dns::{self, Query, Response};
 /// our advertised size anyway, and the caller then tries the next upstream).
 const RECV_BUF: usize = 4096;
 
+/// A non-blocking UDP socket connected to `upstream`, on a port the kernel picks at random:
+/// connect(2) on an unbound socket picks a random ephemeral port, so no separate bind(2) is
+/// needed (two system calls before the send instead of three).
+pub fn connected(upstream: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let raw = socket2::Socket::new(
+        socket2::Domain::for_address(upstream),
+        socket2::Type::DGRAM.nonblocking().cloexec(),
+        Some(socket2::Protocol::UDP),
+    )?;
+    raw.connect(&upstream.into())?;
+    Ok(raw.into())
+}
+
 /// One exchange over a socket opened for it and closed after it.
 pub async fn exchange_fresh(
     upstream: SocketAddr,
@@ -23,15 +36,7 @@ pub async fn exchange_fresh(
     udp_size: u16,
     timeout: Duration,
 ) -> Result<Response, UpstreamError> {
-    // connect(2) on an unbound socket picks a random ephemeral port (the kernel randomises it),
-    // so no separate bind(2) is needed: two system calls before the send instead of three.
-    let raw = socket2::Socket::new(
-        socket2::Domain::for_address(upstream),
-        socket2::Type::DGRAM.nonblocking().cloexec(),
-        Some(socket2::Protocol::UDP),
-    )?;
-    raw.connect(&upstream.into())?;
-    let sock = UdpSocket::from_std(raw.into())?;
+    let sock = UdpSocket::from_std(connected(upstream)?)?;
     let id: u16 = rand::random();
     let mut msg = Vec::with_capacity(64 + q.question_lower().len());
     dns::write_upstream_query(q, id, udp_size, &mut msg);

@@ -162,13 +162,7 @@ impl PoolSocket {
     /// Opens a socket connected to `upstream` (the kernel picks a random ephemeral port) and
     /// starts its reader on the current runtime.
     fn open(upstream: SocketAddr) -> io::Result<Arc<PoolSocket>> {
-        let raw = socket2::Socket::new(
-            socket2::Domain::for_address(upstream),
-            socket2::Type::DGRAM.nonblocking().cloexec(),
-            Some(socket2::Protocol::UDP),
-        )?;
-        raw.connect(&upstream.into())?;
-        let sock: std::net::UdpSocket = raw.into();
+        let sock = super::fresh::connected(upstream)?;
         // SAFETY: the AsyncFd owns the socket, so its descriptor stays open for as long as the
         // registration lives.
         let sock = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }?;

@@ -22,6 +22,11 @@ fn query_packet(name: &str) -> Vec<u8> {
     p
 }
 
+/// The parsed query for `name` (type A, RD).
+fn query(name: &str) -> dns::Query {
+    dns::parse_query(&query_packet(name)).unwrap()
+}
+
 /// The reply an upstream gives to `query`: the query itself with QR set (no records: NODATA).
 fn reply_to(query: &[u8]) -> Vec<u8> {
     let mut r = query.to_vec();
@@ -279,11 +284,7 @@ fn worker_replies_come_back_under_their_tokens() {
     rt().block_on(async {
         let (up, addr) = upstream().await;
         let lim = limits(1, 1000);
-        let (pa, pb) = (query_packet("a.example"), query_packet("b.example"));
-        let (qa, qb) = (
-            dns::parse_query(&pa).unwrap(),
-            dns::parse_query(&pb).unwrap(),
-        );
+        let (qa, qb) = (query("a.example"), query("b.example"));
         let _a = send_for_worker(addr, &qa, 1232, Instant::now(), &lim, 7).unwrap();
         let _b = send_for_worker(addr, &qb, 1232, Instant::now(), &lim, 9).unwrap();
         let mut buf = [0u8; 512];
@@ -323,11 +324,7 @@ fn a_dropped_worker_query_gets_no_reply() {
     rt().block_on(async {
         let (up, addr) = upstream().await;
         let lim = limits(1, 1000);
-        let (pa, pb) = (query_packet("a.example"), query_packet("b.example"));
-        let (qa, qb) = (
-            dns::parse_query(&pa).unwrap(),
-            dns::parse_query(&pb).unwrap(),
-        );
+        let (qa, qb) = (query("a.example"), query("b.example"));
         let a = send_for_worker(addr, &qa, 1232, Instant::now(), &lim, 1).unwrap();
         let mut buf = [0u8; 512];
         let (n, from) = up.recv_from(&mut buf).await.unwrap();

@@ -527,21 +527,8 @@ impl Context {
             .finish(&w.miss.q, w.miss.key, attempt, answer)
         {
             Next::Done(outcome) => {
-                let max_len = self.max_len(&w.miss.q, Proto::Udp);
                 out.clear();
-                let upstream =
-                    self.write_outcome(&w.miss, &w.pkt, max_len, false, Some(outcome), out);
-                self.record_reply(
-                    &w.miss,
-                    zone_slot,
-                    &w.pkt,
-                    w.src,
-                    Proto::Udp,
-                    stats,
-                    w.start,
-                    out,
-                    upstream,
-                );
+                self.reply_direct(w, zone_slot, outcome, stats, out);
                 None
             }
             Next::Resume(r) => Some(r),
@@ -557,9 +544,23 @@ impl Context {
     ) -> Vec<u8> {
         let zone_slot = res.zone_slot();
         let outcome = self.forwarder.resume(&w.miss.q, w.miss.key, res).await;
-        let max_len = self.max_len(&w.miss.q, Proto::Udp);
         let mut out = Vec::with_capacity(512);
-        let upstream = self.write_outcome(&w.miss, &w.pkt, max_len, false, Some(outcome), &mut out);
+        self.reply_direct(w, zone_slot, outcome, stats, &mut out);
+        out
+    }
+
+    /// Writes the reply to the direct miss of client `w` from its flight's `outcome` into `out`
+    /// and counts it (no stale answer stands in: a name with one takes the task path).
+    fn reply_direct(
+        &self,
+        w: &inflight::Waiting,
+        zone_slot: usize,
+        outcome: FlightOutcome,
+        stats: &WorkerStats,
+        out: &mut Vec<u8>,
+    ) {
+        let max_len = self.max_len(&w.miss.q, Proto::Udp);
+        let upstream = self.write_outcome(&w.miss, &w.pkt, max_len, false, Some(outcome), out);
         self.record_reply(
             &w.miss,
             zone_slot,
@@ -568,10 +569,9 @@ impl Context {
             Proto::Udp,
             stats,
             w.start,
-            &out,
+            out,
             upstream,
         );
-        out
     }
 }
 
