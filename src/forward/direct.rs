@@ -1,15 +1,16 @@
 //! A miss resolved by the UDP worker that received it, without a task: the worker sends the
-//! query over its thread's socket pool ([`Forwarder::begin`]), keeps the [`Attempt`] in its own
-//! table, and hands the reply that the pool socket's reader delivers to it
-//! (`udp_pool::take_answers`), or a timeout, to [`Forwarder::finish`].
+//! query over its thread's socket pool or pooled TCP connection ([`Forwarder::begin`]), keeps the
+//! [`Attempt`] in its own table, and hands the reply that the socket's reader delivers to it
+//! (`answers`), or a timeout, to [`Forwarder::finish`].
 //!
-//! This is the common miss of a UDP zone: one upstream asked, one answer. Everything that needs
-//! to wait on more than one thing goes on to a task: another upstream after a failure, timeout,
-//! SERVFAIL or REFUSED ([`Forwarder::resume`], within the same overall deadline), the TCP retry
-//! of a truncated answer. A miss that cannot start here takes the task path from the beginning
-//! (`Forwarder::resolve_shared`): TCP zones, local answers, an identical query already in the
-//! air (it waits for that one's answer), no in-flight slot left, every upstream marked down,
-//! a socket buffer full.
+//! This is the common miss: one upstream asked, one answer. Everything that needs to wait on
+//! more than one thing goes on to a task: another upstream after a failure, timeout, SERVFAIL or
+//! REFUSED ([`Forwarder::resume`], within the same overall deadline), the TCP retry of a
+//! truncated answer, the retry on a new connection of a query whose connection the server
+//! closed. A miss that cannot start here takes the task path from the beginning
+//! (`Forwarder::resolve_shared`): local answers, an identical query already in the air (it waits
+//! for that one's answer), no in-flight slot left, every upstream marked down, a socket buffer
+//! full, a TCP connection not open yet or busy with another write.
 //!
 //! Nothing differs from the task path for the client or the upstream: the same sockets, IDs,
 //! matching, timeouts, failover order, counters, caching and coalescing (the attempt leads the
@@ -20,14 +21,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::answers::Answer;
 use super::flights::Leader;
-use super::udp_pool::{self, Answer, Outstanding};
-use super::{outcome, tcp, FlightOutcome, Forwarder, InflightGuard, Rest, Route, Routes};
+use super::udp_pool::{self, Outstanding};
+use super::{
+    outcome, tcp, FlightOutcome, Forwarder, InflightGuard, Rest, Route, Routes, UpstreamError,
+};
 use crate::config::Transport;
 use crate::dns::{Query, Response};
 use crate::metrics::UpstreamTransport;
 
-pub use super::udp_pool::{poll_answers, take_answers};
+pub use super::answers::{poll_answers, take_answers};
 
 /// A miss's first exchange, sent and waiting for its reply. Dropped unfinished (the worker
 /// stopped), it forgets its registration, lets identical misses waiting on it go and frees its
@@ -42,9 +46,25 @@ pub struct Attempt {
     pub expires: Instant,
     /// Where the whole resolution ends: `forward.query_timeout` after `sent`.
     deadline: Instant,
-    _outstanding: Outstanding,
+    _sent: Sent,
     leader: Leader,
     slot: InflightGuard,
+}
+
+/// The registration of a query sent, on a UDP pool socket or a pooled TCP connection.
+enum Sent {
+    Udp { _held: Outstanding },
+    Tcp { _held: tcp::Registered },
+}
+
+/// What a resumed miss asks its first upstream again, before the zone's others.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Again {
+    Nothing,
+    /// The answer was truncated: over a TCP connection of its own.
+    OverTcp,
+    /// The server closed the pooled connection before answering: on a new one.
+    OnNewConnection,
 }
 
 /// What is left of a miss whose first exchange did not give the answer: the zone's other
@@ -54,8 +74,7 @@ pub struct Resume {
     zone_idx: usize,
     /// The upstream already asked.
     tried: SocketAddr,
-    /// Its answer was truncated: ask it again over TCP first.
-    retry_tcp: bool,
+    again: Again,
     rest_from: Instant,
     deadline: Instant,
     relay: Option<(Response, SocketAddr)>,
@@ -71,6 +90,12 @@ pub enum Next {
     Resume(Resume),
 }
 
+/// Sends what the misses begun since the last call queued (the frames of a batch's cluster-zone
+/// misses, one write per connection). The worker calls it once it has begun a batch's misses.
+pub fn flush_sends() {
+    tcp::flush_worker_writes();
+}
+
 impl Forwarder {
     /// Starts the miss of `q` (cache key `key`, routed to `route`) without a task: sends it to
     /// the zone's first upstream over this thread's socket pool, its reply to be taken under
@@ -78,12 +103,13 @@ impl Forwarder {
     pub fn begin(&self, q: &Query, key: u64, route: Route, token: u64) -> Option<Attempt> {
         let r = self.routes.load_full();
         let limits = &r.settings.forward.udp_pool;
-        if !r.settings.local.is_empty() || limits.size == 0 {
+        if !r.settings.local.is_empty() {
             return None;
         }
         let zone_idx = r.zone_index(route, q);
         let zone = &r.settings.zones[zone_idx];
-        if zone.transport == Transport::Tcp {
+        let over_tcp = zone.transport == Transport::Tcp;
+        if !over_tcp && limits.size == 0 {
             return None;
         }
         // A name with a stale answer (RFC 8767) may be answered from it: the task path.
@@ -100,7 +126,13 @@ impl Forwarder {
         let slot = self.try_acquire()?;
         let sent = Instant::now();
         let size = r.settings.server.edns_udp_size;
-        let outstanding = udp_pool::send_for_worker(upstream, q, size, sent, limits, token).ok()?;
+        let registration = if over_tcp {
+            let _held = r.pools[&upstream].send_for_worker(q, size, token)?;
+            Sent::Tcp { _held }
+        } else {
+            let _held = udp_pool::send_for_worker(upstream, q, size, sent, limits, token).ok()?;
+            Sent::Udp { _held }
+        };
         r.state[&upstream].metrics.request();
         let deadline = sent + r.settings.forward.query_timeout;
         let expires = (sent + r.settings.forward.upstream_timeout).min(deadline);
@@ -111,7 +143,7 @@ impl Forwarder {
             sent,
             expires,
             deadline,
-            _outstanding: outstanding,
+            _sent: registration,
             leader,
             slot,
         })
@@ -132,15 +164,25 @@ impl Forwarder {
     pub fn finish(&self, q: &Query, key: u64, a: Attempt, answer: Answer) -> Next {
         let r = &a.routes;
         let transport = r.settings.zones[a.zone_idx].transport;
+        if transport == Transport::Tcp && matches!(answer, Err(UpstreamError::Closed)) {
+            // As a task's exchange does: retried once on a new connection, counted as one
+            // query with the retry's outcome.
+            let sent = a.sent;
+            return Next::Resume(a.resume_from(sent, Again::OnNewConnection, None));
+        }
+        let counted_as = match transport {
+            Transport::Tcp => UpstreamTransport::Tcp,
+            Transport::Udp | Transport::PreferUdp => UpstreamTransport::Udp,
+        };
         r.state[&a.upstream]
             .metrics
-            .query(UpstreamTransport::Udp, outcome(&answer));
+            .query(counted_as, outcome(&answer));
         let now = Instant::now();
         let truncated = matches!(&answer, Ok(resp) if resp.truncated);
         if truncated && transport == Transport::PreferUdp {
             tracing::debug!(upstream = %a.upstream, "truncated over UDP, retrying over TCP");
             let sent = a.sent;
-            return Next::Resume(a.resume_from(sent, true, None));
+            return Next::Resume(a.resume_from(sent, Again::OverTcp, None));
         }
         let mut relay = None;
         let elapsed = now.saturating_duration_since(a.sent);
@@ -153,19 +195,19 @@ impl Forwarder {
                 drop(a.slot);
                 Next::Done(outcome)
             }
-            None => Next::Resume(a.resume_from(now, false, relay)),
+            None => Next::Resume(a.resume_from(now, Again::Nothing, relay)),
         }
     }
 
-    /// Goes on with a miss whose first exchange did not give the answer: the TCP retry of a
-    /// truncated answer, then the zone's other upstreams in turn, within the overall deadline.
-    /// Lands the flight and returns its outcome.
+    /// Goes on with a miss whose first exchange did not give the answer: the first upstream
+    /// asked again ([`Again`]), then the zone's other upstreams in turn, within the overall
+    /// deadline. Lands the flight and returns its outcome.
     pub async fn resume(&self, q: &Query, key: u64, res: Resume) -> FlightOutcome {
         let Resume {
             routes: r,
             zone_idx,
             tried,
-            retry_tcp,
+            again,
             rest_from,
             deadline,
             mut relay,
@@ -174,12 +216,20 @@ impl Forwarder {
         } = res;
         let mut now = rest_from;
         let mut answer = None;
-        if retry_tcp {
+        if again != Again::Nothing {
             let left = deadline.saturating_duration_since(Instant::now());
             let m = &r.state[&tried].metrics;
             let size = r.settings.server.edns_udp_size;
-            let res = Box::pin(tcp::exchange_once(tried, q, size, left)).await;
-            m.query(UpstreamTransport::TcpFallback, outcome(&res));
+            let res = if again == Again::OverTcp {
+                let res = Box::pin(tcp::exchange_once(tried, q, size, left)).await;
+                m.query(UpstreamTransport::TcpFallback, outcome(&res));
+                res
+            } else {
+                let attempt = r.settings.forward.upstream_timeout.min(left);
+                let res = Box::pin(r.pools[&tried].exchange(q, size, attempt)).await;
+                m.query(UpstreamTransport::Tcp, outcome(&res));
+                res
+            };
             let done = Instant::now();
             let elapsed = done.saturating_duration_since(now);
             now = done;
@@ -224,14 +274,14 @@ impl Attempt {
     fn resume_from(
         self,
         rest_from: Instant,
-        retry_tcp: bool,
+        again: Again,
         relay: Option<(Response, SocketAddr)>,
     ) -> Resume {
         Resume {
             routes: self.routes,
             zone_idx: self.zone_idx,
             tried: self.upstream,
-            retry_tcp,
+            again,
             rest_from,
             deadline: self.deadline,
             relay,

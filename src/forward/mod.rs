@@ -13,12 +13,15 @@
 //! Store times and the stale-recheck timer are read from the forwarder's clock (`crate::clock`),
 //! so a test can move them; upstream timeouts and deadlines run on real time.
 
+mod answers;
 pub mod direct;
 mod flights;
 mod fresh;
 mod health;
 mod recheck;
 mod tcp;
+#[cfg(test)]
+mod test_util;
 mod udp;
 mod udp_pool;
 
@@ -41,9 +44,10 @@ pub use crate::zones::Route;
 
 use arc_swap::ArcSwap;
 
+pub use answers::Answer as UpstreamAnswer;
 pub use flights::Outcome as FlightOutcome;
 pub use tcp::TcpPool;
-pub use udp_pool::{Answer as UpstreamAnswer, PoolLimits as UdpPoolLimits};
+pub use udp_pool::PoolLimits as UdpPoolLimits;
 
 use self::flights::{Flights, Join};
 use crate::metrics::resilience::Counters;

@@ -13,9 +13,16 @@
 //! answered on the worker's own thread, with no wake-up of another thread per query. A worker
 //! that waits in `recvmmsg` lets its runtime run at least every `server::socket::UDP_POLL`, so its
 //! idle connections are closed on time and a close by the server is seen.
+//!
+//! A UDP worker sends a miss on a connection already open without a task
+//! ([`TcpPool::send_for_worker`]): it queues the frame, and writes the frames of a whole batch of
+//! client queries with one send per connection ([`flush_worker_writes`]); the reader then parses
+//! the answer and hands it to the worker (`answers`), and a connection that closes hands each such
+//! query `Closed`, for the worker to retry it once on a new connection as a task does.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,6 +34,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use super::answers;
 use super::UpstreamError;
 use crate::dns::{self, Query, Response};
 use crate::metrics::{Metrics, UpstreamMetrics};
@@ -106,15 +114,50 @@ thread_local! {
 static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
 
 struct Conn {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Held while a query is written (a write the socket cannot take at once finishes
+    /// asynchronously, still holding it), so frames never interleave.
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     /// Queries waiting for their answer, by upstream ID. `closed` is set under this lock, so a
     /// query either registers before the close (and is failed by it) or sees the close.
     pending: Mutex<Pending>,
 }
 
 struct Pending {
-    waiting: HashMap<u16, oneshot::Sender<Vec<u8>>>,
+    waiting: HashMap<u16, Waiting>,
     closed: bool,
+}
+
+/// A query waiting for its answer on a connection.
+enum Waiting {
+    /// A task, which parses the frame itself.
+    Task(oneshot::Sender<Vec<u8>>),
+    /// This thread's worker, under its token; the answer must repeat `question` (lowercased
+    /// wire form).
+    Worker { token: u64, question: Box<[u8]> },
+}
+
+impl Waiting {
+    fn answer(self, frame: &[u8]) {
+        match self {
+            // The task may have just given up; then the answer is simply dropped.
+            Waiting::Task(tx) => {
+                let _ = tx.send(frame.to_vec());
+            }
+            Waiting::Worker { token, question } => {
+                let answer = dns::parse_response(frame, &question).map_err(Into::into);
+                answers::deliver(token, answer);
+            }
+        }
+    }
+
+    /// The connection closed before the answer came.
+    fn closed(self) {
+        match self {
+            // Dropping the sender wakes the task with an error.
+            Waiting::Task(_) => {}
+            Waiting::Worker { token, .. } => answers::deliver(token, Err(UpstreamError::Closed)),
+        }
+    }
 }
 
 impl Conn {
@@ -122,12 +165,132 @@ impl Conn {
         self.pending.lock().closed
     }
 
+    /// Fails every waiting query with `Closed` and refuses new ones.
     fn close(&self) {
-        let mut p = self.pending.lock();
-        p.closed = true;
-        // Dropping the senders wakes every waiting query with an error.
-        p.waiting.clear();
+        let waiting: Vec<Waiting> = {
+            let mut p = self.pending.lock();
+            p.closed = true;
+            p.waiting.drain().map(|(_, w)| w).collect()
+        };
+        for w in waiting {
+            w.closed();
+        }
     }
+
+    /// Registers a query under a random ID not in use on the connection; None once closed or
+    /// when every ID is taken.
+    fn register(&self, w: Waiting) -> Option<u16> {
+        let mut p = self.pending.lock();
+        if p.closed || p.waiting.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        let mut id: u16 = rand::random();
+        while p.waiting.contains_key(&id) {
+            id = rand::random();
+        }
+        p.waiting.insert(id, w);
+        Some(id)
+    }
+}
+
+/// A query registered on a pooled connection; the registration is removed when this is dropped
+/// (answered, timed out or cancelled).
+pub struct Registered {
+    conn: Arc<Conn>,
+    id: u16,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.conn.pending.lock().waiting.remove(&self.id);
+    }
+}
+
+/// Frames a worker queued during one batch, per connection, and spare buffers for them.
+#[derive(Default)]
+struct Queued {
+    by_conn: Vec<(Arc<Conn>, Vec<u8>)>,
+    spare: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
+}
+
+impl Queued {
+    fn push(&mut self, conn: &Arc<Conn>, q: &Query, id: u16, udp_size: u16) {
+        let i = match self.by_conn.iter().position(|(c, _)| Arc::ptr_eq(c, conn)) {
+            Some(i) => i,
+            None => {
+                let buf = self.spare.pop().unwrap_or_default();
+                self.by_conn.push((conn.clone(), buf));
+                self.by_conn.len() - 1
+            }
+        };
+        dns::write_upstream_query(q, id, udp_size, &mut self.scratch);
+        let out = &mut self.by_conn[i].1;
+        out.extend_from_slice(&(self.scratch.len() as u16).to_be_bytes());
+        out.extend_from_slice(&self.scratch);
+    }
+}
+
+thread_local! {
+    /// The frames this thread's worker queued since its last flush.
+    static QUEUED: RefCell<Queued> = RefCell::new(Queued::default());
+}
+
+/// Writes the frames this thread's worker queued ([`TcpPool::send_for_worker`]): on each
+/// connection, all at once when its writer is free and its socket takes them; what is left is
+/// written by a task holding the writer, so frames stay whole and never interleave. A failed write
+/// closes the connection (its queries fail with `Closed` and are retried on a new one).
+pub fn flush_worker_writes() {
+    QUEUED.with_borrow_mut(|queued| {
+        let Queued { by_conn, spare, .. } = queued;
+        for (conn, frames) in by_conn.drain(..) {
+            if let Some(mut done) = write_frames(conn, frames) {
+                done.clear();
+                spare.push(done);
+            }
+        }
+    });
+}
+
+/// Writes `frames` on `conn` (see [`flush_worker_writes`]); returns the buffer when it was
+/// written at once.
+fn write_frames(conn: Arc<Conn>, mut frames: Vec<u8>) -> Option<Vec<u8>> {
+    if conn.is_closed() {
+        // Its queries were failed by the close.
+        return Some(frames);
+    }
+    let held = match conn.writer.clone().try_lock_owned() {
+        Ok(w) => {
+            // send(2) itself: the runtime's own try_write refuses until epoll has reported the
+            // socket writable, which it does not after every write.
+            match socket2::SockRef::from((*w).as_ref()).send(&frames) {
+                Ok(n) if n == frames.len() => return Some(frames),
+                Ok(n) => {
+                    frames.drain(..n);
+                    Some(w)
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    Some(w)
+                }
+                Err(_) => {
+                    conn.close();
+                    return None;
+                }
+            }
+        }
+        // Another write is unfinished: these frames follow it.
+        Err(_) => None,
+    };
+    tokio::spawn(async move {
+        let mut w = match held {
+            Some(w) => w,
+            None => conn.writer.clone().lock_owned().await,
+        };
+        if w.write_all(&frames).await.is_err() {
+            conn.close();
+        }
+    });
+    None
 }
 
 impl Drop for TcpPool {
@@ -192,6 +355,19 @@ impl TcpPool {
             .map_err(|_| UpstreamError::Timeout)?
     }
 
+    /// Queues `q` on an open connection of this thread's pool, its answer (or the connection's
+    /// close) to go to this thread's worker under `token` (`answers`). The worker writes what it
+    /// queued during a batch of client queries at the batch's end ([`flush_worker_writes`]): one
+    /// send per connection, not one per query. None when the slot's connection is not open (or
+    /// is being opened): the caller then takes the path that can wait.
+    pub fn send_for_worker(&self, q: &Query, udp_size: u16, token: u64) -> Option<Registered> {
+        let conn = self.slot().try_lock().ok()?.as_ref()?.clone();
+        let question = q.question_lower().into();
+        let id = conn.register(Waiting::Worker { token, question })?;
+        QUEUED.with_borrow_mut(|queued| queued.push(&conn, q, id, udp_size));
+        Some(Registered { conn, id })
+    }
+
     /// The next slot of this thread's connections to the pool's upstream.
     fn slot(&self) -> Slot {
         THREAD_CONNS.with_borrow_mut(|pools| {
@@ -218,7 +394,7 @@ impl TcpPool {
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
         let conn = Arc::new(Conn {
-            writer: tokio::sync::Mutex::new(wr),
+            writer: Arc::new(tokio::sync::Mutex::new(wr)),
             pending: Mutex::new(Pending {
                 waiting: HashMap::new(),
                 closed: false,
@@ -244,26 +420,14 @@ impl TcpPool {
         udp_size: u16,
     ) -> Result<Response, UpstreamError> {
         let (tx, rx) = oneshot::channel();
-        let id = {
-            let mut p = conn.pending.lock();
-            if p.closed {
-                return Err(UpstreamError::Closed);
-            }
-            let mut id: u16 = rand::random();
-            while p.waiting.contains_key(&id) {
-                id = rand::random();
-            }
-            p.waiting.insert(id, tx);
-            id
-        };
+        let id = conn
+            .register(Waiting::Task(tx))
+            .ok_or(UpstreamError::Closed)?;
         // Remove our registration however this function ends (timeout included).
-        struct Unregister<'a>(&'a Conn, u16);
-        impl Drop for Unregister<'_> {
-            fn drop(&mut self) {
-                self.0.pending.lock().waiting.remove(&self.1);
-            }
-        }
-        let _unregister = Unregister(conn, id);
+        let _registered = Registered {
+            conn: conn.clone(),
+            id,
+        };
         let mut msg = Vec::new();
         framed_query(q, id, udp_size, &mut msg);
         {
@@ -312,6 +476,12 @@ async fn read_loop(
     addr: SocketAddr,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(READ_ROOM);
+    // One timer for the connection's life, pushed back lazily: when it fires, it is set again
+    // for `idle` after the last read, unless that has passed (no timer armed and cancelled per
+    // read).
+    let mut last_read = tokio::time::Instant::now();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     loop {
         let mut start = 0;
         while let Some(len) = dns::tcp_frame_len(&buf[start..]) {
@@ -322,8 +492,8 @@ async fn read_loop(
             }
             let id = dns::u16_at(frame, 0);
             let waiting = conn.pending.lock().waiting.remove(&id);
-            if let Some(tx) = waiting {
-                let _ = tx.send(frame.to_vec());
+            if let Some(w) = waiting {
+                w.answer(frame);
             }
         }
         // Keep only a partial answer, at the front.
@@ -331,17 +501,32 @@ async fn read_loop(
         if buf.capacity() - buf.len() < READ_ROOM {
             buf.reserve(READ_ROOM);
         }
-        match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => {}
+        let read = tokio::select! {
+            biased;
+            r = rd.read_buf(&mut buf) => r,
+            () = &mut idle_timer => {
+                let until = last_read + idle;
+                if tokio::time::Instant::now() < until {
+                    idle_timer.as_mut().reset(until);
+                    continue;
+                }
+                // Nothing read for `idle`: close. Any query still waiting has outlived its own
+                // timeout or was just sent (it fails with Closed and is retried on a fresh
+                // connection).
+                break;
+            }
+        };
+        match read {
+            Ok(n) if n > 0 => last_read = tokio::time::Instant::now(),
             // Closed by the server, or failed.
-            Ok(_) => break,
-            // Nothing read for `idle`: close. Any query still waiting has outlived its own
-            // timeout or was just sent (it fails with Closed and is retried on a fresh
-            // connection).
-            Err(_) => break,
+            _ => break,
         }
     }
     conn.close();
     let _ = conn.writer.lock().await.shutdown().await;
     metrics.upstream_tcp_open(addr, -1);
 }
+
+#[cfg(test)]
+#[path = "tcp_tests.rs"]
+mod tests;

@@ -35,6 +35,7 @@ use tokio::io::{Interest, Ready};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
+use super::answers::{self, Answer};
 use super::UpstreamError;
 use crate::dns::{self, Query, Response};
 
@@ -52,9 +53,6 @@ pub struct PoolLimits {
     pub lifetime: Duration,
 }
 
-/// What one upstream exchange ends with.
-pub type Answer = Result<Response, UpstreamError>;
-
 /// A query waiting for its reply on a pool socket.
 struct Waiter {
     /// The question as sent (lowercased wire form), which the reply must repeat.
@@ -66,7 +64,7 @@ struct Waiter {
 enum Deliver {
     /// To a task awaiting it.
     Task(oneshot::Sender<Answer>),
-    /// To this thread's worker, under the token it gave (see [`take_answers`]).
+    /// To this thread's worker, under the token it gave (`answers`).
     Worker(u64),
 }
 
@@ -77,43 +75,9 @@ impl Deliver {
             Deliver::Task(tx) => {
                 let _ = tx.send(answer);
             }
-            Deliver::Worker(token) => {
-                // Not during the thread's exit (the worker is gone then).
-                let _ = ANSWERS.try_with(|a| {
-                    let mut a = a.borrow_mut();
-                    a.ready.push((token, answer));
-                    if let Some(w) = a.waker.take() {
-                        w.wake();
-                    }
-                });
-            }
+            Deliver::Worker(token) => answers::deliver(token, answer),
         }
     }
-}
-
-/// Replies for this thread's worker, and the waker of the worker waiting for them.
-#[derive(Default)]
-struct Answers {
-    ready: Vec<(u64, Answer)>,
-    waker: Option<std::task::Waker>,
-}
-
-/// Moves the replies that arrived for this thread's worker into `into` (emptied first).
-pub fn take_answers(into: &mut Vec<(u64, Answer)>) {
-    into.clear();
-    ANSWERS.with_borrow_mut(|a| std::mem::swap(&mut a.ready, into));
-}
-
-/// Ready once a reply for this thread's worker is waiting to be taken.
-pub fn poll_answers(cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-    ANSWERS.with_borrow_mut(|a| {
-        if a.ready.is_empty() {
-            a.waker = Some(cx.waker().clone());
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
 }
 
 /// Hashes an upstream ID as itself: IDs are ours and random, so they spread over the table
@@ -436,7 +400,6 @@ thread_local! {
     static SEND: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static POOLS: RefCell<HashMap<SocketAddr, Pool, ahash::RandomState>> =
         RefCell::new(HashMap::default());
-    static ANSWERS: RefCell<Answers> = RefCell::new(Answers::default());
 }
 
 /// Raises the soft limit on open files to the hard limit (as Go programs such as CoreDNS do at
@@ -517,7 +480,7 @@ fn register_and_send(
 }
 
 /// Sends `q` to `upstream` over a socket of this thread's pool; its reply (or the socket's
-/// failure) is handed to this thread's worker under `token` ([`take_answers`]). The caller times
+/// failure) is handed to this thread's worker under `token` (`answers`). The caller times
 /// it out by dropping the returned registration. A full socket buffer is an error here: the
 /// caller then takes the path that can wait.
 pub fn send_for_worker(

@@ -2,6 +2,7 @@
 //! against a scripted upstream on loopback.
 
 use super::*;
+use crate::forward::test_util::{query, query_packet, reply_to, rt, worker_answers};
 
 fn limits(size: usize, queries: u32) -> PoolLimits {
     PoolLimits {
@@ -11,40 +12,10 @@ fn limits(size: usize, queries: u32) -> PoolLimits {
     }
 }
 
-/// A query packet for `name` (type A, RD).
-fn query_packet(name: &str) -> Vec<u8> {
-    let mut p = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.').filter(|l| !l.is_empty()) {
-        p.push(label.len() as u8);
-        p.extend_from_slice(label.as_bytes());
-    }
-    p.extend_from_slice(&[0, 0, 1, 0, 1]);
-    p
-}
-
-/// The parsed query for `name` (type A, RD).
-fn query(name: &str) -> dns::Query {
-    dns::parse_query(&query_packet(name)).unwrap()
-}
-
-/// The reply an upstream gives to `query`: the query itself with QR set (no records: NODATA).
-fn reply_to(query: &[u8]) -> Vec<u8> {
-    let mut r = query.to_vec();
-    r[2] |= 0x80;
-    r
-}
-
 async fn upstream() -> (tokio::net::UdpSocket, SocketAddr) {
     let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let a = s.local_addr().unwrap();
     (s, a)
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]
@@ -265,16 +236,6 @@ fn refused_port_fails_the_query_at_once() {
         .await;
         assert!(matches!(r, Err(UpstreamError::Io(_))), "{r:?}");
     });
-}
-
-/// Waits (up to 5 s) until replies for this thread's worker are there and takes them.
-async fn worker_answers() -> Vec<(u64, Answer)> {
-    tokio::time::timeout(Duration::from_secs(5), std::future::poll_fn(poll_answers))
-        .await
-        .expect("a reply for the worker within 5 s");
-    let mut got = Vec::new();
-    take_answers(&mut got);
-    got
 }
 
 /// The worker's queries: each reply comes back under its own token, whatever order the upstream

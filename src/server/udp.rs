@@ -279,6 +279,8 @@ impl Worker {
                     }
                 }
             }
+            // The batch's misses to pooled TCP connections leave now, one write per connection.
+            direct::flush_sends();
             if !replies.is_empty() {
                 if let Err(e) = self.batch.send(fd, &replies) {
                     crate::log_limited!(debug, error = %e, "UDP send failed");

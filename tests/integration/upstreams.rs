@@ -235,6 +235,46 @@ fn pooled_tcp_reconnects_when_the_upstream_closes_and_closes_when_idle() {
     );
 }
 
+/// A worker's cluster miss written on an open pooled connection that the server then closes
+/// without answering is asked again at once on a new connection, and answered: no wait for the
+/// attempt's timeout, no SERVFAIL.
+#[test]
+fn a_cluster_miss_on_a_connection_closed_under_it_is_retried_on_a_new_one() {
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+    let coredns = FakeUpstream::start(move |m, _| {
+        let name = m.queries[0].name().to_ascii();
+        if name.starts_with("drop-") && seen.lock().unwrap().insert(name) {
+            return Action::Close;
+        }
+        Action::Answer(a_reply(m, 30, &[[10, 1, 0, 2]]))
+    });
+    let vpc = answering(30);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[forward]\ntcp_pool_size = 1\ntimeout = \"2s\"\n").unwrap();
+    let nd = start(
+        &vpc,
+        Some(&coredns),
+        &["--config", cfg.to_str().unwrap(), "--workers", "1"],
+    );
+    // Opens the worker's connection (a task does), so the next misses are the worker's own.
+    let r = udp_query(nd.dns, "warm.ns.svc.cluster.local.", RecordType::A);
+    assert_eq!(r.answers.len(), 1);
+    for i in 0..3 {
+        let name = format!("drop-{i}.ns.svc.cluster.local.");
+        let t = Instant::now();
+        let r = udp_query(nd.dns, &name, RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(r.answers.len(), 1, "{name}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{name} waited {:?}: not retried when its connection closed",
+            t.elapsed()
+        );
+        assert_eq!(coredns.count(name.trim_end_matches('.')), 2, "{name}");
+    }
+}
+
 /// Established TCP connections whose local end is `server` (read from /proc/net/tcp).
 fn tcp_conns(server: std::net::SocketAddr) -> usize {
     let port = format!("{:04X}", server.port());

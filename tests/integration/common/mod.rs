@@ -188,6 +188,9 @@ pub enum Action {
     AnswerThenClose(Message),
     /// Never answer.
     Silence,
+    /// Close the TCP connection without answering (over UDP: no answer), as a server that
+    /// restarts or drops a connection does.
+    Close,
 }
 
 /// How a query reached a fake upstream.
@@ -281,6 +284,7 @@ impl FakeUpstream {
                                 Action::Answer(r) => (r, false),
                                 Action::AnswerThenClose(r) => (r, true),
                                 Action::Silence => continue,
+                                Action::Close => return,
                             };
                             let w = r.to_vec().unwrap();
                             let mut framed = (w.len() as u16).to_be_bytes().to_vec();
