@@ -41,6 +41,13 @@ pub fn take_answers(into: &mut Vec<(u64, Answer)>) {
     ANSWERS.with_borrow_mut(|a| std::mem::swap(&mut a.ready, into));
 }
 
+/// Forgets the worker's waker: the worker is running, so replies handed over now need not wake
+/// it (a wake from inside its own poll makes the runtime poll its I/O driver once more for
+/// nothing before it returns to the worker).
+pub(super) fn running() {
+    ANSWERS.with_borrow_mut(|a| a.waker = None);
+}
+
 /// Ready once a reply for this thread's worker is waiting to be taken.
 pub fn poll_answers(cx: &mut Context<'_>) -> Poll<()> {
     ANSWERS.with_borrow_mut(|a| {

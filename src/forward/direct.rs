@@ -31,7 +31,25 @@ use crate::config::Transport;
 use crate::dns::{Query, Response};
 use crate::metrics::UpstreamTransport;
 
-pub use super::answers::{poll_answers, take_answers};
+pub use super::answers::take_answers;
+
+/// Ready once replies for this thread's worker are waiting to be taken; runs the thread's
+/// upstream readers (`readers`), which hand them over, meanwhile.
+pub fn poll_replies(cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    super::answers::running();
+    let _ = super::readers::poll_readers(cx);
+    super::answers::poll_answers(cx)
+}
+
+/// Lets this thread's upstream readers take what has arrived, without waiting.
+pub async fn run_readers() {
+    std::future::poll_fn(|cx| {
+        super::answers::running();
+        let _ = super::readers::poll_readers(cx);
+        std::task::Poll::Ready(())
+    })
+    .await
+}
 
 /// A miss's first exchange, sent and waiting for its reply. Dropped unfinished (the worker
 /// stopped), it forgets its registration, lets identical misses waiting on it go and frees its

@@ -18,6 +18,7 @@ pub mod direct;
 mod flights;
 mod fresh;
 mod health;
+mod readers;
 mod recheck;
 mod tcp;
 #[cfg(test)]
@@ -46,6 +47,7 @@ use arc_swap::ArcSwap;
 
 pub use answers::Answer as UpstreamAnswer;
 pub use flights::Outcome as FlightOutcome;
+pub use readers::{adopt as adopt_readers, poll_readers};
 pub use tcp::TcpPool;
 pub use udp_pool::PoolLimits as UdpPoolLimits;
 

@@ -402,7 +402,7 @@ impl TcpPool {
         });
         self.metrics.upstream_tcp_open(self.addr, 1);
         // On this thread's runtime, with the connection.
-        tokio::spawn(read_loop(
+        super::readers::start(read_loop(
             rd,
             conn.clone(),
             self.idle,

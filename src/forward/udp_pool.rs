@@ -10,7 +10,8 @@
 //! new socket on a new random port, so ports an attacker may have learnt keep moving. A retired
 //! socket stays open only until its last outstanding reply arrives or times out.
 //!
-//! Replies are demultiplexed by one reader task per socket: it reads every datagram that
+//! Replies are demultiplexed by one reader per socket (inside the worker's future on a worker's
+//! thread, a task elsewhere: `readers`): it reads every datagram that
 //! arrives, finds the outstanding query by ID, checks the question (`dns::parse_response`) and
 //! hands the parsed answer over. A datagram matching no outstanding query (unknown ID, wrong
 //! question, too short) is dropped and counted (`nodedns_upstream_unmatched_replies_total`); the
@@ -33,7 +34,6 @@ use parking_lot::Mutex;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{Interest, Ready};
 use tokio::sync::oneshot;
-use tokio::task::AbortHandle;
 
 use super::answers::{self, Answer};
 use super::UpstreamError;
@@ -105,7 +105,7 @@ struct SockState {
     pending: HashMap<u16, Waiter, std::hash::BuildHasherDefault<IdHasher>>,
     /// No longer handed out; the reader stops once `pending` is empty.
     retired: bool,
-    reader: Option<AbortHandle>,
+    reader: Option<super::readers::Stop>,
 }
 
 /// One connected socket of a pool.
@@ -137,8 +137,8 @@ impl PoolSocket {
             reader_alive: AtomicBool::new(true),
             state: Mutex::new(SockState::default()),
         });
-        let reader = tokio::spawn(read_loop(ReaderGuard(s.clone())));
-        s.state.lock().reader = Some(reader.abort_handle());
+        let reader = super::readers::start(read_loop(ReaderGuard(s.clone())));
+        s.state.lock().reader = Some(reader);
         Ok(s)
     }
 
@@ -164,7 +164,7 @@ impl PoolSocket {
         st.retired = true;
         if st.pending.is_empty() {
             if let Some(r) = st.reader.take() {
-                r.abort();
+                r.stop();
             }
         }
     }
@@ -199,7 +199,7 @@ impl PoolSocket {
         st.pending.remove(&id);
         if st.retired && st.pending.is_empty() {
             if let Some(r) = st.reader.take() {
-                r.abort();
+                r.stop();
             }
         }
     }

@@ -107,7 +107,7 @@ fn socket_whose_reader_died_is_replaced() {
         let lim = limits(1, 1000);
         let mut pool = Pool::new(addr, 1);
         let first = pool.pick(&lim, Instant::now()).unwrap();
-        first.state.lock().reader.take().unwrap().abort();
+        first.state.lock().reader.take().unwrap().stop();
         tokio::task::yield_now().await;
         let next = pool.pick(&lim, Instant::now()).unwrap();
         assert!(!Arc::ptr_eq(&first, &next));

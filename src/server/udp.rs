@@ -63,6 +63,8 @@ pub fn spawn_worker(
                 return;
             }
         };
+        // The upstream readers of this thread run inside the worker's loop (`forward::readers`).
+        crate::forward::adopt_readers();
         let mut w = Worker {
             sock: Arc::new(sock),
             ctx,
@@ -166,6 +168,7 @@ impl Worker {
                 // yielding again would only cost an empty epoll poll.
                 if !waited {
                     tokio::task::yield_now().await;
+                    direct::run_readers().await;
                 }
                 let now = self.complete(fd);
                 // Bounded like the blocking read, so a stop is seen while misses are out, and
@@ -183,7 +186,7 @@ impl Worker {
                 let mut wait = std::pin::pin!(async {
                     tokio::select! {
                         biased;
-                        () = std::future::poll_fn(direct::poll_answers) => Some(Wake::Answers),
+                        () = std::future::poll_fn(direct::poll_replies) => Some(Wake::Answers),
                         () = &mut tick => None,
                         r = registered.readable() => Some(Wake::Client(r)),
                     }
@@ -308,6 +311,7 @@ impl Worker {
         let until = Instant::now() + grace;
         loop {
             tokio::task::yield_now().await;
+            direct::run_readers().await;
             let now = self.complete(fd);
             if self.table.is_empty() || now >= until {
                 break;
@@ -315,7 +319,7 @@ impl Worker {
             let next = self.table.next_expiry().map_or(until, |t| t.min(until));
             let _ = tokio::time::timeout(
                 next.saturating_duration_since(now),
-                std::future::poll_fn(direct::poll_answers),
+                std::future::poll_fn(direct::poll_replies),
             )
             .await;
         }
@@ -324,9 +328,15 @@ impl Worker {
         drop(self.table.take_all());
         let rest = until.saturating_duration_since(Instant::now());
         if left > 0
-            || tokio::time::timeout(rest, self.local_tasks.wait())
-                .await
-                .is_err()
+            || tokio::time::timeout(rest, async {
+                // The tasks' replies come through this thread's readers: keep them running.
+                tokio::select! {
+                    () = self.local_tasks.wait() => {}
+                    () = std::future::poll_fn(crate::forward::poll_readers) => {}
+                }
+            })
+            .await
+            .is_err()
         {
             crate::log_limited!(warn, ?grace, "grace period over with UDP queries in flight");
         }
@@ -500,13 +510,14 @@ impl Worker {
 }
 
 /// Lets this thread's runtime run once: the worker blocks in `recvmmsg`, not in the runtime,
-/// while none of its misses is in flight, so the tasks of its upstream sockets and pooled TCP
+/// while none of its misses is in flight, so the readers of its upstream sockets and pooled TCP
 /// connections (their reads, their idle timers: a connection idle past
-/// `forward.tcp_idle_timeout` is closed, one the server closed is seen) would otherwise wait for
-/// its next miss. The first yield lets the runtime poll its I/O driver and timers, the second
-/// lets the tasks they woke run.
+/// `forward.tcp_idle_timeout` is closed, one the server closed is seen) and its tasks would
+/// otherwise wait for its next miss. The first yield lets the runtime poll its I/O driver and
+/// timers, then the readers they woke run, and the second yield lets the woken tasks run.
 async fn drive_runtime() {
     tokio::task::yield_now().await;
+    direct::run_readers().await;
     tokio::task::yield_now().await;
 }
 
