@@ -10,7 +10,8 @@
 #   miss paths inside one window of the host's drift
 #   BIN: a nodedns binary, or the word dnsdist: dnsdist as the shared peer harness runs it
 #   (../shared/bench/peers/conf/dnsdist.conf.in: one listener thread, a packet cache), the
-#   reference the miss path is measured against
+#   reference the miss path is measured against, or the word dnsproxy: Wolfermann's dnsproxy as
+#   the harness runs it (no cache), the cheapest peer at a fixed miss rate
 #
 # knotd (the load benchmark's zones) on CPU 0, nodedns (one worker) on CPU 1, dnsperf on CPU 0,
 # each run SECONDS_PER_RUN long with OUTSTANDING queries out (or, with RATE set, at RATE queries per
@@ -31,6 +32,7 @@ shift 2
 : "${BACKEND_ADDR:=127.0.0.56}"
 : "${ADDR:=127.0.0.57}"
 : "${DNSDIST_CONF:=$HERE/../../../shared/bench/peers/conf/dnsdist.conf.in}"
+: "${DNSPROXY_CONF:=$HERE/../../../shared/bench/peers/conf/dnsproxy.conf.in}"
 
 names_file() {
     case $1 in
@@ -53,11 +55,14 @@ for round in $(seq "$ROUNDS"); do
     for scenario in ${SCENARIO//,/ }; do
         FILE=$(names_file "$scenario")
         for bin in "$@"; do
+            render() { sed -e "s/@ADDR@/$ADDR/g; s/@PORT@/53/g; s/@BACKEND_ADDR@/$BACKEND_ADDR/g; s/@BACKEND_PORT@/53/g" "$1"; }
             if [[ $bin == dnsdist ]]; then
-                sed -e "s/@ADDR@/$ADDR/; s/@PORT@/53/; s/@BACKEND_ADDR@/$BACKEND_ADDR/; s/@BACKEND_PORT@/53/" \
-                    "$DNSDIST_CONF" >"$WORKDIR/dnsdist.conf"
+                render "$DNSDIST_CONF" >"$WORKDIR/dnsdist.conf"
                 taskset -c 1 dnsdist --supervised --disable-syslog -C "$WORKDIR/dnsdist.conf" \
                     >"$WORKDIR/dnsdist.log" 2>&1 &
+            elif [[ $bin == dnsproxy ]]; then
+                render "$DNSPROXY_CONF" >"$WORKDIR/dnsproxy.conf"
+                taskset -c 1 dnsproxy -c "$WORKDIR/dnsproxy.conf" >"$WORKDIR/dnsproxy.log" 2>&1 &
             else
                 taskset -c 1 "$bin" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
                     --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off \

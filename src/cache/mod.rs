@@ -26,7 +26,7 @@
 //! (a write on every hit) would buy little. An entry replaced by a newer answer, or removed by
 //! `purge_expired` (every 10 s from the server), leaves its bytes in place until the head passes them;
 //! they count against `max_bytes`, so the bound holds. (A sweep inside `insert` once cost 25 µs per
-//! insert on a full 100k cache: see BENCHMARKS.md.)
+//! insert on a full 100k cache: see docs/benchmarks-history.md.)
 //!
 //! Time: the cache reads no clock for its entries. Every call that ages, stores or expires takes
 //! `now` (or the entry's store time) from its caller, which reads the server's `crate::clock`:

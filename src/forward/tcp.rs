@@ -1,11 +1,11 @@
 //! TCP upstream exchange (RFC 7766): persistent, pipelined connections to CoreDNS, and one-shot
 //! connections for the TC=1 retry to other resolvers (VPC resolvers handle idle TCP poorly).
 //!
-//! A pooled connection carries many queries at once, each with its own random ID; a reader task
-//! matches answers to waiting queries by ID (and the caller checks the question). We close a
-//! connection after `forward.tcp_idle_timeout` without queries, before CoreDNS's own 10 s idle
-//! close; if the server closes first, a query that was sent on the dying connection is retried
-//! once on a new one.
+//! A pooled connection carries many queries at once, each with its own random ID; a reader
+//! matches answers to waiting queries by ID (and the question is checked against the one
+//! asked). We close a connection after `forward.tcp_idle_timeout` without queries, before
+//! CoreDNS's own 10 s idle close; if the server closes first, a query that was sent on the dying
+//! connection is retried once on a new one.
 //!
 //! Connections are per thread, like the UDP socket pools: each thread that forwards (a UDP worker,
 //! a thread of the shared runtime) keeps up to `forward.tcp_pool_size` connections per upstream,

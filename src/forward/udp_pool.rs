@@ -117,7 +117,7 @@ pub(super) struct PoolSocket {
     born: Instant,
     /// Queries handed this socket so far (only the owning thread's pool counts them).
     used: std::sync::atomic::AtomicU32,
-    /// False once the reader task has ended (aborted, or dropped with its runtime).
+    /// False once the reader has ended (stopped, or dropped with its thread or runtime).
     reader_alive: AtomicBool,
     state: Mutex<SockState>,
 }
