@@ -161,7 +161,7 @@ impl Worker {
                         }
                     }
                 };
-                // Let the misses' tasks run and the pool sockets' readers take the upstream
+                // Let the misses' tasks run and the upstream sockets' readers take the upstream
                 // replies already there, then finish the misses they answered (and those timed
                 // out) before reading more clients. After a wait that gave the runtime control
                 // (it polled its I/O driver and ran the woken tasks before this loop went on),
@@ -202,7 +202,9 @@ impl Worker {
                     }
                 };
                 let mut ready = match woke {
-                    // Replies were handed over: their readers ran, so the runtime had control.
+                    // Replies were handed over: finish their misses before anything else, with
+                    // no yield first (the runtime gets control at the next wait, or at the yield
+                    // that follows a batch of clients).
                     Some(Wake::Answers) => {
                         waited = true;
                         continue;
