@@ -10,7 +10,7 @@
 //! closed. A miss that cannot start here takes the task path from the beginning
 //! (`Forwarder::resolve_shared`): local answers, an identical query already in the air (it waits
 //! for that one's answer), no in-flight slot left, every upstream marked down, a socket buffer
-//! full, a TCP connection not open yet or busy with another write.
+//! full, no pooled TCP connection open yet.
 //!
 //! Nothing differs from the task path for the client or the upstream: the same sockets, IDs,
 //! matching, timeouts, failover order, counters, caching and coalescing (the attempt leads the
@@ -116,7 +116,8 @@ pub fn flush_sends() {
 
 impl Forwarder {
     /// Starts the miss of `q` (cache key `key`, routed to `route`) without a task: sends it to
-    /// the zone's first upstream over this thread's socket pool, its reply to be taken under
+    /// the zone's first upstream over this thread's socket pool (or queues it on a pooled TCP
+    /// connection, written at [`flush_sends`]), its reply to be taken under
     /// `token`. None when the miss must take the task path (see the module's documentation).
     pub fn begin(&self, q: &Query, key: u64, route: Route, token: u64) -> Option<Attempt> {
         let r = self.routes.load_full();

@@ -6,10 +6,12 @@
 //! A miss stays on the thread too, so the upstream exchange and the reply cost no thread hop (no
 //! futex wake of another thread, no context switch, no cross-core cache traffic). Every worker
 //! drives its own current-thread tokio runtime; its upstream sockets and pooled TCP connections
-//! are its own (see `forward::udp_pool` and `forward::tcp`). The common miss of a UDP zone has no
-//! task: the worker sends it and keeps it in its table (`inflight`) until the pool socket's
-//! reader hands it the reply, then answers the misses finished together with one `sendmmsg`
-//! (see `forward::direct`); the others become tasks on the runtime. The worker blocks in
+//! are its own (see `forward::udp_pool` and `forward::tcp`), and their readers run inside the
+//! worker's loop (`forward::readers`). The common miss has no task: the worker sends it (a
+//! cluster zone's misses of one batch leave in one write per pooled connection) and keeps it in
+//! its table (`inflight`) until the socket's reader hands it the reply, then answers the misses
+//! finished together with one `sendmmsg` (see `forward::direct`); the others become tasks on the
+//! runtime. The worker blocks in
 //! `recvmmsg` while none of its misses is in flight, the cheapest wait for a pure cache
 //! workload; with misses in flight it waits on epoll through the runtime, so replies from
 //! upstreams, timeouts and new queries are served in one loop.
