@@ -402,10 +402,9 @@ pub fn tcp_frame_len(buf: &[u8]) -> Option<usize> {
     (buf.len() >= 2 + len).then_some(len)
 }
 
-/// Writes an upstream query for `q`: our own ID, RD and CD as the client set them, the lowercased
-/// question and an OPT record advertising `udp_size` with the client's DO bit.
+/// Appends an upstream query for `q` to `out`: our own ID, RD and CD as the client set them, the
+/// lowercased question and an OPT record advertising `udp_size` with the client's DO bit.
 pub fn write_upstream_query(q: &Query, id: u16, udp_size: u16, out: &mut Vec<u8>) {
-    out.clear();
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&(q.flags & (FLAG_RD | FLAG_CD)).to_be_bytes());
     out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]);

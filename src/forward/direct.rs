@@ -244,10 +244,10 @@ impl Forwarder {
                 m.query(UpstreamTransport::TcpFallback, outcome(&res));
                 res
             } else {
+                // The zone's own exchange over its pool (a new connection, the closed one gone).
                 let attempt = r.settings.forward.upstream_timeout.min(left);
-                let res = Box::pin(r.pools[&tried].exchange(q, size, attempt)).await;
-                m.query(UpstreamTransport::Tcp, outcome(&res));
-                res
+                let started = Instant::now();
+                Box::pin(self.exchange(&r, tried, Transport::Tcp, q, started, attempt)).await
             };
             let done = Instant::now();
             let elapsed = done.saturating_duration_since(now);

@@ -39,11 +39,13 @@ use super::UpstreamError;
 use crate::dns::{self, Query, Response};
 use crate::metrics::{Metrics, UpstreamMetrics};
 
-/// Writes a length-prefixed query for `q` with `id` into `out`.
+/// Appends a length-prefixed query for `q` with `id` to `out`.
 fn framed_query(q: &Query, id: u16, udp_size: u16, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0]);
     dns::write_upstream_query(q, id, udp_size, out);
-    let len = (out.len() as u16).to_be_bytes();
-    out.splice(0..0, len);
+    let len = (out.len() - start - 2) as u16;
+    out[start..start + 2].copy_from_slice(&len.to_be_bytes());
 }
 
 async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Vec<u8>> {
@@ -211,7 +213,6 @@ impl Drop for Registered {
 struct Queued {
     by_conn: Vec<(Arc<Conn>, Vec<u8>)>,
     spare: Vec<Vec<u8>>,
-    scratch: Vec<u8>,
 }
 
 impl Queued {
@@ -224,10 +225,7 @@ impl Queued {
                 self.by_conn.len() - 1
             }
         };
-        dns::write_upstream_query(q, id, udp_size, &mut self.scratch);
-        let out = &mut self.by_conn[i].1;
-        out.extend_from_slice(&(self.scratch.len() as u16).to_be_bytes());
-        out.extend_from_slice(&self.scratch);
+        framed_query(q, id, udp_size, &mut self.by_conn[i].1);
     }
 }
 
@@ -242,7 +240,7 @@ thread_local! {
 /// closes the connection (its queries fail with `Closed` and are retried on a new one).
 pub fn flush_worker_writes() {
     QUEUED.with_borrow_mut(|queued| {
-        let Queued { by_conn, spare, .. } = queued;
+        let Queued { by_conn, spare } = queued;
         for (conn, frames) in by_conn.drain(..) {
             if let Some(mut done) = write_frames(conn, frames) {
                 done.clear();
