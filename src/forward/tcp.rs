@@ -366,21 +366,48 @@ impl TcpPool {
         Some(Registered { conn, id })
     }
 
-    /// The next slot of this thread's connections to the pool's upstream.
-    fn slot(&self) -> Slot {
+    /// This thread's connections to the pool's upstream.
+    fn with_conns<R>(&self, f: impl FnOnce(&mut ThreadConns) -> R) -> R {
         THREAD_CONNS.with_borrow_mut(|pools| {
-            let t = pools.entry(self.id).or_insert_with(|| ThreadConns {
+            f(pools.entry(self.id).or_insert_with(|| ThreadConns {
                 alive: self.alive.clone(),
                 slots: (0..self.size).map(|_| Slot::default()).collect(),
                 next: 0,
-            });
+            }))
+        })
+    }
+
+    /// The next slot of this thread's connections to the pool's upstream.
+    fn slot(&self) -> Slot {
+        self.with_conns(|t| {
             t.next = (t.next + 1) % t.slots.len();
             t.slots[t.next].clone()
         })
     }
 
+    /// The slot a task's exchange uses: one without a connection (none open, or closed) and
+    /// not being opened first, else the next in turn. The worker's queries take the slots in
+    /// turn and leave it to a task to open a missing connection: were the task to take the next
+    /// slot instead, a pool of two could see every worker query find the same empty slot while
+    /// the tasks take the other one, for good.
+    fn task_slot(&self) -> Slot {
+        self.with_conns(|t| {
+            let empty = t.slots.iter().find(|s| {
+                s.try_lock()
+                    .is_ok_and(|c| c.as_ref().is_none_or(|c| c.is_closed()))
+            });
+            match empty {
+                Some(s) => s.clone(),
+                None => {
+                    t.next = (t.next + 1) % t.slots.len();
+                    t.slots[t.next].clone()
+                }
+            }
+        })
+    }
+
     async fn conn(&self) -> Result<(Arc<Conn>, bool), UpstreamError> {
-        let slot = self.slot();
+        let slot = self.task_slot();
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref() {
             if !c.is_closed() {

@@ -160,3 +160,59 @@ fn frames_stay_whole_when_the_send_buffer_fills() {
         }
     });
 }
+
+/// An upstream on `l` that answers every frame on every connection it accepts; counts the
+/// connections.
+fn serve_all(l: tokio::net::TcpListener) -> Arc<std::sync::atomic::AtomicUsize> {
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                while let Ok(q) = read_frame(&mut s).await {
+                    write_frame(&mut s, &reply_to(&q)).await;
+                }
+            });
+        }
+    });
+    accepted
+}
+
+/// One query at a time, the worker's and the tasks' turns through the slots never leave a slot
+/// empty for good: the exchanges a worker's misses fall back to fill the slots it found without
+/// a connection, so after one exchange per slot every query goes out without a task.
+#[test]
+fn the_slots_a_worker_finds_empty_are_filled() {
+    rt().block_on(async {
+        let l = listener().await;
+        let addr = l.local_addr().unwrap();
+        let accepted = serve_all(l);
+        let metrics = Metrics::new(vec![".".into()]);
+        let um = Arc::new(metrics.upstream(addr));
+        let pool = TcpPool::new(addr, 2, Duration::from_secs(30), metrics, um);
+        let mut by_task = 0;
+        for i in 0..8u64 {
+            let q = query(&format!("q{i}.example"));
+            match pool.send_for_worker(&q, 1232, i) {
+                Some(_held) => {
+                    flush_worker_writes();
+                    let got = worker_answers().await;
+                    assert_eq!(got.len(), 1);
+                    assert!(got[0].1.is_ok(), "{:?}", got[0].1.as_ref().err());
+                }
+                None => {
+                    by_task += 1;
+                    pool.exchange(&q, 1232, Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        assert_eq!(
+            by_task, 2,
+            "queries that found their slot without a connection"
+        );
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+    });
+}
