@@ -27,6 +27,9 @@ pub(super) struct Batch {
     pub(super) peers: Vec<libc::sockaddr_storage>,
     pub(super) iov: Vec<libc::iovec>,
     pub(super) hdrs: Vec<libc::mmsghdr>,
+    /// Headers the last `recvmmsg` may have written to (it rewrites the name length and flags of
+    /// each datagram it fills); only these are reset before the next one.
+    filled: usize,
     /// Replies of this round, one per slot (capacity kept between rounds).
     pub(super) out: Vec<Vec<u8>>,
     /// Send descriptors: reply iovecs and headers pointing at `out` and `peers`.
@@ -62,7 +65,7 @@ pub(super) unsafe fn zeroed<T>() -> T {
 
 impl Batch {
     pub(super) fn new(n: usize) -> Self {
-        Batch {
+        let mut b = Batch {
             bufs: vec![[0u8; SLOT_LEN]; n],
             // SAFETY: sockaddr_storage is a C struct of integers (family, padding).
             peers: vec![unsafe { zeroed::<libc::sockaddr_storage>() }; n],
@@ -76,27 +79,37 @@ impl Batch {
             // SAFETY: as `hdrs` above.
             out_hdrs: vec![unsafe { zeroed::<libc::mmsghdr>() }; n],
             slots: (0..n).map(|_| Slot::Done { reply: false }).collect(),
+            filled: n,
+        };
+        // The receive headers point at the slots' buffers and address slots once and for all:
+        // the vectors never grow, so their elements never move.
+        for i in 0..n {
+            b.iov[i] = libc::iovec {
+                iov_base: b.bufs[i].as_mut_ptr().cast(),
+                iov_len: SLOT_LEN,
+            };
+            let h = &mut b.hdrs[i].msg_hdr;
+            h.msg_name = (&mut b.peers[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut b.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
         }
+        b
     }
 
     /// Receives up to a batch of datagrams; blocks (up to the socket's read timeout) for the first
     /// unless `flags` has `MSG_DONTWAIT`.
     pub(super) fn recv(&mut self, fd: i32, flags: libc::c_int) -> io::Result<usize> {
         let n = self.bufs.len();
-        for i in 0..n {
-            self.iov[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: SLOT_LEN,
-            };
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.peers[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut self.iov[i];
-            h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-            h.msg_flags = 0;
-            self.hdrs[i].msg_len = 0;
+        // Only the headers the last call filled were written to (a datagram costs one header, not
+        // the whole batch: a worker woken for one query touches one). The pointers set in `new`
+        // are never written by the kernel.
+        for h in &mut self.hdrs[..self.filled] {
+            h.msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
         }
         // SAFETY: every header points at live buffers of the stated sizes owned by `self`, which
         // outlives the call; the kernel writes at most those sizes.
@@ -110,8 +123,11 @@ impl Batch {
             )
         };
         if r < 0 {
+            // Nothing received; reset every header next time all the same.
+            self.filled = n;
             return Err(io::Error::last_os_error());
         }
+        self.filled = r as usize;
         Ok(r as usize)
     }
 
