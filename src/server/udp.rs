@@ -193,16 +193,15 @@ impl Worker {
                         r = registered.readable() => Some(Wake::Client(r)),
                     }
                 });
-                let woke = match futures::poll!(wait.as_mut()) {
-                    std::task::Poll::Ready(woke) => {
-                        waited = false;
-                        woke
-                    }
-                    std::task::Poll::Pending => {
-                        waited = true;
-                        wait.await
-                    }
-                };
+                // Polled once per turn of the runtime: ready at the first poll means the runtime
+                // did not get control.
+                let mut polls = 0u32;
+                let woke = std::future::poll_fn(|cx| {
+                    polls += 1;
+                    std::future::Future::poll(wait.as_mut(), cx)
+                })
+                .await;
+                waited = polls > 1;
                 let mut ready = match woke {
                     // Replies were handed over: finish their misses before anything else, with
                     // no yield first (the runtime gets control at the next wait, or at the yield
