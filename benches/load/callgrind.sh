@@ -38,7 +38,7 @@ source "$HERE/backend.sh"
 trap stop_started EXIT
 backend_start "$WORKDIR" $((QUERIES * 2 + 1000))
 
-taskset -c 1 valgrind --tool=callgrind --compress-strings=no --callgrind-out-file="$WORKDIR/cg.out" \
+taskset -c 1 valgrind --tool=callgrind ${CG_OPTS:-} --compress-strings=no --callgrind-out-file="$WORKDIR/cg.out" \
     "$BIN" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
     --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off "$@" \
     >"$WORKDIR/nodedns.log" 2>&1 &
