@@ -10,6 +10,7 @@
 #   SCENARIO: miss (example.com names, UDP upstream), cluster-miss (cluster.local, pooled TCP) or
 #             hit (cached answers, half cluster.local and half example.com names)
 #   QUERIES=3000 RATE=300 bash benches/load/callgrind.sh target/release/nodedns miss -- --config f.toml
+#   CG_OPTS='--separate-callers=6' ...: more valgrind options (here: whose call a cost is)
 #
 # Needs valgrind, knotd, knotc, dnsperf; only processes this script started are signalled.
 set -euo pipefail

@@ -19,6 +19,8 @@
 //! client queries with one send per connection ([`flush_worker_writes`]); the reader then parses
 //! the answer and hands it to the worker (`answers`), and a connection that closes hands each such
 //! query `Closed`, for the worker to retry it once on a new connection as a task does.
+//! Queries take a thread's connections in turn; one that finds its turn's connection missing (not
+//! opened yet, idle-closed, closed by the server) goes to a task, which opens the missing one.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
