@@ -31,8 +31,6 @@ shift 2
 : "${WORKDIR:=/tmp/nodedns-alternate}"
 : "${BACKEND_ADDR:=127.0.0.56}"
 : "${ADDR:=127.0.0.57}"
-: "${DNSDIST_CONF:=$HERE/../../../shared/bench/peers/conf/dnsdist.conf.in}"
-: "${DNSPROXY_CONF:=$HERE/../../../shared/bench/peers/conf/dnsproxy.conf.in}"
 
 names_file() {
     case $1 in
@@ -55,19 +53,8 @@ for round in $(seq "$ROUNDS"); do
     for scenario in ${SCENARIO//,/ }; do
         FILE=$(names_file "$scenario")
         for bin in "$@"; do
-            render() { sed -e "s/@ADDR@/$ADDR/g; s/@PORT@/53/g; s/@BACKEND_ADDR@/$BACKEND_ADDR/g; s/@BACKEND_PORT@/53/g" "$1"; }
-            if [[ $bin == dnsdist ]]; then
-                render "$DNSDIST_CONF" >"$WORKDIR/dnsdist.conf"
-                taskset -c 1 dnsdist --supervised --disable-syslog -C "$WORKDIR/dnsdist.conf" \
-                    >"$WORKDIR/dnsdist.log" 2>&1 &
-            elif [[ $bin == dnsproxy ]]; then
-                render "$DNSPROXY_CONF" >"$WORKDIR/dnsproxy.conf"
-                taskset -c 1 dnsproxy -c "$WORKDIR/dnsproxy.conf" >"$WORKDIR/dnsproxy.log" 2>&1 &
-            else
-                taskset -c 1 "$bin" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
-                    --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off \
-                    >"$WORKDIR/nodedns.log" 2>&1 &
-            fi
+            peer_command "$bin" "$WORKDIR"
+            taskset -c 1 "${PEER_CMD[@]}" >"$WORKDIR/peer.log" 2>&1 &
             NODE=$!
             answers "$ADDR" || { echo "$bin did not start" >&2; exit 1; }
             # Names not asked before in this run of the script (knotd caches nothing, nodedns starts

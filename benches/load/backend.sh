@@ -5,6 +5,10 @@
 #                                 until it answers; sets KNOT to its PID
 #   answers ADDR [TRIES]          0 once ADDR answers a cluster name (TRIES x 0.1 s, default 100)
 #   stop_started                  stop KNOT and NODE, the processes the script started (EXIT trap)
+#   peer_command BIN WORKDIR      sets PEER_CMD to the command serving $ADDR:53 from the backend:
+#                                 BIN a nodedns binary (one worker, nothing but DNS), or the word
+#                                 dnsdist or dnsproxy: that peer as the shared peer harness runs it
+#                                 (../shared/bench/peers/conf, rendered into WORKDIR)
 
 KNOT=""
 NODE=""
@@ -54,4 +58,27 @@ EOF
     taskset -c 0 knotd -c "$dir/knot/knot.conf" >"$dir/knot.log" 2>&1 &
     KNOT=$!
     answers "$BACKEND_ADDR" 50 || { echo "knotd did not start: $(tail -3 "$dir/knot.log")" >&2; return 1; }
+}
+
+PEER_CONF=${PEER_CONF:-$HERE/../../../shared/bench/peers/conf}
+
+peer_command() {
+    local bin=$1 dir=$2
+    render() {
+        sed -e "s/@ADDR@/$ADDR/g; s/@PORT@/53/g; s/@BACKEND_ADDR@/$BACKEND_ADDR/g; s/@BACKEND_PORT@/53/g" "$1"
+    }
+    case $bin in
+        dnsdist)
+            render "$PEER_CONF/dnsdist.conf.in" >"$dir/dnsdist.conf"
+            PEER_CMD=(dnsdist --supervised --disable-syslog -C "$dir/dnsdist.conf")
+            ;;
+        dnsproxy)
+            render "$PEER_CONF/dnsproxy.conf.in" >"$dir/dnsproxy.conf"
+            PEER_CMD=(dnsproxy -c "$dir/dnsproxy.conf")
+            ;;
+        *)
+            PEER_CMD=("$bin" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53"
+                --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off)
+            ;;
+    esac
 }

@@ -7,6 +7,8 @@
 # (stored; their 30 s TTL cap outlasts warm-up and measurement at the default rate), then again.
 #
 #   bash benches/load/callgrind.sh [NODEDNS-BINARY] [SCENARIO] [-- EXTRA NODEDNS ARGS]
+#   NODEDNS-BINARY may be the word dnsdist or dnsproxy instead: that peer as the shared peer
+#   harness runs it (for scale: every one of its threads counts, as for nodedns)
 #   SCENARIO: miss (example.com names, UDP upstream), cluster-miss (cluster.local, pooled TCP) or
 #             hit (cached answers, half cluster.local and half example.com names)
 #   QUERIES=3000 RATE=300 bash benches/load/callgrind.sh target/release/nodedns miss -- --config f.toml
@@ -39,12 +41,12 @@ source "$HERE/backend.sh"
 trap stop_started EXIT
 backend_start "$WORKDIR" $((QUERIES * 2 + 1000))
 
+peer_command "$BIN" "$WORKDIR"
+# shellcheck disable=SC2086 # CG_OPTS: several options
 taskset -c 1 valgrind --tool=callgrind ${CG_OPTS:-} --compress-strings=no --callgrind-out-file="$WORKDIR/cg.out" \
-    "$BIN" --workers 1 --listen "$ADDR:53" --upstream "$BACKEND_ADDR:53" \
-    --cluster-dns "$BACKEND_ADDR:53" --state-dir off --metrics off --health off "$@" \
-    >"$WORKDIR/nodedns.log" 2>&1 &
+    "${PEER_CMD[@]}" "$@" >"$WORKDIR/peer.log" 2>&1 &
 NODE=$!
-answers "$ADDR" 600 || { echo "nodedns did not start" >&2; exit 1; }
+answers "$ADDR" 600 || { echo "$BIN did not start" >&2; exit 1; }
 
 dp() { # FROM COUNT: queries FROM..FROM+COUNT of the file, at RATE
     sed -n "$(($1 + 1)),$(($1 + $2))p" "$WORKDIR/data/$FILE" >"$WORKDIR/q.txt"
