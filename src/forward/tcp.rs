@@ -109,6 +109,14 @@ struct ThreadConns {
     next: usize,
 }
 
+impl ThreadConns {
+    /// The slot after the last one taken.
+    fn next_slot(&mut self) -> Slot {
+        self.next = (self.next + 1) % self.slots.len();
+        self.slots[self.next].clone()
+    }
+}
+
 thread_local! {
     /// This thread's pooled connections, by pool.
     static THREAD_CONNS: RefCell<HashMap<u64, ThreadConns, ahash::RandomState>> =
@@ -381,10 +389,7 @@ impl TcpPool {
 
     /// The next slot of this thread's connections to the pool's upstream.
     fn slot(&self) -> Slot {
-        self.with_conns(|t| {
-            t.next = (t.next + 1) % t.slots.len();
-            t.slots[t.next].clone()
-        })
+        self.with_conns(ThreadConns::next_slot)
     }
 
     /// The slot a task's exchange uses: one without a connection (none open, or closed) and
@@ -400,10 +405,7 @@ impl TcpPool {
             });
             match empty {
                 Some(s) => s.clone(),
-                None => {
-                    t.next = (t.next + 1) % t.slots.len();
-                    t.slots[t.next].clone()
-                }
+                None => t.next_slot(),
             }
         })
     }
